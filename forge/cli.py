@@ -1,0 +1,40 @@
+"""`forge <command> [args]`: parses the command name and delegates to that command's module.
+
+Each command module exposes `main(argv: list[str]) -> int` and owns its own argument parser.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("forge.train.cli", "train a model from a YAML config plus key=value overrides"),
+    "generate": ("forge.generate", "sample text from a checkpoint"),
+    "prepare": ("forge.data.prepare", "tokenize text/jsonl/parquet/arrow into .bin/.idx shards"),
+    "convert": ("forge.models.hf.convert", "convert checkpoints to and from Hugging Face folders"),
+    "bench": ("forge.bench", "measure training-step throughput against Hugging Face transformers"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: forge <command> [args]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"forge: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    from forge.config import ConfigError
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as e:
+        print(f"forge {name}: config error: {e}", file=sys.stderr)
+        return 2

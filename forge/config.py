@@ -1,0 +1,393 @@
+"""Typed job configuration: dataclasses, YAML files and dotted overrides.
+
+`load_config("configs/x.yaml", ["model.n_layers=4", "optim.lr=3e-4"])` returns a validated
+`JobConfig`. Precedence, lowest first: dataclass defaults < `model.preset` < YAML < overrides.
+Every key is checked against the dataclass fields (unknown key -> error naming it), every value
+against the field's type, and the model against itself (`ModelConfig.validate`), before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts MLP settings (n_experts=0 means dense)."""
+    n_experts: int = 0
+    top_k: int = 2
+    every: int = 1                  # MoE in every k-th layer
+    first_dense: int = 0            # the first k layers stay dense
+    router: str = "softmax"         # softmax | sigmoid
+    renormalize: bool = True        # renormalise the chosen top-k weights to sum to 1
+    d_ff: Optional[int] = None      # expert hidden size (default: model d_ff)
+    n_shared_experts: int = 0
+    shared_d_ff: Optional[int] = None
+    shared_gate: bool = False       # Qwen2-MoE style sigmoid gate on the shared expert
+    capacity_factor: Optional[float] = None   # None = dropless
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0   # aux-loss-free balancing (DeepSeek-V3); 0 = off
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural difference between families is a field here (never a model name)."""
+    preset: Optional[str] = None
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None        # None = n_heads (MHA); 1 = MQA; else GQA
+    head_dim: Optional[int] = None          # None = d_model // n_heads
+    max_seq_len: int = 256
+    # attention
+    attention: str = "causal"               # ATTENTION registry key, used for every layer ...
+    attention_pattern: Optional[list[str]] = None   # ... unless this per-layer list (cycled) is set
+    sliding_window: Optional[int] = None    # for "sliding": query i sees keys j with i - j < window
+    local_window: Optional[int] = None      # for "local": causal attention inside blocks of this size
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    qk_norm: str = "none"                   # none | head (Qwen3: per head) | full (OLMo2: whole q/k)
+    attn_softcap: Optional[float] = None    # scores -> cap * tanh(scores / cap)  (Gemma 2)
+    attn_scale: Optional[float] = None      # None = head_dim ** -0.5
+    # positions
+    position: str = "rope"                  # POSITION registry key
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0                 # fraction of head_dim rotated (Phi, NeoX)
+    rope_interleaved: bool = False          # GPT-J pairs (0,1),(2,3)...; False = NeoX halves
+    rope_scaling: str = "none"              # none | linear | llama3
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    # norms
+    norm: str = "rmsnorm"                   # NORM registry key
+    norm_eps: float = 1e-5
+    norm_bias: bool = True                  # LayerNorm bias
+    norm_offset: float = 0.0                # RMSNorm scale = offset + weight (Gemma: 1.0)
+    # mlp
+    mlp: str = "glu"                        # MLP registry key: mlp (act(x W1) W2) | glu (act(x Wg) * x Wu) W2
+    activation: str = "silu"                # ACTIVATION registry key
+    d_ff: Optional[int] = None              # exact hidden size, else ff_mult * d_model rounded up
+    ff_mult: float = 4.0
+    ff_multiple_of: int = 1
+    mlp_bias: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # block wiring
+    block: str = "pre_ln"                   # BLOCK registry key
+    parallel_shared_norm: bool = True       # parallel block: one norm for attn+mlp (GPT-J, PaLM, Phi) or two (NeoX)
+    # embeddings and head
+    tie_embeddings: bool = False
+    embed_scale: float = 1.0                # Gemma: sqrt(d_model)
+    final_norm: bool = True
+    head_bias: bool = False
+    logit_softcap: Optional[float] = None
+    dropout: float = 0.0                    # embedding and residual dropout
+    attn_dropout: float = 0.0
+    init_std: float = 0.02
+
+    # ---- derived sizes ----
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        hidden = int(self.ff_mult * self.d_model)
+        m = self.ff_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.hd * self.rotary_pct)
+
+    def layer_attention(self, i: int) -> str:
+        """Attention kind of layer i: the pattern entry (cycled) or the global kind."""
+        if self.attention_pattern:
+            return self.attention_pattern[i % len(self.attention_pattern)]
+        return self.attention
+
+    def validate(self) -> "ModelConfig":
+        from forge.models.registry import REGISTRIES
+        for key, reg in REGISTRIES.items():
+            values = getattr(self, key)
+            for v in (values if isinstance(values, list) else [values]):
+                if v is not None and v not in reg:
+                    raise ConfigError(f"model.{key}={v!r} is not one of {sorted(reg)}")
+        if self.attention_pattern is not None and not self.attention_pattern:
+            raise ConfigError("model.attention_pattern must be a non-empty list or null")
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"model.{k}={getattr(self, k)} must be positive")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
+        if self.position == "rope":
+            if self.rotary_dim % 2 or self.rotary_dim == 0:
+                raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
+                                  f"= {self.rotary_dim} must be even and positive")
+            if self.rope_scaling not in ("none", "linear", "llama3"):
+                raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of ['linear', 'llama3', 'none']")
+        if self.qk_norm not in ("none", "head", "full"):
+            raise ConfigError(f"model.qk_norm={self.qk_norm!r} is not one of ['full', 'head', 'none']")
+        kinds = set(self.attention_pattern or [self.attention])
+        for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
+            w = getattr(self, key)
+            if kind in kinds and not w:
+                raise ConfigError(f"model.attention uses {kind!r} but model.{key} is not set")
+            if w is not None and (w <= 0 or w > self.max_seq_len):
+                raise ConfigError(f"model.{key}={w} must be in [1, model.max_seq_len={self.max_seq_len}]")
+        if self.moe.n_experts:
+            if not 0 < self.moe.top_k <= self.moe.n_experts:
+                raise ConfigError(f"model.moe.top_k={self.moe.top_k} must be in [1, model.moe.n_experts={self.moe.n_experts}]")
+            if self.moe.router not in ("softmax", "sigmoid"):
+                raise ConfigError(f"model.moe.router={self.moe.router!r} is not one of ['sigmoid', 'softmax']")
+        if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
+            raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
+        return self
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    pp_partition: str = "parameters"        # parameters | uniform | type:<regex>
+    offload_optimizer: bool = False
+    ds_config: Optional[str] = None         # a template from ds_configs/ (DeepSpeed-only settings)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shakespeare"            # "shakespeare" (embedded) or "indexed" (.bin/.idx shards)
+    paths: list[str] = field(default_factory=list)    # shard-set directories (or prefixes)
+    blend: Optional[list[float]] = None     # one weight per path
+    split: list[float] = field(default_factory=lambda: [0.98, 0.02, 0.0])   # train/valid/test by documents
+    tokenizer: str = "char"                 # char | bpe | path to tokenizer.json / HF folder
+    vocab_size: int = 4096                  # for a tokenizer trained here (bpe)
+    seq_len: Optional[int] = None           # sample length; None = model.max_seq_len
+    cache_dir: Optional[str] = None         # where sample indices are cached (default: beside the data)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"                # cosine | wsd | constant
+    warmup_steps: int = 100
+    decay_frac: float = 0.2                 # wsd: fraction of max_steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 1234
+    precision: str = "fp32"                 # fp32 | bf16 | fp16
+    out_dir: str = "runs/default"
+    resume: str = "none"                    # none | auto | path to a checkpoint
+    save_interval: int = 500
+    eval_interval: int = 250
+    eval_steps: int = 20
+    log_interval: int = 10
+    activation_checkpointing: str = "none"  # none | full | attention
+    compile: bool = False
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "forge"
+    tensorboard: bool = False
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "JobConfig":
+        self.model.validate()
+        if self.train.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.train.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
+        if self.optim.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"optim.schedule={self.optim.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
+        if self.parallel.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.parallel.zero_stage} is not one of [0, 1, 2, 3]")
+        if self.data.seq_len is None:
+            self.data.seq_len = self.model.max_seq_len
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.data.blend is not None and len(self.data.blend) != len(self.data.paths):
+            raise ConfigError(f"data.blend has {len(self.data.blend)} weights for {len(self.data.paths)} data.paths")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable digest of the resolved config (compared across ranks)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- typed construction
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` coerced to annotation `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return build_dataclass(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)       # YAML 1.1 reads "3e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def build_dataclass(cls, values: dict, prefix: str = "", base=None):
+    """Build `cls` from a dict, on top of `base` (an instance) or the defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    obj = dataclasses.replace(base) if base is not None else cls()
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys under {prefix or 'the top level'}: {sorted(names)}")
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            v = build_dataclass(hints[k], v, key, base=getattr(obj, k))
+        setattr(obj, k, _check_type(v, hints[k], key))
+    return obj
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+        k, v = item.split("=", 1)
+        _set_dotted(tree, k.strip(), yaml.safe_load(v) if v.strip() else None)
+    return tree
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_from_dict(d: dict, prefix: str = "model") -> ModelConfig:
+    """ModelConfig from a dict; `preset` (if any) is the base that the other fields override."""
+    base = None
+    if d.get("preset"):
+        from forge.models.presets import PRESETS
+        name = d["preset"]
+        if name not in PRESETS:
+            raise ConfigError(f"{prefix}.preset={name!r} is not one of {sorted(PRESETS)}")
+        base = dataclasses.replace(PRESETS[name], moe=dataclasses.replace(PRESETS[name].moe))
+    return build_dataclass(ModelConfig, d, prefix, base=base)
+
+
+def config_from_dict(d: dict) -> JobConfig:
+    d = dict(d or {})
+    model = model_from_dict(d.pop("model", {}) or {})
+    cfg = build_dataclass(JobConfig, d)
+    cfg.model = model
+    return cfg.validate()
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
+    tree: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} does not parse: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return config_from_dict(tree)
+
+
+def save_config(cfg: JobConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

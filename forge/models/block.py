@@ -1,0 +1,86 @@
+"""Transformer block and its residual wiring (registry BLOCK: name -> (norms it owns, forward)).
+
+With A = attention, M = MLP, N* = norms, D = dropout:
+    pre_ln:     h = x + D(A(N_a(x)));            y = h + D(M(N_m(h)))                  (GPT-2, Llama)
+    post_ln:    h = N_pa(x + D(A(x)));           y = N_pm(h + D(M(h)))                 (original Transformer)
+    peri_ln:    h = x + D(N_pa(A(N_a(x))));      y = h + D(N_pm(M(N_m(h))))            (Gemma 2 sandwich)
+    norm_after: h = x + D(N_pa(A(x)));           y = h + D(N_pm(M(h)))                 (OLMo 2)
+    parallel:   y = x + D(A(N_a(x))) + D(M(N_m(x)))   with N_m = N_a when parallel_shared_norm
+                                                                        (GPT-J, PaLM, Phi; NeoX: two norms)
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from forge.models.layers.attention import Attention
+from forge.models.layers.mlp import MLP_REGISTRY
+from forge.models.layers.norm import build_norm
+
+
+def _pre_ln(b, x, pos, cache):
+    h = x + b.drop(b.attn_call(b.attn_norm(x), pos, cache))
+    return h + b.drop(b.mlp(b.mlp_norm(h)))
+
+
+def _post_ln(b, x, pos, cache):
+    h = b.post_attn_norm(x + b.drop(b.attn_call(x, pos, cache)))
+    return b.post_mlp_norm(h + b.drop(b.mlp(h)))
+
+
+def _peri_ln(b, x, pos, cache):
+    h = x + b.drop(b.post_attn_norm(b.attn_call(b.attn_norm(x), pos, cache)))
+    return h + b.drop(b.post_mlp_norm(b.mlp(b.mlp_norm(h))))
+
+
+def _norm_after(b, x, pos, cache):
+    h = x + b.drop(b.post_attn_norm(b.attn_call(x, pos, cache)))
+    return h + b.drop(b.post_mlp_norm(b.mlp(h)))
+
+
+def _parallel(b, x, pos, cache):
+    a_in = b.attn_norm(x)
+    m_in = a_in if b.mlp_norm is None else b.mlp_norm(x)
+    return x + b.drop(b.attn_call(a_in, pos, cache)) + b.drop(b.mlp(m_in))
+
+
+BLOCK = {
+    "pre_ln": (("attn_norm", "mlp_norm"), _pre_ln),
+    "post_ln": (("post_attn_norm", "post_mlp_norm"), _post_ln),
+    "peri_ln": (("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"), _peri_ln),
+    "norm_after": (("post_attn_norm", "post_mlp_norm"), _norm_after),
+    "parallel": (("attn_norm", "mlp_norm"), _parallel),
+}
+
+
+def build_mlp(cfg, layer_idx, tp_group=None, sequence_parallel=False, ep_group=None):
+    moe = cfg.moe
+    if moe.n_experts and layer_idx >= moe.first_dense and (layer_idx - moe.first_dense) % moe.every == 0:
+        from forge.models.layers.moe import MoE
+        return MoE(cfg, tp_group=tp_group, ep_group=ep_group)
+    return MLP_REGISTRY[cfg.mlp](cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx: int, tp_group=None, sequence_parallel=False, ep_group=None):
+        super().__init__()
+        norms, self._wiring = BLOCK[cfg.block]
+        for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"):
+            shared = name == "mlp_norm" and cfg.block == "parallel" and cfg.parallel_shared_norm
+            setattr(self, name, build_norm(cfg) if name in norms and not shared else None)
+        self.attn = Attention(cfg, layer_idx, tp_group, sequence_parallel)
+        self.mlp = build_mlp(cfg, layer_idx, tp_group, sequence_parallel, ep_group)
+        self.dropout = cfg.dropout
+        self.checkpoint_attention = False   # selective activation checkpointing (attention only)
+
+    def drop(self, x):
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+    def attn_call(self, x, pos, cache):
+        if self.checkpoint_attention and self.training and cache is None:
+            return checkpoint(self.attn, x, pos, None, use_reentrant=False)
+        return self.attn(x, pos, cache)
+
+    def forward(self, x, pos, cache=None):  # (B, T, D) -> (B, T, D)
+        return self._wiring(self, x, pos, cache)

@@ -1,0 +1,94 @@
+"""Forge model folders: `config.yaml` (the job config; at least its `model` section) and
+`model.safetensors` (the full, unsharded state dict under Forge's parameter names), plus
+tokenizer files when known. Written into a temporary sibling folder and renamed into place, so a
+crash never leaves a half-written folder under the final name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from forge.config import ModelConfig, model_from_dict
+
+CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
+
+
+def is_forge_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (the tied head is rebuilt from the embedding)."""
+    sd, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        sd[name] = t.detach().contiguous()
+    return sd
+
+
+def save_model_folder(model, cfg_dict: dict, path: str, tokenizer_dir: str | None = None) -> None:
+    """Write `model` (unsharded) with its config to `path`, atomically."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        save_file(unique_state_dict(model), os.path.join(tmp, WEIGHTS_FILE))
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            yaml.safe_dump(cfg_dict, f, sort_keys=False)
+        if tokenizer_dir and os.path.isdir(tokenizer_dir):
+            for name in os.listdir(tokenizer_dir):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_model_config(path: str) -> ModelConfig:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        tree = yaml.safe_load(f) or {}
+    model = tree.get("model", tree)
+    model = {k: v for k, v in model.items() if k != "preset"}   # the resolved fields are all there
+    return model_from_dict(model, prefix=f"{path}/{CONFIG_FILE}: model").validate()
+
+
+def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `sd` into `model`, naming any missing, unexpected or mis-shaped tensor."""
+    expected = unique_state_dict(model)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for name, t in sd.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
+    with torch.no_grad():
+        for name, t in sd.items():
+            expected[name].copy_(t)
+
+
+def load_model_folder(path: str, dtype: torch.dtype = torch.float32):
+    """(model, ModelConfig) from a Forge model folder."""
+    from forge.models.transformer import build_model
+    if not is_forge_folder(path):
+        raise FileNotFoundError(f"{path!r} is not a Forge model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfg = read_model_config(path)
+    model = build_model(cfg)
+    load_state_dict_strict(model, load_file(os.path.join(path, WEIGHTS_FILE)), path)
+    return model.to(dtype).eval(), cfg
+
+
+def model_config_dict(cfg: ModelConfig) -> dict:
+    return {"model": dataclasses.asdict(cfg)}

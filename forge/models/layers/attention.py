@@ -1,0 +1,159 @@
+"""Attention (registry ATTENTION: kind -> function over (q, k, v, positions)).
+
+Softmax kinds compute  softmax(scale * q k^T + bias + mask) v  with the mask
+    causal:  j <= i
+    sliding: j <= i and i - j < sliding_window             (Mistral, Gemma 2 local layers)
+    local:   j <= i and i // local_window == j // local_window   (block-local / chunked)
+through PyTorch SDPA (flash / memory-efficient kernels where available), or an explicit fp32
+softmax when scores are soft-capped: s -> cap * tanh(s / cap) (Gemma 2).
+    linear:  o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i),  S_i = sum_{j<=i} phi(k_j) v_j^T,
+             z_i = sum_{j<=i} phi(k_j),  phi = elu + 1   (Katharopoulos et al., 2020), O(T).
+Heads: n_heads query heads share n_kv_heads key/value heads (MHA, GQA, MQA). Under tensor
+parallelism each rank holds n_heads/tp query and n_kv_heads/tp key/value heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from forge.models.layers.norm import build_norm
+from forge.models.layers.position import POSITION, Rotary
+from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from forge.parallel.mappings import group_rank, group_size
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer: (B, Hkv, S, hd) each."""
+
+    def __init__(self, n_layers: int):
+        self.k = [None] * n_layers
+        self.v = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, i, k, v):
+        if self.k[i] is not None:
+            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
+        self.k[i], self.v[i] = k, v
+        return k, v
+
+
+def _allowed(kind, qpos, kpos, attn):
+    """Boolean (Tq, Tk) mask of the keys each query may attend to."""
+    diff = qpos.unsqueeze(-1) - kpos.unsqueeze(0)
+    ok = diff >= 0
+    if kind == "sliding":
+        ok &= diff < attn.sliding_window
+    elif kind == "local":
+        ok &= (qpos.unsqueeze(-1) // attn.local_window) == (kpos.unsqueeze(0) // attn.local_window)
+    return ok
+
+
+def softmax_attention(kind, q, k, v, qpos, kpos, attn):
+    """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, H, Tq, hd)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    dropout = attn.attn_dropout if attn.training else 0.0
+    bias = attn.pos.bias(qpos, kpos) if hasattr(attn.pos, "bias") else None   # (H, Tq, Tk) or None
+    plain_causal = kind == "causal" and bias is None and attn.softcap is None
+    if plain_causal and q.shape[2] == k.shape[2] and bool(qpos[0] == kpos[0]):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=attn.scale)
+    allowed = _allowed(kind, qpos, kpos, attn)                                 # (Tq, Tk)
+    if attn.softcap is None:
+        mask = allowed if bias is None else bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
+    s = (q.float() @ k.float().transpose(-1, -2)) * attn.scale                  # (B, H, Tq, Tk)
+    s = attn.softcap * torch.tanh(s / attn.softcap)
+    if bias is not None:
+        s = s + bias
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+    return F.dropout(p, dropout, attn.training) @ v
+
+
+def linear_attention(kind, q, k, v, qpos, kpos, attn, chunk: int = 64):
+    """Causal linear attention, chunked: quadratic inside a chunk, a running state across chunks."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, k = F.elu(q.float()) + 1, F.elu(k.float()) + 1
+    vf = v.float()
+    if q.shape[2] != k.shape[2]:            # decoding with a cache: queries see every cached key <= them
+        a = (q @ k.transpose(-1, -2)).masked_fill(~_allowed("causal", qpos, kpos, attn), 0.0)
+        return ((a @ vf) / a.sum(-1, keepdim=True)).to(v.dtype)
+    B, H, T, d = q.shape
+    S = q.new_zeros(B, H, d, v.shape[-1])   # sum_j phi(k_j) v_j^T over earlier chunks
+    z = q.new_zeros(B, H, d)                # sum_j phi(k_j) over earlier chunks
+    out = []
+    for s in range(0, T, chunk):
+        qc, kc, vc = q[:, :, s:s + chunk], k[:, :, s:s + chunk], vf[:, :, s:s + chunk]
+        a = (qc @ kc.transpose(-1, -2)).tril()                                 # (B, H, C, C)
+        num = a @ vc + qc @ S
+        den = a.sum(-1) + (qc * z.unsqueeze(2)).sum(-1)                       # (B, H, C)
+        out.append(num / den.unsqueeze(-1))
+        S = S + kc.transpose(-1, -2) @ vc
+        z = z + kc.sum(2)
+    return torch.cat(out, dim=2).to(v.dtype)
+
+
+ATTENTION = {
+    "causal": softmax_attention,
+    "sliding": softmax_attention,
+    "local": softmax_attention,
+    "linear": linear_attention,
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx: int, tp_group=None, sequence_parallel=False):
+        super().__init__()
+        tp = group_size(tp_group)
+        hd = cfg.hd
+        if cfg.n_heads % tp or cfg.kv_heads % tp:
+            raise ValueError(f"model.n_heads={cfg.n_heads} and model.n_kv_heads={cfg.kv_heads} must be "
+                             f"divisible by parallel.tp={tp}")
+        self.layer_idx, self.kind, self.hd = layer_idx, cfg.layer_attention(layer_idx), hd
+        self.n_heads, self.n_kv = cfg.n_heads // tp, cfg.kv_heads // tp      # local head counts
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
+        self.softcap, self.attn_dropout = cfg.attn_softcap, cfg.attn_dropout
+        self.sliding_window, self.local_window = cfg.sliding_window, cfg.local_window
+        sp = dict(group=tp_group, sequence_parallel=sequence_parallel)
+        self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, **sp)
+        self.wk = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
+        self.wv = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, cfg.attn_out_bias, **sp)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = build_norm(cfg, self.n_heads * hd if full else hd)
+            self.k_norm = build_norm(cfg, self.n_kv * hd if full else hd)
+        pos_cls = POSITION[cfg.position].get("attention")
+        if pos_cls is None:
+            self.pos = None
+        elif cfg.position == "alibi":
+            self.pos = pos_cls(cfg, group_rank(tp_group) * self.n_heads, self.n_heads)
+        else:
+            self.pos = pos_cls(cfg)
+
+    def forward(self, x, pos, cache: KVCache | None = None):
+        """x (B, T, D), pos (T,) absolute positions -> (B, T, D)."""
+        B, T, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)                          # (B, T, H*hd), (B, T, Hkv*hd) x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)                # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if isinstance(self.pos, Rotary):
+            q, k = self.pos(q, k, pos)
+        kpos = pos
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+            kpos = torch.arange(k.shape[2], device=x.device)
+        o = ATTENTION[self.kind](self.kind, q, k, v, pos, kpos, self)          # (B, H, T, hd)
+        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))

@@ -1,0 +1,105 @@
+"""Family presets: a plain dict name -> ModelConfig. No behaviour is chosen by name: each preset
+is only a set of field values. `tiny-<family>` keeps a family's wiring at test size."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from forge.config import ModelConfig
+
+_GPT2 = dict(vocab_size=50257, max_seq_len=1024, position="learned", norm="layernorm", mlp="mlp",
+             activation="gelu_tanh", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
+_LLAMA = dict(position="rope", norm="rmsnorm", mlp="glu", activation="silu")
+_PYTHIA = dict(vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, norm="layernorm", mlp="mlp",
+               activation="gelu", qkv_bias=True, attn_out_bias=True, mlp_bias=True, block="parallel",
+               parallel_shared_norm=False)
+_GEMMA = dict(vocab_size=256000, max_seq_len=8192, norm_offset=1.0, norm_eps=1e-6, mlp="glu",
+              activation="gelu_tanh", tie_embeddings=True)
+
+
+def _p(**kw) -> ModelConfig:
+    return ModelConfig(**kw)
+
+
+def _with(base: dict, **kw) -> dict:
+    return {**base, **kw}
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt2-124m": _p(**_GPT2, d_model=768, n_layers=12, n_heads=12),
+    "gpt2-355m": _p(**_GPT2, d_model=1024, n_layers=24, n_heads=16),
+    "gpt2-774m": _p(**_GPT2, d_model=1280, n_layers=36, n_heads=20),
+    "gpt2-1.5b": _p(**_GPT2, d_model=1600, n_layers=48, n_heads=25),
+    "llama1-7b": _p(**_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
+                    max_seq_len=2048, norm_eps=1e-6),
+    "llama2-7b": _p(**_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
+                    max_seq_len=4096, norm_eps=1e-5),
+    "llama3-8b": _p(**_LLAMA, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                    d_ff=14336, max_seq_len=8192, rope_theta=500000.0),
+    "llama3.2-1b": _p(**_LLAMA, vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                      d_ff=8192, max_seq_len=131072, rope_theta=500000.0, rope_scaling="llama3",
+                      rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                      rope_original_max_seq_len=8192, tie_embeddings=True),
+    "mistral-7b": _p(**_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                     d_ff=14336, max_seq_len=32768, attention="sliding", sliding_window=4096),
+    "qwen2-0.5b": _p(**_LLAMA, vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                     d_ff=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                     tie_embeddings=True),
+    "qwen3-0.6b": _p(**_LLAMA, vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                     head_dim=128, d_ff=3072, max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6,
+                     qk_norm="head", tie_embeddings=True),
+    "gemma-2b": _p(**_GEMMA, d_model=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256,
+                   d_ff=16384, embed_scale=math.sqrt(2048)),
+    "gemma2-2b": _p(**_GEMMA, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256,
+                    d_ff=9216, embed_scale=math.sqrt(2304), block="peri_ln",
+                    attention_pattern=["sliding", "causal"], sliding_window=4096, attn_softcap=50.0,
+                    logit_softcap=30.0, attn_scale=256 ** -0.5),
+    "phi-2": _p(vocab_size=51200, d_model=2560, n_layers=32, n_heads=32, d_ff=10240, max_seq_len=2048,
+                rotary_pct=0.4, norm="layernorm", mlp="mlp", activation="gelu_tanh", qkv_bias=True,
+                attn_out_bias=True, mlp_bias=True, head_bias=True, block="parallel"),
+    "pythia-160m": _p(**_PYTHIA, d_model=768, n_layers=12, n_heads=12),
+    "pythia-410m": _p(**_PYTHIA, d_model=1024, n_layers=24, n_heads=16),
+    "pythia-1b": _p(**_PYTHIA, d_model=2048, n_layers=16, n_heads=8),
+    "gpt-j-6b": _p(vocab_size=50400, d_model=4096, n_layers=28, n_heads=16, d_ff=16384, max_seq_len=2048,
+                   rotary_pct=0.25, rope_interleaved=True, norm="layernorm", mlp="mlp",
+                   activation="gelu_tanh", mlp_bias=True, head_bias=True, block="parallel"),
+    "olmo-1b": _p(**_with(_LLAMA, norm="nonparam_layernorm"), vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, d_ff=8192,
+                  max_seq_len=2048, tie_embeddings=True),
+    "olmo2-1b": _p(**_LLAMA, vocab_size=100352, d_model=2048, n_layers=16, n_heads=16, d_ff=8192,
+                   max_seq_len=4096, rope_theta=500000.0, norm_eps=1e-6, qk_norm="full",
+                   block="norm_after"),
+    "palm-style": _p(vocab_size=256000, d_model=4096, n_layers=32, n_heads=16, n_kv_heads=1, head_dim=256,
+                     d_ff=16384, max_seq_len=2048, norm="layernorm", norm_bias=False, mlp="glu",
+                     activation="silu", block="parallel", tie_embeddings=True),
+}
+
+# test-size versions: the family's wiring, tiny widths
+_TINY = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=128, d_ff=128)
+_TINY_OF = {
+    "gpt2": ("gpt2-124m", {}),
+    "llama": ("llama3-8b", dict(n_kv_heads=2)),
+    "llama1": ("llama1-7b", {}),
+    "llama2": ("llama2-7b", {}),
+    "llama3": ("llama3.2-1b", dict(n_kv_heads=2, rope_original_max_seq_len=32, rope_scaling_factor=4.0)),
+    "mistral": ("mistral-7b", dict(n_kv_heads=2, sliding_window=16)),
+    "qwen2": ("qwen2-0.5b", dict(n_kv_heads=2)),
+    "qwen3": ("qwen3-0.6b", dict(n_kv_heads=2, head_dim=32)),
+    "gemma": ("gemma-2b", dict(n_kv_heads=1, head_dim=32, embed_scale=8.0)),
+    "gemma2": ("gemma2-2b", dict(n_kv_heads=2, head_dim=32, embed_scale=8.0, sliding_window=16,
+                                 attn_scale=32 ** -0.5)),
+    "phi": ("phi-2", {}),
+    "pythia": ("pythia-160m", {}),
+    "neox": ("pythia-160m", {}),
+    "gpt-j": ("gpt-j-6b", {}),
+    "olmo": ("olmo-1b", {}),
+    "olmo2": ("olmo2-1b", {}),
+    "palm": ("palm-style", dict(n_kv_heads=1, head_dim=16)),
+}
+for _family, (_base, _kw) in _TINY_OF.items():
+    _fields = {**_TINY, **_kw}
+    if PRESETS[_base].head_dim is not None and "head_dim" not in _kw:
+        _fields["head_dim"] = None
+    PRESETS[f"tiny-{_family}"] = dataclasses.replace(PRESETS[_base], **_fields)
+
+for _name, _cfg in PRESETS.items():
+    _cfg.validate()

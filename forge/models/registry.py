@@ -1,0 +1,16 @@
+"""Every registry the config refers to, keyed by the ModelConfig field that names an entry."""
+from forge.models.block import BLOCK
+from forge.models.layers.attention import ATTENTION
+from forge.models.layers.mlp import ACTIVATION, MLP_REGISTRY
+from forge.models.layers.norm import NORM
+from forge.models.layers.position import POSITION
+
+REGISTRIES = {
+    "attention": ATTENTION,
+    "attention_pattern": ATTENTION,
+    "position": POSITION,
+    "norm": NORM,
+    "mlp": MLP_REGISTRY,
+    "activation": ACTIVATION,
+    "block": BLOCK,
+}

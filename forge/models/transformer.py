@@ -1,0 +1,132 @@
+"""The decoder: embed -> layers["0".."L-1"] -> norm -> head.
+
+    x_0 = D(embed_scale * E[ids] (+ P[pos]))        (B, T) -> (B, T, D)
+    x_l = Block_l(x_{l-1})                          (B, T, D)
+    logits = softcap(N(x_L) W_head + b)             (B, T, V)  (V/tp per rank under tensor parallelism)
+Embed, norm and head are separate modules so pipeline stages can be cut between any of them;
+with tied embeddings the head reuses E.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from forge.config import ModelConfig
+from forge.models.block import Block
+from forge.models.layers.attention import KVCache
+from forge.models.layers.norm import build_norm
+from forge.models.layers.position import POSITION
+from forge.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from forge.parallel.mappings import group_size
+
+
+def padded_vocab(cfg: ModelConfig, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of the tensor-parallel size."""
+    return tp * math.ceil(cfg.vocab_size / tp)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        super().__init__()
+        self.tok = VocabParallelEmbedding(padded_vocab(cfg, group_size(tp_group)), cfg.d_model, tp_group)
+        pos_cls = POSITION[cfg.position].get("embed")
+        self.pos = pos_cls(cfg) if pos_cls else None
+        self.scale, self.dropout = cfg.embed_scale, cfg.dropout
+
+    def forward(self, ids, pos):  # (B, T), (T,) -> (B, T, D)
+        x = self.tok(ids)
+        if self.scale != 1.0:
+            x = x * torch.tensor(self.scale, dtype=x.dtype)
+        if self.pos is not None:
+            x = self.pos(x, pos)
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        super().__init__()
+        self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, group_size(tp_group)), cfg.head_bias, tp_group)
+        self.softcap = cfg.logit_softcap
+
+    def forward(self, x):  # (B, T, D) -> (B, T, V/tp)
+        logits = self.proj(x)
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None):
+        super().__init__()
+        self.cfg, self.tp_group = cfg, tp_group
+        self.embed = Embedding(cfg, tp_group)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, tp_group, sequence_parallel, ep_group)
+                                     for i in range(cfg.n_layers)})
+        self.norm = build_norm(cfg) if cfg.final_norm else nn.Identity()
+        self.head = Head(cfg, tp_group)
+        if cfg.tie_embeddings:
+            self.head.proj.weight = self.embed.tok.weight
+        self.activation_checkpointing = "none"       # none | full | attention
+        self.reset_parameters()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        if mode not in ("none", "full", "attention"):
+            raise ValueError(f"train.activation_checkpointing={mode!r} is not one of ['attention', 'full', 'none']")
+        self.activation_checkpointing = mode
+        for layer in self.layers.values():
+            layer.checkpoint_attention = mode == "attention"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for matrices and embeddings, the output projections of each residual
+        branch scaled by 1/sqrt(2 L) (GPT-2), zeros for biases; norms keep their own init."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() >= 2:
+                scaled = name.endswith(("wo.weight", "w_out.weight"))
+                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
+
+    def forward(self, ids, cache: KVCache | None = None, pos_offset: int | None = None):
+        """ids (B, T) -> logits (B, T, V) (vocab-parallel shard under tp). With a KVCache the
+        tokens continue the cached sequence (positions start at the cache length)."""
+        start = cache.length if cache is not None else (pos_offset or 0)
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+        x = self.embed(ids, pos)
+        for layer in self.layers.values():
+            if self.activation_checkpointing == "full" and self.training and cache is None:
+                x = checkpoint(layer, x, pos, None, use_reentrant=False)
+            else:
+                x = layer(x, pos, cache)
+        logits = self.head(self.norm(x))
+        if group_size(self.tp_group) == 1 and logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[..., : self.cfg.vocab_size]
+        return logits
+
+    def loss(self, logits, targets, ignore_index: int = -100):
+        """Mean token cross-entropy; exact under vocab-parallel logits (no log(tp) offset)."""
+        per_token = vocab_parallel_cross_entropy(logits, targets, self.tp_group, ignore_index)
+        n = (targets != ignore_index).sum().clamp_min(1)
+        return per_token.sum() / n
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and name.startswith("embed.")):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+
+def build_model(cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None) -> Transformer:
+    cfg.validate()
+    return Transformer(cfg, tp_group, sequence_parallel, ep_group)

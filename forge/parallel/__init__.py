@@ -1,0 +1,1 @@
+"""Tensor-parallel building blocks. Process groups are always passed in explicitly."""

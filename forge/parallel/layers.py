@@ -1,0 +1,124 @@
+"""Megatron-style tensor-parallel layers; with group None (tp=1) they are ordinary layers.
+
+ColumnParallelLinear:  Y = X A,   A = [A_1 ... A_p] split by output columns; rank i computes X A_i.
+RowParallelLinear:     Y = X A,   A = [A_1; ...; A_p] split by input rows, X = [X_1 ... X_p];
+                       rank i computes X_i A_i and the partial products are summed (all-reduce,
+                       or reduce-scatter along the sequence under sequence parallelism).
+VocabParallelEmbedding: the vocabulary is split in contiguous ranges; each rank looks up the ids
+                       in its range (zero elsewhere) and the partial embeddings are summed.
+Weights are stored (out_features, in_features) as in nn.Linear, holding only this rank's shard.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from forge.parallel.mappings import (copy_to, gather_from, gather_seq, group_rank, group_size,
+                                     reduce_from, reduce_scatter_seq, scatter_to)
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {d}")
+    return n // d
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A + b with A split by columns. Input (B, T, in) replicated (or (B, T/tp, in) when
+    sequence_parallel: gathered first); output (B, T, out/tp), or (B, T, out) with gather_output."""
+
+    def __init__(self, in_features, out_features, bias=True, group=None, gather_output=False,
+                 sequence_parallel=False):
+        super().__init__()
+        self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        local = _divide(out_features, group_size(group), "output features")
+        self.weight = nn.Parameter(torch.empty(local, in_features))
+        self.bias = nn.Parameter(torch.zeros(local)) if bias else None
+
+    def forward(self, x):
+        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from(y, -1, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A + b with A split by rows. Input (B, T, in/tp) (already split when input_is_parallel);
+    output (B, T, out) summed over ranks, or (B, T/tp, out) when sequence_parallel."""
+
+    def __init__(self, in_features, out_features, bias=True, group=None, input_is_parallel=True,
+                 sequence_parallel=False):
+        super().__init__()
+        self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        local = _divide(in_features, group_size(group), "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, local))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = scatter_to(x, -1, self.group)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (vocabulary) are split in contiguous ranges across the group."""
+
+    def __init__(self, num_embeddings, embedding_dim, group=None):
+        super().__init__()
+        self.group = group
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        local = _divide(num_embeddings, group_size(group), "vocab size (padded)")
+        self.start = group_rank(group) * local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim))
+
+    def forward(self, ids):  # (B, T) -> (B, T, D)
+        if group_size(self.group) == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from(out, self.group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross-entropy over logits split along the vocabulary: loss_i = log sum_v exp(z_iv) - z_i,y_i
+    computed with one all-reduce each for the max, the target logit and the sum of exponentials."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group, start):
+        logits = logits.float()
+        m = logits.max(dim=-1).values
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        z = logits - m.unsqueeze(-1)
+        local = target - start
+        inside = (local >= 0) & (local < logits.shape[-1])
+        zt = torch.gather(z, -1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        zt = torch.where(inside, zt, torch.zeros_like(zt))
+        torch.distributed.all_reduce(zt, group=group)
+        e = z.exp()
+        s = e.sum(dim=-1)
+        torch.distributed.all_reduce(s, group=group)
+        ctx.save_for_backward(e.div_(s.unsqueeze(-1)), local.clamp(0, logits.shape[-1] - 1), inside)
+        return s.log() - zt
+
+    @staticmethod
+    def backward(ctx, g):
+        p, local, inside = ctx.saved_tensors
+        grad = p.clone()
+        grad.scatter_add_(-1, local.unsqueeze(-1), -inside.to(grad.dtype).unsqueeze(-1))
+        return grad * g.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, target, group=None, ignore_index: int = -100):
+    """Per-token cross-entropy (…,) from logits (…, V/tp) split over `group` and targets (…,)."""
+    if group_size(group) == 1:
+        return F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none",
+                               ignore_index=ignore_index).view(target.shape)
+    start = group_rank(group) * logits.shape[-1]
+    loss = _VocabParallelCE.apply(logits, target.masked_fill(target == ignore_index, 0), group, start)
+    return loss.masked_fill(target == ignore_index, 0.0)

@@ -1,0 +1,45 @@
+"""Presets: parameter counts equal the published sizes of the real models (counted on the meta
+device, nothing allocated), and each tiny preset runs."""
+import pytest
+import torch
+
+from forge.models import build_model
+from forge.models.presets import PRESETS
+
+# Parameter counts published for the Hugging Face checkpoints of each model.
+PUBLISHED = {
+    "gpt2-124m": 124_439_808, "gpt2-355m": 354_823_168, "gpt2-774m": 774_030_080,
+    "gpt2-1.5b": 1_557_611_200, "llama1-7b": 6_738_415_616, "llama2-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248, "llama3.2-1b": 1_235_814_400, "mistral-7b": 7_241_732_096,
+    "qwen2-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920, "gemma-2b": 2_506_172_416,
+    "gemma2-2b": 2_614_341_888, "phi-2": 2_779_683_840, "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016, "pythia-1b": 1_011_781_632, "gpt-j-6b": 6_050_882_784,
+    "olmo-1b": 1_176_764_416, "olmo2-1b": 1_484_916_736,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count_matches_published(name):
+    with torch.device("meta"):
+        model = build_model(PRESETS[name])
+    assert model.num_params() == PUBLISHED[name]
+
+
+def test_llama_versions_differ_where_the_real_ones_do():
+    l1, l2, l3, l32 = (PRESETS[n] for n in ("llama1-7b", "llama2-7b", "llama3-8b", "llama3.2-1b"))
+    assert (l1.max_seq_len, l2.max_seq_len, l3.max_seq_len) == (2048, 4096, 8192)
+    assert (l2.rope_theta, l3.rope_theta) == (10000.0, 500000.0)
+    assert (l2.vocab_size, l3.vocab_size) == (32000, 128256)
+    assert l2.kv_heads == 32 and l3.kv_heads == 8
+    assert l3.rope_scaling == "none" and l32.rope_scaling == "llama3"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("tiny-")))
+def test_tiny_presets_train_one_step(name):
+    torch.manual_seed(0)
+    model = build_model(PRESETS[name])
+    ids = torch.randint(0, PRESETS[name].vocab_size, (2, 33))
+    loss = model.loss(model(ids[:, :-1]), ids[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
