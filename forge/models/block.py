@@ -68,7 +68,9 @@ class Block(nn.Module):
         norms, self._wiring = BLOCK[cfg.block]
         for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"):
             shared = name == "mlp_norm" and cfg.block == "parallel" and cfg.parallel_shared_norm
-            setattr(self, name, build_norm(cfg) if name in norms and not shared else None)
+            # under sequence parallelism a norm sees T/tp tokens: its gradients are summed over tp
+            norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None)
+            setattr(self, name, norm if name in norms and not shared else None)
         self.attn = Attention(cfg, layer_idx, tp_group, sequence_parallel)
         self.mlp = build_mlp(cfg, layer_idx, tp_group, sequence_parallel, ep_group)
         self.dropout = cfg.dropout

@@ -21,7 +21,7 @@ from forge.models.layers.attention import KVCache
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION
 from forge.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
-from forge.parallel.mappings import group_size
+from forge.parallel.mappings import group_rank, group_size, scatter_to
 
 
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
@@ -47,27 +47,39 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    """Vocab-parallel output layer; the columns of padding tokens (ids >= vocab_size, present when
+    tp does not divide the vocabulary) get logit -inf so they never carry probability."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False):
         super().__init__()
-        self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, group_size(tp_group)), cfg.head_bias, tp_group)
+        tp = group_size(tp_group)
+        self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, tp), cfg.head_bias, tp_group,
+                                         sequence_parallel=sequence_parallel)
         self.softcap = cfg.logit_softcap
+        local = padded_vocab(cfg, tp) // tp
+        start = group_rank(tp_group) * local
+        self.padded = start + local > cfg.vocab_size
+        self.register_buffer("pad_mask", start + torch.arange(local) >= cfg.vocab_size, persistent=False)
 
     def forward(self, x):  # (B, T, D) -> (B, T, V/tp)
         logits = self.proj(x)
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
+        if self.padded:
+            logits = logits.masked_fill(self.pad_mask, float("-inf"))
         return logits
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None):
         super().__init__()
-        self.cfg, self.tp_group = cfg, tp_group
+        self.cfg, self.tp_group, self.sequence_parallel = cfg, tp_group, sequence_parallel and group_size(tp_group) > 1
         self.embed = Embedding(cfg, tp_group)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, tp_group, sequence_parallel, ep_group)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, tp_group, self.sequence_parallel, ep_group)
                                      for i in range(cfg.n_layers)})
-        self.norm = build_norm(cfg) if cfg.final_norm else nn.Identity()
-        self.head = Head(cfg, tp_group)
+        self.norm = build_norm(cfg, grad_group=tp_group if self.sequence_parallel else None) \
+            if cfg.final_norm else nn.Identity()
+        self.head = Head(cfg, tp_group, self.sequence_parallel)
         if cfg.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
         self.activation_checkpointing = "none"       # none | full | attention
@@ -97,15 +109,18 @@ class Transformer(nn.Module):
         tokens continue the cached sequence (positions start at the cache length)."""
         start = cache.length if cache is not None else (pos_offset or 0)
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)
-        x = self.embed(ids, pos)
+        x = self.embed(ids, pos)                                               # (B, T, D)
+        if self.sequence_parallel:
+            if ids.shape[1] % group_size(self.tp_group):
+                raise ValueError(f"sequence length {ids.shape[1]} is not divisible by parallel.tp="
+                                 f"{group_size(self.tp_group)} (needed by parallel.sequence_parallel)")
+            x = scatter_to(x, 1, self.tp_group)                                # (B, T/tp, D)
         for layer in self.layers.values():
             if self.activation_checkpointing == "full" and self.training and cache is None:
                 x = checkpoint(layer, x, pos, None, use_reentrant=False)
             else:
                 x = layer(x, pos, cache)
         logits = self.head(self.norm(x))
-        if group_size(self.tp_group) == 1 and logits.shape[-1] != self.cfg.vocab_size:
-            logits = logits[..., : self.cfg.vocab_size]
         return logits
 
     def loss(self, logits, targets, ignore_index: int = -100):

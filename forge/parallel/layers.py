@@ -6,7 +6,10 @@ RowParallelLinear:     Y = X A,   A = [A_1; ...; A_p] split by input rows, X = [
                        or reduce-scatter along the sequence under sequence parallelism).
 VocabParallelEmbedding: the vocabulary is split in contiguous ranges; each rank looks up the ids
                        in its range (zero elsewhere) and the partial embeddings are summed.
-Weights are stored (out_features, in_features) as in nn.Linear, holding only this rank's shard.
+Weights are stored (out_features, in_features) as in nn.Linear, holding only this rank's shard;
+a sharded parameter carries `partition_dim`, the dimension along which the full tensor is split.
+A parameter that is replicated but receives partial gradients on each rank (a bias added after a
+sequence-parallel reduce-scatter) enters the forward through `copy_to`, whose backward sums them.
 """
 from __future__ import annotations
 
@@ -24,6 +27,12 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
+def _mark(p, dim, group):
+    """Record that `p` is this rank's shard of a tensor split along `dim` (when tp > 1)."""
+    if p is not None and group_size(group) > 1:
+        p.partition_dim = dim
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns. Input (B, T, in) replicated (or (B, T/tp, in) when
     sequence_parallel: gathered first); output (B, T, out/tp), or (B, T, out) with gather_output."""
@@ -36,6 +45,8 @@ class ColumnParallelLinear(nn.Module):
         local = _divide(out_features, group_size(group), "output features")
         self.weight = nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.zeros(local)) if bias else None
+        _mark(self.weight, 0, group)
+        _mark(self.bias, 0, group)
 
     def forward(self, x):
         x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
@@ -55,12 +66,16 @@ class RowParallelLinear(nn.Module):
         local = _divide(in_features, group_size(group), "input features")
         self.weight = nn.Parameter(torch.empty(out_features, local))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        _mark(self.weight, 1, group)
 
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to(x, -1, self.group)
         y = F.linear(x, self.weight)
-        y = reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from(y, self.group)
+        if self.sequence_parallel:
+            y = reduce_scatter_seq(y, self.group)
+            return y + copy_to(self.bias, self.group) if self.bias is not None else y
+        y = reduce_from(y, self.group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -74,6 +89,7 @@ class VocabParallelEmbedding(nn.Module):
         local = _divide(num_embeddings, group_size(group), "vocab size (padded)")
         self.start = group_rank(group) * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim))
+        _mark(self.weight, 0, group)
 
     def forward(self, ids):  # (B, T) -> (B, T, D)
         if group_size(self.group) == 1:

@@ -8,6 +8,8 @@ Each forward op is paired with its adjoint in backward (Megatron-LM's mappings):
 Sequence-parallel variants work on the sequence dimension (dim 1 of (B, T, D)):
     gather_seq        forward: all-gather T          backward: reduce-scatter T
     reduce_scatter_seq forward: reduce-scatter T     backward: all-gather T
+and all_reduce_sum (forward and backward: all-reduce), for a sum whose consumers differ per rank
+(e.g. the statistics of a norm over a dimension split across ranks).
 With group None (or size 1) every op is the identity.
 """
 from __future__ import annotations
@@ -57,6 +59,17 @@ class _Copy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return _all_reduce(g, ctx.group), None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None
 
 
 class _Reduce(torch.autograd.Function):
@@ -116,6 +129,10 @@ class _GatherReduceScatter(torch.autograd.Function):
 
 def copy_to(x, group):
     return x if group_size(group) == 1 else _Copy.apply(x, group)
+
+
+def all_reduce_sum(x, group):
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
 
 
 def reduce_from(x, group):

@@ -5,12 +5,22 @@ nonparam_layernorm: y = (x - mean) / sqrt(var + eps)                (OLMo: no we
 rmsnorm:            y = x / sqrt(mean(x^2) + eps) * (offset + w)     (Gemma: offset 1, w init 0)
 scalenorm:          y = g * x / max(||x||, eps)                      (one learned scalar g)
 Statistics are computed in fp32 and the result cast back to the input dtype.
+Tensor parallelism: `grad_group` makes the weights enter through `copy_to`, so the partial
+gradients of a replicated norm that sees only part of the tokens or heads (sequence parallelism,
+per-head qk-norm) are summed over the group; `stat_group` (RMSNorm) computes mean(x^2) over a
+dimension split across the group (OLMo 2's qk-norm over all heads), with `full_dim` its size.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from forge.parallel.mappings import all_reduce_sum, copy_to
+
+
+def _w(p, group):
+    return None if p is None else copy_to(p, group).float()
 
 
 class LayerNorm(nn.Module):
@@ -19,10 +29,10 @@ class LayerNorm(nn.Module):
         self.eps, self.dim = eps, dim
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine and bias else None
+        self.grad_group = None
 
     def forward(self, x):
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
+        w, b = _w(self.weight, self.grad_group), _w(self.bias, self.grad_group)
         return F.layer_norm(x.float(), (self.dim,), w, b, self.eps).to(x.dtype)
 
 
@@ -31,11 +41,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+        self.grad_group, self.stat_group, self.full_dim = None, None, dim
 
     def forward(self, x):
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (self.offset + self.weight.float())).to(x.dtype)
+        if self.stat_group is None:
+            ms = xf.pow(2).mean(-1, keepdim=True)
+        else:
+            ms = all_reduce_sum(xf.pow(2).sum(-1, keepdim=True), self.stat_group) / self.full_dim
+        y = xf * torch.rsqrt(ms + self.eps)
+        return (y * (self.offset + _w(self.weight, self.grad_group))).to(x.dtype)
 
 
 class ScaleNorm(nn.Module):
@@ -43,10 +58,11 @@ class ScaleNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.tensor(float(dim) ** 0.5))
+        self.grad_group = None
 
     def forward(self, x):
         xf = x.float()
-        return (self.weight.float() * xf / xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)).to(x.dtype)
+        return (_w(self.weight, self.grad_group) * xf / xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)).to(x.dtype)
 
 
 NORM = {
@@ -57,5 +73,7 @@ NORM = {
 }
 
 
-def build_norm(cfg, dim=None) -> nn.Module:
-    return NORM[cfg.norm](dim or cfg.d_model, cfg)
+def build_norm(cfg, dim=None, grad_group=None) -> nn.Module:
+    norm = NORM[cfg.norm](dim or cfg.d_model, cfg)
+    norm.grad_group = grad_group
+    return norm
