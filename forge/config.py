@@ -62,6 +62,7 @@ class ModelConfig:
     qk_norm: str = "none"                   # none | head (Qwen3: per head) | full (OLMo2: whole q/k)
     attn_softcap: Optional[float] = None    # scores -> cap * tanh(scores / cap)  (Gemma 2)
     attn_scale: Optional[float] = None      # None = head_dim ** -0.5
+    qkv_clip: Optional[float] = None        # clamp q, k, v projections to [-c, c] (OLMo clip_qkv)
     # positions
     position: str = "rope"                  # POSITION registry key
     rope_theta: float = 10000.0
@@ -147,6 +148,8 @@ class ModelConfig:
                                   f"= {self.rotary_dim} must be even and positive")
             if self.rope_scaling not in ("none", "linear", "llama3"):
                 raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of ['linear', 'llama3', 'none']")
+        if self.qkv_clip is not None and self.qkv_clip <= 0:
+            raise ConfigError(f"model.qkv_clip={self.qkv_clip} must be positive or null")
         if self.qk_norm not in ("none", "head", "full"):
             raise ConfigError(f"model.qk_norm={self.qk_norm!r} is not one of ['full', 'head', 'none']")
         kinds = set(self.attention_pattern or [self.attention])

@@ -125,11 +125,13 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
         self.wv = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, cfg.attn_out_bias, **sp)
+        self.qkv_clip = cfg.qkv_clip
         self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm != "none":
-            full = cfg.qk_norm == "full"
-            self.q_norm = build_norm(cfg, self.n_heads * hd if full else hd)
-            self.k_norm = build_norm(cfg, self.n_kv * hd if full else hd)
+        if cfg.qk_norm == "head":      # one (hd,) norm shared by heads that live on different ranks
+            self.q_norm = build_norm(cfg, hd, grad_group=tp_group)
+            self.k_norm = build_norm(cfg, hd, grad_group=tp_group)
+        elif cfg.qk_norm == "full":    # a norm over all heads: weights and statistics split over tp
+            self.q_norm, self.k_norm = self._full_norm(cfg, self.n_heads, tp_group), self._full_norm(cfg, self.n_kv, tp_group)
         pos_cls = POSITION[cfg.position].get("attention")
         if pos_cls is None:
             self.pos = None
@@ -138,10 +140,22 @@ class Attention(nn.Module):
         else:
             self.pos = pos_cls(cfg)
 
+    @staticmethod
+    def _full_norm(cfg, local_heads, tp_group):
+        norm = build_norm(cfg, local_heads * cfg.hd)
+        if group_size(tp_group) > 1:
+            if not hasattr(norm, "stat_group"):
+                raise ValueError(f"model.qk_norm='full' with parallel.tp > 1 needs model.norm='rmsnorm', got {cfg.norm!r}")
+            norm.stat_group, norm.full_dim = tp_group, local_heads * cfg.hd * group_size(tp_group)
+            norm.weight.partition_dim = 0
+        return norm
+
     def forward(self, x, pos, cache: KVCache | None = None):
         """x (B, T, D), pos (T,) absolute positions -> (B, T, D)."""
-        B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)                          # (B, T, H*hd), (B, T, Hkv*hd) x2
+        B, T = q.shape[:2]                     # T is the full length even when x is a sequence shard
+        if self.qkv_clip is not None:
+            q, k, v = (t.clamp(-self.qkv_clip, self.qkv_clip) for t in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)                # (B, H, T, hd)
