@@ -1,6 +1,7 @@
 """Tensor (and sequence) parallel model == one process: logits, loss and every gradient, for
-tp=2 on gloo, over families that exercise GQA, tied/untied heads, biases, learned positions,
-per-head and all-head qk-norm, parallel blocks and a vocabulary that tp does not divide."""
+tp=2 on gloo, over families that exercise GQA, MQA (kv heads replicated), tied/untied heads,
+biases, learned positions, per-head and all-head qk-norm, parallel blocks and a vocabulary that
+tp does not divide."""
 import dataclasses
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from tests.distributed import run_distributed
 
-CASES = ["tiny-llama", "tiny-gpt2", "tiny-qwen3", "tiny-olmo2", "tiny-pythia", "tiny-gemma2"]
+CASES = [("tiny-llama", {}), ("tiny-gpt2", {}), ("tiny-qwen3", {}), ("tiny-olmo2", {}), ("tiny-pythia", {}),
+         ("tiny-gemma2", {}),
+         ("tiny-gemma", {}), ("tiny-palm", {}), ("tiny-olmo2", {"n_kv_heads": 1})]  # one kv head, two ranks
 
 
 def _check(rank, world, sequence_parallel):
@@ -20,8 +23,8 @@ def _check(rank, world, sequence_parallel):
     from forge.parallel.sharding import gather_tensors, shard_state_dict
 
     groups = build_groups(tp=world)
-    for name in CASES:
-        cfg = dataclasses.replace(PRESETS[name], vocab_size=255)        # padded to 256 under tp=2
+    for name, overrides in CASES:
+        cfg = dataclasses.replace(PRESETS[name], vocab_size=255, **overrides)        # padded to 256 under tp=2
         torch.manual_seed(0)
         full = build_model(cfg)
         with torch.no_grad():                                           # non-trivial norms and biases

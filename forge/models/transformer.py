@@ -50,19 +50,19 @@ class Head(nn.Module):
     """Vocab-parallel output layer; the columns of padding tokens (ids >= vocab_size, present when
     tp does not divide the vocabulary) get logit -inf so they never carry probability."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, own_weight=True):
         super().__init__()
         tp = group_size(tp_group)
         self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, tp), cfg.head_bias, tp_group,
-                                         sequence_parallel=sequence_parallel)
+                                         sequence_parallel=sequence_parallel, skip_weight=not own_weight)
         self.softcap = cfg.logit_softcap
         local = padded_vocab(cfg, tp) // tp
         start = group_rank(tp_group) * local
         self.padded = start + local > cfg.vocab_size
         self.register_buffer("pad_mask", start + torch.arange(local) >= cfg.vocab_size, persistent=False)
 
-    def forward(self, x):  # (B, T, D) -> (B, T, V/tp)
-        logits = self.proj(x)
+    def forward(self, x, weight=None):  # (B, T, D) -> (B, T, V/tp); weight: a tied embedding
+        logits = self.proj(x, weight)
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         if self.padded:
@@ -124,10 +124,7 @@ class Transformer(nn.Module):
         return logits
 
     def loss(self, logits, targets, ignore_index: int = -100):
-        """Mean token cross-entropy; exact under vocab-parallel logits (no log(tp) offset)."""
-        per_token = vocab_parallel_cross_entropy(logits, targets, self.tp_group, ignore_index)
-        n = (targets != ignore_index).sum().clamp_min(1)
-        return per_token.sum() / n
+        return lm_loss(logits, targets, self.tp_group, ignore_index)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers)
@@ -140,6 +137,13 @@ class Transformer(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def lm_loss(logits, targets, tp_group=None, ignore_index: int = -100):
+    """Mean token cross-entropy of logits (B, T, V/tp) against targets (B, T); exact under
+    vocab-parallel logits (no log(tp) offset)."""
+    per_token = vocab_parallel_cross_entropy(logits, targets, tp_group, ignore_index)
+    return per_token.sum() / (targets != ignore_index).sum().clamp_min(1)
 
 
 def build_model(cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None) -> Transformer:

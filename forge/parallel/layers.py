@@ -38,20 +38,38 @@ class ColumnParallelLinear(nn.Module):
     sequence_parallel: gathered first); output (B, T, out/tp), or (B, T, out) with gather_output."""
 
     def __init__(self, in_features, out_features, bias=True, group=None, gather_output=False,
-                 sequence_parallel=False):
+                 sequence_parallel=False, skip_weight=False):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         self.in_features, self.out_features = in_features, out_features
         local = _divide(out_features, group_size(group), "output features")
-        self.weight = nn.Parameter(torch.empty(local, in_features))
+        # skip_weight: the weight is passed to forward (a head tied to an embedding on another stage)
+        self.weight = None if skip_weight else nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.zeros(local)) if bias else None
         _mark(self.weight, 0, group)
         _mark(self.bias, 0, group)
 
-    def forward(self, x):
+    def forward(self, x, weight=None):
         x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight if weight is None else weight, self.bias)
         return gather_from(y, -1, self.group) if self.gather_output else y
+
+
+class ReplicatedLinear(nn.Module):
+    """Y = X A + b with A whole on every rank, for outputs that ranks then use in part (kv heads
+    shared by query heads on several ranks): weight, bias and input enter through `copy_to`, so
+    their partial gradients are summed over the group."""
+
+    def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x):  # (B, T, in) or (B, T/tp, in) -> (B, T, out)
+        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
+        b = copy_to(self.bias, self.group) if self.bias is not None else None
+        return F.linear(x, copy_to(self.weight, self.group), b)
 
 
 class RowParallelLinear(nn.Module):

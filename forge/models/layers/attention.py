@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION, Rotary
-from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from forge.parallel.mappings import group_rank, group_size
 
 
@@ -112,18 +112,23 @@ class Attention(nn.Module):
         super().__init__()
         tp = group_size(tp_group)
         hd = cfg.hd
-        if cfg.n_heads % tp or cfg.kv_heads % tp:
-            raise ValueError(f"model.n_heads={cfg.n_heads} and model.n_kv_heads={cfg.kv_heads} must be "
-                             f"divisible by parallel.tp={tp}")
+        if cfg.n_heads % tp or (cfg.kv_heads % tp and tp % cfg.kv_heads):
+            raise ValueError(f"parallel.tp={tp} must divide model.n_heads={cfg.n_heads}, and divide or be a "
+                             f"multiple of model.n_kv_heads={cfg.kv_heads}")
         self.layer_idx, self.kind, self.hd = layer_idx, cfg.layer_attention(layer_idx), hd
-        self.n_heads, self.n_kv = cfg.n_heads // tp, cfg.kv_heads // tp      # local head counts
+        # Fewer kv heads than ranks: every rank computes all kv heads (replicated weights, gradients
+        # summed over tp) and keeps the one its query heads use: kv head rank // (tp / n_kv_heads).
+        self.kv_replicated = cfg.kv_heads < tp
+        self.kv_select = group_rank(tp_group) // (tp // cfg.kv_heads) if self.kv_replicated else None
+        self.n_heads, self.n_kv = cfg.n_heads // tp, max(1, cfg.kv_heads // tp)   # local head counts
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
         self.softcap, self.attn_dropout = cfg.attn_softcap, cfg.attn_dropout
         self.sliding_window, self.local_window = cfg.sliding_window, cfg.local_window
         sp = dict(group=tp_group, sequence_parallel=sequence_parallel)
         self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, **sp)
-        self.wk = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
-        self.wv = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
+        kv_cls = ReplicatedLinear if self.kv_replicated else ColumnParallelLinear
+        self.wk = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
+        self.wv = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, cfg.attn_out_bias, **sp)
         self.qkv_clip = cfg.qkv_clip
         self.qk_norm = cfg.qk_norm
@@ -131,7 +136,9 @@ class Attention(nn.Module):
             self.q_norm = build_norm(cfg, hd, grad_group=tp_group)
             self.k_norm = build_norm(cfg, hd, grad_group=tp_group)
         elif cfg.qk_norm == "full":    # a norm over all heads: weights and statistics split over tp
-            self.q_norm, self.k_norm = self._full_norm(cfg, self.n_heads, tp_group), self._full_norm(cfg, self.n_kv, tp_group)
+            self.q_norm = self._full_norm(cfg, self.n_heads, tp_group)
+            self.k_norm = (build_norm(cfg, cfg.kv_heads * hd, grad_group=tp_group) if self.kv_replicated
+                           else self._full_norm(cfg, self.n_kv, tp_group))
         pos_cls = POSITION[cfg.position].get("attention")
         if pos_cls is None:
             self.pos = None
@@ -158,6 +165,8 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.qkv_clip, self.qkv_clip) for t in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.kv_replicated:                 # (B, T, n_kv_heads*hd) -> (B, T, hd): this rank's kv head
+            k, v = (t.unflatten(-1, (-1, self.hd))[:, :, self.kv_select] for t in (k, v))
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)                # (B, H, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
