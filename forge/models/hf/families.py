@@ -1,0 +1,673 @@
+"""Hugging Face families as data: one `FamilySpec` per HF architecture (`architectures[0]`).
+
+A spec holds
+  config_from_hf(hf_config_dict) -> ModelConfig    explicit field mapping (via the transformers
+                                                   config class, so its defaults and legacy keys apply)
+  config_to_hf(ModelConfig) -> dict                the kwargs of that config class
+  key_map {hf_template: forge_template}            plain renames; "{i}" is the layer index
+  transforms [Transform]                           tensors that need reshaping (fused / transposed),
+                                                   each with a forward and an exact inverse
+  ignore                                           regexes of HF non-parameter buffers (masks, inv_freq)
+A rule (rename or transform) is active for a config when every Forge tensor it names exists in
+that config's model; every HF tensor must be consumed by an active rule and every Forge tensor
+produced by one, else the conversion fails naming the tensors (see convert.py).
+
+Forge conventions relied on: RMSNorm scale = norm_offset + weight (Gemma weights map directly with
+norm_offset=1); RoPE pairs channel halves unless rope_interleaved (GPT-J pairs (2i, 2i+1), which is
+also how GPT-J's HF weights are laid out, so no permutation is needed anywhere).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from forge.config import ModelConfig
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint or config uses something no Forge family can represent exactly."""
+
+
+Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """HF tensors `hf` <-> Forge tensors `forge` (templates with "{i}"), exact in both directions."""
+    name: str
+    hf: tuple[str, ...]
+    forge: tuple[str, ...]
+    to_forge: Callable[[Tensors, ModelConfig], Tensors]
+    to_hf: Callable[[Tensors, ModelConfig], Tensors]
+
+
+@dataclass
+class FamilySpec:
+    architecture: str                     # HF `architectures[0]`, the registry key
+    model_type: str                       # HF `model_type` (picks the transformers config class)
+    config_from_hf: Callable[[dict], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    key_map: dict[str, str]
+    transforms: list[Transform] = field(default_factory=list)
+    ignore: tuple[str, ...] = ()          # regexes of HF buffers that are not parameters
+    base_prefix: str = ""                 # prefix of the base model's keys ("model.", "transformer.", ...)
+    tied_hf_keys: tuple[str, ...] = ("lm_head.weight",)   # may be present (== embedding) when tied
+    aliases: dict[str, str] = field(default_factory=dict)  # other spellings of HF keys accepted on input
+
+
+# ---------------------------------------------------------------- transforms
+def _identity(ts, cfg):
+    return list(ts)
+
+
+def _transpose(ts, cfg):                     # GPT-2 Conv1D stores (in, out); Linear stores (out, in)
+    return [ts[0].t().contiguous()]
+
+
+def _conv1d_qkv_to_forge(ts, cfg):           # c_attn (D, 3D) Conv1D -> wq, wk, wv (D, D) Linear
+    return [t.contiguous() for t in ts[0].t().chunk(3, dim=0)]
+
+
+def _conv1d_qkv_to_hf(ts, cfg):
+    return [torch.cat(ts, dim=0).t().contiguous()]
+
+
+def _chunk3_to_forge(ts, cfg):               # fused bias (3D,) = [q | k | v]
+    return [t.contiguous() for t in ts[0].chunk(3, dim=0)]
+
+
+def _chunk3_to_hf(ts, cfg):
+    return [torch.cat(ts, dim=0).contiguous()]
+
+
+def _neox_qkv_to_forge(ts, cfg):
+    """query_key_value rows are laid out per head: [n_heads, (q, k, v), head_dim] (x D for weights)."""
+    t = ts[0]
+    v = t.reshape(cfg.n_heads, 3, cfg.hd, *t.shape[1:])
+    return [v[:, j].reshape(cfg.n_heads * cfg.hd, *t.shape[1:]).contiguous() for j in range(3)]
+
+
+def _neox_qkv_to_hf(ts, cfg):
+    rest = ts[0].shape[1:]
+    parts = [t.reshape(cfg.n_heads, cfg.hd, *rest) for t in ts]
+    return [torch.stack(parts, dim=1).reshape(3 * cfg.n_heads * cfg.hd, *rest).contiguous()]
+
+
+def transposed(hf: str, forge: str) -> Transform:
+    return Transform("conv1d_transpose", (hf,), (forge,), _transpose, _transpose)
+
+
+def conv1d_qkv(hf: str, forge_prefix: str) -> Transform:
+    keys = tuple(f"{forge_prefix}.{w}.weight" for w in ("wq", "wk", "wv"))
+    return Transform("conv1d_qkv_split", (hf,), keys, _conv1d_qkv_to_forge, _conv1d_qkv_to_hf)
+
+
+def chunk3_bias(hf: str, forge_prefix: str) -> Transform:
+    keys = tuple(f"{forge_prefix}.{w}.bias" for w in ("wq", "wk", "wv"))
+    return Transform("qkv_bias_split", (hf,), keys, _chunk3_to_forge, _chunk3_to_hf)
+
+
+def neox_qkv(hf: str, forge_prefix: str, suffix: str) -> Transform:
+    keys = tuple(f"{forge_prefix}.{w}.{suffix}" for w in ("wq", "wk", "wv"))
+    return Transform("neox_qkv_split", (hf,), keys, _neox_qkv_to_forge, _neox_qkv_to_hf)
+
+
+# ---------------------------------------------------------------- config helpers
+HF_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+          "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
+
+
+def _act_from_hf(name: str) -> str:
+    if name not in HF_ACT:
+        raise UnsupportedModelError(f"activation {name!r} is not supported; supported: {sorted(HF_ACT)}")
+    return HF_ACT[name]
+
+
+def _act_to_hf(act: str, tanh_name: str) -> str:
+    return {"silu": "silu", "gelu": "gelu", "gelu_tanh": tanh_name, "relu": "relu", "relu2": "relu2"}.get(act, act)
+
+
+def hf_config_object(d: dict, model_type: str):
+    """The transformers config class instance for `d` (applies class defaults and legacy keys)."""
+    from transformers import CONFIG_MAPPING
+    d = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
+    return CONFIG_MAPPING[model_type].from_dict(d)
+
+
+def _get(c, name, default=None):
+    v = getattr(c, name, None)
+    return default if v is None else v
+
+
+def _base(c) -> dict:
+    heads = c.num_attention_heads
+    return dict(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=heads,
+                n_kv_heads=_get(c, "num_key_value_heads", heads),
+                head_dim=_get(c, "head_dim", c.hidden_size // heads),
+                max_seq_len=c.max_position_embeddings, tie_embeddings=bool(_get(c, "tie_word_embeddings", False)),
+                init_std=float(_get(c, "initializer_range", 0.02)))
+
+
+def _rope_from_hf(c, partial_ok: bool) -> dict:
+    rp = dict(_get(c, "rope_parameters", {}) or {})
+    layer_types = _get(c, "layer_types", []) or []
+    nested = [k for k in rp if k in layer_types]
+    if nested:
+        first = rp[nested[0]]
+        if any(rp[k] != first for k in nested):
+            raise UnsupportedModelError(f"per-layer-type rope_parameters that differ are not supported: {rp}")
+        rp = dict(first)
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    pct = float(rp.get("partial_rotary_factor", 1.0))
+    if pct != 1.0 and not partial_ok:
+        raise UnsupportedModelError(f"partial_rotary_factor={pct} is not used by this family's HF model")
+    out = dict(position="rope", rope_theta=float(rp.get("rope_theta", 10000.0)), rotary_pct=pct)
+    if kind == "default":
+        return out
+    if kind == "linear":
+        return {**out, "rope_scaling": "linear", "rope_scaling_factor": float(rp["factor"])}
+    if kind == "llama3":
+        return {**out, "rope_scaling": "llama3", "rope_scaling_factor": float(rp["factor"]),
+                "rope_low_freq_factor": float(rp["low_freq_factor"]),
+                "rope_high_freq_factor": float(rp["high_freq_factor"]),
+                "rope_original_max_seq_len": int(rp["original_max_position_embeddings"])}
+    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _rope_to_hf(cfg: ModelConfig, partial: bool = False) -> dict:
+    rp = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    if partial:
+        rp["partial_rotary_factor"] = cfg.rotary_pct
+    if cfg.rope_scaling in ("linear", "llama3"):
+        rp["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        rp.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                  original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    return {"rope_parameters": rp}
+
+
+def _compress(pattern: list[str]):
+    """Per-layer kinds -> (attention, attention_pattern) with the shortest cycle that reproduces them."""
+    if len(set(pattern)) == 1:
+        return pattern[0], None
+    for p in range(1, len(pattern) + 1):
+        if all(pattern[i] == pattern[i % p] for i in range(len(pattern))):
+            return "causal", pattern[:p]
+    return "causal", pattern
+
+
+_LAYER_KIND = {"full_attention": "causal", "sliding_attention": "sliding"}
+
+
+def _layers_from_hf(c, n_layers: int) -> dict:
+    """attention / attention_pattern / sliding_window from HF `layer_types` + `sliding_window`."""
+    types = list(_get(c, "layer_types", None) or ["full_attention"] * n_layers)
+    bad = sorted(set(types) - set(_LAYER_KIND))
+    if bad:
+        raise UnsupportedModelError(f"layer_types {bad} are not supported (supported: {sorted(_LAYER_KIND)})")
+    kinds = [_LAYER_KIND[t] for t in types]
+    window = _get(c, "sliding_window", None)
+    if not window or window >= c.max_position_embeddings:   # no window, or one that never binds
+        kinds = ["causal"] * len(kinds)
+    attention, pattern = _compress(kinds)
+    return dict(attention=attention, attention_pattern=pattern,
+                sliding_window=int(window) if "sliding" in kinds else None)
+
+
+def _layer_types_to_hf(cfg: ModelConfig) -> list[str]:
+    inv = {v: k for k, v in _LAYER_KIND.items()}
+    kinds = [cfg.layer_attention(i) for i in range(cfg.n_layers)]
+    bad = sorted(set(kinds) - set(inv))
+    if bad:
+        raise UnsupportedModelError(f"attention kinds {bad} have no Hugging Face equivalent")
+    return [inv[k] for k in kinds]
+
+
+def _common_to_hf(cfg: ModelConfig) -> dict:
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
+                tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
+
+
+def _reject_unless(c, key: str, allowed: tuple) -> None:
+    v = getattr(c, key, None)
+    if v is not None and v not in allowed:
+        raise UnsupportedModelError(f"{key}={v!r} is not supported (supported: {list(allowed)} or null)")
+
+
+# ---------------------------------------------------------------- Llama-style families
+def llama_map(p: str = "model.") -> dict[str, str]:
+    L = p + "layers.{i}."
+    m = {p + "embed_tokens.weight": "embed.tok.weight", p + "norm.weight": "norm.weight",
+         "lm_head.weight": "head.proj.weight",
+         L + "input_layernorm.weight": "layers.{i}.attn_norm.weight",
+         L + "post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
+         L + "self_attn.q_norm.weight": "layers.{i}.attn.q_norm.weight",
+         L + "self_attn.k_norm.weight": "layers.{i}.attn.k_norm.weight"}
+    for hf, fg in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+        for s in ("weight", "bias"):
+            m[f"{L}self_attn.{hf}.{s}"] = f"layers.{{i}}.attn.{fg}.{s}"
+    for hf, fg in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_out")):
+        for s in ("weight", "bias"):
+            m[f"{L}mlp.{hf}.{s}"] = f"layers.{{i}}.mlp.{fg}.{s}"
+    return m
+
+
+LLAMA_IGNORE = (r".*rotary_emb\.inv_freq$",)
+
+
+def _llama_like_from_hf(c, *, act_key="hidden_act", eps_key="rms_norm_eps", qkv_bias=None, out_bias=None,
+                        sliding=False, layer_types=False, **extra) -> ModelConfig:
+    d = _base(c)
+    attention_bias = bool(_get(c, "attention_bias", False))
+    d.update(_rope_from_hf(c, partial_ok=False))
+    d.update(mlp="glu", activation=_act_from_hf(_get(c, act_key, "silu")), d_ff=c.intermediate_size,
+             mlp_bias=bool(_get(c, "mlp_bias", False)), norm="rmsnorm", norm_eps=float(_get(c, eps_key, 1e-6)),
+             qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
+             attn_out_bias=attention_bias if out_bias is None else out_bias,
+             attn_dropout=float(_get(c, "attention_dropout", 0.0)))
+    if layer_types:
+        d.update(_layers_from_hf(c, d["n_layers"]))
+    elif sliding and _get(c, "sliding_window", None) and c.sliding_window < c.max_position_embeddings:
+        d.update(attention="sliding", sliding_window=int(c.sliding_window))
+    d.update(extra)
+    return ModelConfig(**d).validate()
+
+
+def _llama_like_to_hf(cfg: ModelConfig, *, attention_bias=True, mlp_bias=False, act_key="hidden_act",
+                      eps_key="rms_norm_eps", tanh_name="gelu_pytorch_tanh") -> dict:
+    d = _common_to_hf(cfg)
+    d.update(num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.ff_dim,
+             attention_dropout=cfg.attn_dropout, **_rope_to_hf(cfg))
+    d[act_key] = _act_to_hf(cfg.activation, tanh_name)
+    if eps_key:
+        d[eps_key] = cfg.norm_eps
+    if attention_bias:
+        d["attention_bias"] = cfg.qkv_bias
+    if mlp_bias:
+        d["mlp_bias"] = cfg.mlp_bias
+    return d
+
+
+def llama_from_hf(d):
+    c = hf_config_object(d, "llama")
+    return _llama_like_from_hf(c)
+
+
+def llama_to_hf(cfg):
+    return _llama_like_to_hf(cfg, mlp_bias=True)
+
+
+def mistral_from_hf(d):
+    return _llama_like_from_hf(hf_config_object(d, "mistral"), qkv_bias=False, out_bias=False, sliding=True)
+
+
+def mistral_to_hf(cfg):
+    d = _llama_like_to_hf(cfg, attention_bias=False)
+    kinds = {cfg.layer_attention(i) for i in range(cfg.n_layers)}
+    d["sliding_window"] = cfg.sliding_window if kinds == {"sliding"} else None
+    return d
+
+
+def _qwen_layers_to_hf(cfg, d):
+    types = _layer_types_to_hf(cfg)
+    sliding = "sliding_attention" in types
+    d.update(layer_types=types, use_sliding_window=sliding, sliding_window=cfg.sliding_window if sliding else None,
+             max_window_layers=types.index("sliding_attention") if sliding else cfg.n_layers)
+    return d
+
+
+def qwen2_from_hf(d):
+    return _llama_like_from_hf(hf_config_object(d, "qwen2"), qkv_bias=True, out_bias=False, layer_types=True)
+
+
+def qwen2_to_hf(cfg):
+    return _qwen_layers_to_hf(cfg, _llama_like_to_hf(cfg, attention_bias=False))
+
+
+def qwen3_from_hf(d):
+    return _llama_like_from_hf(hf_config_object(d, "qwen3"), layer_types=True, qk_norm="head")
+
+
+def qwen3_to_hf(cfg):
+    return _qwen_layers_to_hf(cfg, _llama_like_to_hf(cfg))
+
+
+def _gemma_extra(d_model):
+    return dict(norm_offset=1.0, embed_scale=d_model ** 0.5)
+
+
+def gemma_from_hf(d):
+    c = hf_config_object(d, "gemma")
+    _reject_unless(c, "use_bidirectional_attention", (False,))
+    return _llama_like_from_hf(c, **_gemma_extra(c.hidden_size))
+
+
+def gemma_to_hf(cfg):
+    return _llama_like_to_hf(cfg)
+
+
+def gemma2_from_hf(d):
+    c = hf_config_object(d, "gemma2")
+    _reject_unless(c, "use_bidirectional_attention", (False,))
+    return _llama_like_from_hf(
+        c, act_key="hidden_activation", layer_types=True, block="peri_ln",
+        attn_softcap=None if c.attn_logit_softcapping is None else float(c.attn_logit_softcapping),
+        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping),
+        attn_scale=c.query_pre_attn_scalar ** -0.5, **_gemma_extra(c.hidden_size))
+
+
+def gemma2_to_hf(cfg):
+    d = _llama_like_to_hf(cfg, act_key="hidden_activation")
+    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.hd ** -0.5
+    types = _layer_types_to_hf(cfg)
+    d.update(layer_types=types, sliding_window=cfg.sliding_window or cfg.max_seq_len,
+             attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap,
+             query_pre_attn_scalar=round(scale ** -2))
+    return d
+
+
+def gemma2_map():
+    m = llama_map()
+    L = "model.layers.{i}."
+    m.update({L + "post_attention_layernorm.weight": "layers.{i}.post_attn_norm.weight",
+              L + "pre_feedforward_layernorm.weight": "layers.{i}.mlp_norm.weight",
+              L + "post_feedforward_layernorm.weight": "layers.{i}.post_mlp_norm.weight"})
+    return m
+
+
+def olmo_from_hf(d):
+    c = hf_config_object(d, "olmo")
+    clip = _get(c, "clip_qkv", None)
+    return _llama_like_from_hf(c, norm="nonparam_layernorm", norm_eps=1e-5,    # OlmoLayerNorm: eps fixed
+                               qkv_clip=None if clip is None else float(clip))
+
+
+def olmo_to_hf(cfg):
+    d = _llama_like_to_hf(cfg, eps_key=None)
+    d["clip_qkv"] = cfg.qkv_clip
+    return d
+
+
+def olmo2_from_hf(d):
+    c = hf_config_object(d, "olmo2")
+    return _llama_like_from_hf(c, block="norm_after", qk_norm="full")
+
+
+def olmo2_to_hf(cfg):
+    return _llama_like_to_hf(cfg)
+
+
+def olmo2_map():
+    m = llama_map()
+    L = "model.layers.{i}."
+    m.update({L + "post_attention_layernorm.weight": "layers.{i}.post_attn_norm.weight",
+              L + "post_feedforward_layernorm.weight": "layers.{i}.post_mlp_norm.weight"})
+    return m
+
+
+# ---------------------------------------------------------------- GPT-style families
+GPT2_IGNORE = (r".*\.attn\.bias$", r".*\.attn\.masked_bias$")
+
+
+def gpt2_from_hf(d):
+    c = hf_config_object(d, "gpt2")
+    if _get(c, "scale_attn_by_inverse_layer_idx", False):
+        raise UnsupportedModelError("scale_attn_by_inverse_layer_idx=True is not supported")
+    if _get(c, "add_cross_attention", False):
+        raise UnsupportedModelError("add_cross_attention=True is not supported")
+    D = c.n_embd
+    return ModelConfig(
+        vocab_size=c.vocab_size, d_model=D, n_layers=c.n_layer, n_heads=c.n_head, n_kv_heads=c.n_head,
+        head_dim=D // c.n_head, max_seq_len=c.n_positions, position="learned", norm="layernorm",
+        norm_eps=float(c.layer_norm_epsilon), norm_bias=True, mlp="mlp", activation=_act_from_hf(c.activation_function),
+        d_ff=c.n_inner or 4 * D, mlp_bias=True, qkv_bias=True, attn_out_bias=True,
+        attn_scale=None if _get(c, "scale_attn_weights", True) else 1.0,
+        tie_embeddings=bool(_get(c, "tie_word_embeddings", True)), init_std=float(c.initializer_range),
+        dropout=float(c.resid_pdrop), attn_dropout=float(c.attn_pdrop)).validate()
+
+
+def gpt2_to_hf(cfg):
+    scale_weights = cfg.attn_scale is None or cfg.attn_scale == cfg.hd ** -0.5
+    return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                n_positions=cfg.max_seq_len, n_inner=cfg.ff_dim, layer_norm_epsilon=cfg.norm_eps,
+                activation_function=_act_to_hf(cfg.activation, "gelu_new"),
+                scale_attn_weights=scale_weights, tie_word_embeddings=cfg.tie_embeddings,
+                initializer_range=cfg.init_std, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                attn_pdrop=cfg.attn_dropout)
+
+
+def gpt2_rules():
+    H, L = "transformer.", "transformer.h.{i}."
+    key_map = {H + "wte.weight": "embed.tok.weight", H + "wpe.weight": "embed.pos.weight",
+               H + "ln_f.weight": "norm.weight", H + "ln_f.bias": "norm.bias", "lm_head.weight": "head.proj.weight",
+               L + "ln_1.weight": "layers.{i}.attn_norm.weight", L + "ln_1.bias": "layers.{i}.attn_norm.bias",
+               L + "ln_2.weight": "layers.{i}.mlp_norm.weight", L + "ln_2.bias": "layers.{i}.mlp_norm.bias",
+               L + "attn.c_proj.bias": "layers.{i}.attn.wo.bias",
+               L + "mlp.c_fc.bias": "layers.{i}.mlp.w_in.bias", L + "mlp.c_proj.bias": "layers.{i}.mlp.w_out.bias"}
+    transforms = [conv1d_qkv(L + "attn.c_attn.weight", "layers.{i}.attn"),
+                  chunk3_bias(L + "attn.c_attn.bias", "layers.{i}.attn"),
+                  transposed(L + "attn.c_proj.weight", "layers.{i}.attn.wo.weight"),
+                  transposed(L + "mlp.c_fc.weight", "layers.{i}.mlp.w_in.weight"),
+                  transposed(L + "mlp.c_proj.weight", "layers.{i}.mlp.w_out.weight")]
+    return key_map, transforms
+
+
+def neox_from_hf(d):
+    c = hf_config_object(d, "gpt_neox")
+    bias = bool(_get(c, "attention_bias", True))
+    parallel = bool(_get(c, "use_parallel_residual", True))
+    return ModelConfig(
+        **_base(c), **_rope_from_hf(c, partial_ok=True), norm="layernorm", norm_eps=float(c.layer_norm_eps),
+        norm_bias=True, mlp="mlp", activation=_act_from_hf(c.hidden_act), d_ff=c.intermediate_size, mlp_bias=True,
+        qkv_bias=bias, attn_out_bias=bias, block="parallel" if parallel else "pre_ln", parallel_shared_norm=False,
+        dropout=float(_get(c, "hidden_dropout", 0.0)), attn_dropout=float(_get(c, "attention_dropout", 0.0)),
+    ).validate()
+
+
+def neox_to_hf(cfg):
+    d = _common_to_hf(cfg)
+    d.update(intermediate_size=cfg.ff_dim, hidden_act=_act_to_hf(cfg.activation, "gelu_new"),
+             layer_norm_eps=cfg.norm_eps, attention_bias=cfg.qkv_bias, use_parallel_residual=cfg.block == "parallel",
+             hidden_dropout=cfg.dropout, attention_dropout=cfg.attn_dropout, **_rope_to_hf(cfg, partial=True))
+    return d
+
+
+def neox_rules():
+    H, L = "gpt_neox.", "gpt_neox.layers.{i}."
+    key_map = {H + "embed_in.weight": "embed.tok.weight", "embed_out.weight": "head.proj.weight",
+               H + "final_layer_norm.weight": "norm.weight", H + "final_layer_norm.bias": "norm.bias"}
+    for hf, fg in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"),
+                   ("attention.dense", "attn.wo"), ("mlp.dense_h_to_4h", "mlp.w_in"),
+                   ("mlp.dense_4h_to_h", "mlp.w_out")):
+        for s in ("weight", "bias"):
+            key_map[f"{L}{hf}.{s}"] = f"layers.{{i}}.{fg}.{s}"
+    transforms = [neox_qkv(L + "attention.query_key_value.weight", "layers.{i}.attn", "weight"),
+                  neox_qkv(L + "attention.query_key_value.bias", "layers.{i}.attn", "bias")]
+    return key_map, transforms
+
+
+def gptj_from_hf(d):
+    c = hf_config_object(d, "gptj")
+    D, H = c.n_embd, c.n_head
+    hd = D // H
+    if not c.rotary_dim:
+        raise UnsupportedModelError("GPT-J with rotary_dim=null is not supported")
+    return ModelConfig(
+        vocab_size=c.vocab_size, d_model=D, n_layers=c.n_layer, n_heads=H, n_kv_heads=H, head_dim=hd,
+        max_seq_len=c.n_positions, position="rope", rope_theta=10000.0, rotary_pct=c.rotary_dim / hd,
+        rope_interleaved=True, norm="layernorm", norm_eps=float(c.layer_norm_epsilon), norm_bias=True,
+        mlp="mlp", activation=_act_from_hf(c.activation_function), d_ff=c.n_inner or 4 * D, mlp_bias=True,
+        block="parallel", parallel_shared_norm=True, head_bias=True,
+        tie_embeddings=bool(_get(c, "tie_word_embeddings", False)), init_std=float(c.initializer_range),
+        dropout=float(c.resid_pdrop), attn_dropout=float(c.attn_pdrop)).validate()
+
+
+def gptj_to_hf(cfg):
+    return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                n_positions=cfg.max_seq_len, n_inner=cfg.ff_dim, rotary_dim=cfg.rotary_dim,
+                layer_norm_epsilon=cfg.norm_eps, activation_function=_act_to_hf(cfg.activation, "gelu_new"),
+                tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+                resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout)
+
+
+def gptj_map():
+    H, L = "transformer.", "transformer.h.{i}."
+    m = {H + "wte.weight": "embed.tok.weight", H + "ln_f.weight": "norm.weight", H + "ln_f.bias": "norm.bias",
+         "lm_head.weight": "head.proj.weight", "lm_head.bias": "head.proj.bias",
+         L + "ln_1.weight": "layers.{i}.attn_norm.weight", L + "ln_1.bias": "layers.{i}.attn_norm.bias",
+         L + "attn.q_proj.weight": "layers.{i}.attn.wq.weight", L + "attn.k_proj.weight": "layers.{i}.attn.wk.weight",
+         L + "attn.v_proj.weight": "layers.{i}.attn.wv.weight", L + "attn.out_proj.weight": "layers.{i}.attn.wo.weight"}
+    for hf, fg in (("fc_in", "w_in"), ("fc_out", "w_out")):
+        for s in ("weight", "bias"):
+            m[f"{L}mlp.{hf}.{s}"] = f"layers.{{i}}.mlp.{fg}.{s}"
+    return m
+
+
+def phi_from_hf(d):
+    c = hf_config_object(d, "phi")
+    return ModelConfig(
+        **_base(c), **_rope_from_hf(c, partial_ok=True), norm="layernorm", norm_eps=float(c.layer_norm_eps),
+        norm_bias=True, mlp="mlp", activation=_act_from_hf(c.hidden_act), d_ff=c.intermediate_size, mlp_bias=True,
+        qkv_bias=True, attn_out_bias=True, block="parallel", parallel_shared_norm=True, head_bias=True,
+        qk_norm="head" if _get(c, "qk_layernorm", False) else "none",
+        dropout=float(_get(c, "resid_pdrop", 0.0)), attn_dropout=float(_get(c, "attention_dropout", 0.0)),
+    ).validate()
+
+
+def phi_to_hf(cfg):
+    d = _common_to_hf(cfg)
+    d.update(num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ff_dim,
+             hidden_act=_act_to_hf(cfg.activation, "gelu_new"), layer_norm_eps=cfg.norm_eps,
+             qk_layernorm=cfg.qk_norm == "head", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+             attention_dropout=cfg.attn_dropout, **_rope_to_hf(cfg, partial=True))
+    return d
+
+
+def phi_map():
+    L = "model.layers.{i}."
+    m = {"model.embed_tokens.weight": "embed.tok.weight", "lm_head.weight": "head.proj.weight",
+         "lm_head.bias": "head.proj.bias"}
+    for hf, fg in (("model.final_layernorm", "norm"), (L + "input_layernorm", "layers.{i}.attn_norm"),
+                   (L + "self_attn.q_proj", "layers.{i}.attn.wq"), (L + "self_attn.k_proj", "layers.{i}.attn.wk"),
+                   (L + "self_attn.v_proj", "layers.{i}.attn.wv"), (L + "self_attn.dense", "layers.{i}.attn.wo"),
+                   (L + "self_attn.q_layernorm", "layers.{i}.attn.q_norm"),
+                   (L + "self_attn.k_layernorm", "layers.{i}.attn.k_norm"),
+                   (L + "mlp.fc1", "layers.{i}.mlp.w_in"), (L + "mlp.fc2", "layers.{i}.mlp.w_out")):
+        for s in ("weight", "bias"):
+            m[f"{hf}.{s}"] = f"{fg}.{s}"
+    return m
+
+
+# ---------------------------------------------------------------- the registry
+def _spec(arch, model_type, from_hf, to_hf, key_map, transforms=(), ignore=LLAMA_IGNORE, base_prefix="model.",
+          tied_hf_keys=("lm_head.weight",), aliases=None):
+    return FamilySpec(arch, model_type, from_hf, to_hf, key_map, list(transforms), tuple(ignore), base_prefix,
+                      tuple(tied_hf_keys), dict(aliases or {}))
+
+
+_gpt2_map, _gpt2_tf = gpt2_rules()
+_neox_map, _neox_tf = neox_rules()
+
+# Order matters when a Forge config must pick an HF class: the first family that represents it
+# exactly wins (e.g. a plain Llama-style config becomes LlamaForCausalLM, not MistralForCausalLM).
+FAMILIES: dict[str, FamilySpec] = {
+    "LlamaForCausalLM": _spec("LlamaForCausalLM", "llama", llama_from_hf, llama_to_hf, llama_map()),
+    "MistralForCausalLM": _spec("MistralForCausalLM", "mistral", mistral_from_hf, mistral_to_hf, llama_map()),
+    "Qwen2ForCausalLM": _spec("Qwen2ForCausalLM", "qwen2", qwen2_from_hf, qwen2_to_hf, llama_map()),
+    "Qwen3ForCausalLM": _spec("Qwen3ForCausalLM", "qwen3", qwen3_from_hf, qwen3_to_hf, llama_map()),
+    "GemmaForCausalLM": _spec("GemmaForCausalLM", "gemma", gemma_from_hf, gemma_to_hf, llama_map()),
+    "Gemma2ForCausalLM": _spec("Gemma2ForCausalLM", "gemma2", gemma2_from_hf, gemma2_to_hf, gemma2_map()),
+    "OlmoForCausalLM": _spec("OlmoForCausalLM", "olmo", olmo_from_hf, olmo_to_hf, llama_map()),
+    "Olmo2ForCausalLM": _spec("Olmo2ForCausalLM", "olmo2", olmo2_from_hf, olmo2_to_hf, olmo2_map()),
+    "GPT2LMHeadModel": _spec("GPT2LMHeadModel", "gpt2", gpt2_from_hf, gpt2_to_hf, _gpt2_map, _gpt2_tf,
+                             GPT2_IGNORE, "transformer."),
+    "GPTNeoXForCausalLM": _spec("GPTNeoXForCausalLM", "gpt_neox", neox_from_hf, neox_to_hf, _neox_map, _neox_tf,
+                                LLAMA_IGNORE + (r".*\.attention\.bias$", r".*\.attention\.masked_bias$"),
+                                "gpt_neox.", ("embed_out.weight",),
+                                # transformers 5 names the head lm_head in memory, embed_out on disk
+                                {"lm_head.weight": "embed_out.weight"}),
+    "GPTJForCausalLM": _spec("GPTJForCausalLM", "gptj", gptj_from_hf, gptj_to_hf, gptj_map(), (),
+                             GPT2_IGNORE, "transformer."),
+    "PhiForCausalLM": _spec("PhiForCausalLM", "phi", phi_from_hf, phi_to_hf, phi_map()),
+}
+
+
+# ---------------------------------------------------------------- representability
+def canonical(cfg: ModelConfig) -> dict:
+    """The fields of `cfg` that determine the function the model computes (and the max context),
+    with equivalent spellings normalised (d_ff vs ff_mult, per-layer attention kinds, unused knobs)."""
+    d = dataclasses.asdict(cfg)
+    for k in ("preset", "dropout", "attn_dropout", "init_std", "ff_mult", "ff_multiple_of", "attention",
+              "attention_pattern", "moe"):
+        d.pop(k)
+    d.update(d_ff=cfg.ff_dim, head_dim=cfg.hd, n_kv_heads=cfg.kv_heads, n_experts=cfg.moe.n_experts,
+             layer_kinds=tuple(cfg.layer_attention(i) for i in range(cfg.n_layers)),
+             attn_scale=cfg.attn_scale if cfg.attn_scale is not None else cfg.hd ** -0.5)
+    kinds = set(d["layer_kinds"])
+    if "sliding" not in kinds:
+        d.pop("sliding_window")
+    if "local" not in kinds:
+        d.pop("local_window")
+    rope = ["rope_theta", "rotary_pct", "rope_interleaved", "rope_scaling", "rope_scaling_factor",
+            "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
+    if cfg.position != "rope":
+        drop = rope
+    elif cfg.rope_scaling == "none":
+        drop = rope[4:]
+    elif cfg.rope_scaling == "linear":
+        drop = rope[5:]
+    else:
+        drop = []
+    for k in drop:
+        d.pop(k)
+    if cfg.position == "rope":
+        d["rotary_pct"] = cfg.rotary_dim      # what the model uses
+    if cfg.norm != "layernorm":
+        d.pop("norm_bias")
+    if cfg.norm != "rmsnorm":
+        d.pop("norm_offset")
+    if cfg.block != "parallel":
+        d.pop("parallel_shared_norm")
+    return d
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Probing a family with a config it cannot hold makes transformers warn; keep that quiet."""
+    from transformers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def representation_errors(spec: FamilySpec, cfg: ModelConfig) -> list[str]:
+    """Why `spec` cannot represent `cfg` exactly ([] when it can): round trips the config through
+    config_to_hf / the transformers config class / config_from_hf and compares what matters."""
+    if cfg.moe.n_experts:
+        return ["model.moe.n_experts > 0 (mixture of experts) has no mapping to this family"]
+    try:
+        with _quiet_transformers():
+            back = spec.config_from_hf(spec.config_to_hf(cfg))
+    except Exception as e:                 # noqa: BLE001 - any failure means "not representable"
+        return [f"{type(e).__name__}: {e}"]
+    a, b = canonical(cfg), canonical(back)
+    errs = []
+    for k in sorted(set(a) | set(b)):
+        if not _same(a.get(k), b.get(k)):
+            errs.append(f"model.{k}={a.get(k)!r} (as {spec.architecture} it would be {b.get(k)!r})")
+    return errs
