@@ -5,6 +5,7 @@ Each command module exposes `main(argv: list[str]) -> int` and owns its own argu
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -22,8 +23,24 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher adds --local_rank=N to every process; keep it in LOCAL_RANK."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank", "--local-rank")):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "0")
+            skip = "=" not in a
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

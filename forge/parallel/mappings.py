@@ -26,15 +26,18 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def _all_reduce(x, group):
-    x = x.contiguous()
+def _identity(x, dim, group):
+    return x
+
+
+def _all_reduce(x, dim, group):
+    x = x.clone().contiguous()
     dist.all_reduce(x, group=group)
     return x
 
 
 def _split(x, dim, group):
-    n = group_size(group)
-    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+    return x.chunk(group_size(group), dim=dim)[group_rank(group)].contiguous()
 
 
 def _gather(x, dim, group):
@@ -50,106 +53,56 @@ def _reduce_scatter(x, dim, group):
     return out
 
 
-class _Copy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _paired(forward_op, backward_op):
+    """An autograd function that applies forward_op and, to the gradient, backward_op."""
+    class Paired(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, dim, group):
+            ctx.dim, ctx.group = dim, group
+            return forward_op(x, dim, group)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
-
-
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g.clone(), ctx.group), None
+        @staticmethod
+        def backward(ctx, g):
+            return backward_op(g, ctx.dim, ctx.group), None, None
+    return Paired
 
 
-class _Reduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _split(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.dim, ctx.group), None, None
+_COPY = _paired(_identity, _all_reduce)
+_REDUCE = _paired(_all_reduce, _identity)
+_ALL_REDUCE_SUM = _paired(_all_reduce, _all_reduce)
+_SCATTER = _paired(_split, _gather)
+_GATHER = _paired(_gather, _split)
+_GATHER_SEQ = _paired(_gather, _reduce_scatter)
+_REDUCE_SCATTER_SEQ = _paired(_reduce_scatter, _gather)
 
 
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, ctx.dim, ctx.group), None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.dim, ctx.group), None, None
-
-
-class _GatherReduceScatter(torch.autograd.Function):
-    """forward all-gather, backward reduce-scatter (sequence-parallel entry to a TP region)."""
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
+def _apply(op, x, dim, group):
+    return x if group_size(group) == 1 else op.apply(x, dim, group)
 
 
 def copy_to(x, group):
-    return x if group_size(group) == 1 else _Copy.apply(x, group)
-
-
-def all_reduce_sum(x, group):
-    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
+    return _apply(_COPY, x, -1, group)
 
 
 def reduce_from(x, group):
-    return x if group_size(group) == 1 else _Reduce.apply(x, group)
+    return _apply(_REDUCE, x, -1, group)
+
+
+def all_reduce_sum(x, group):
+    return _apply(_ALL_REDUCE_SUM, x, -1, group)
 
 
 def scatter_to(x, dim, group):
-    return x if group_size(group) == 1 else _Scatter.apply(x, dim, group)
+    return _apply(_SCATTER, x, dim, group)
 
 
 def gather_from(x, dim, group):
-    return x if group_size(group) == 1 else _Gather.apply(x, dim, group)
+    return _apply(_GATHER, x, dim, group)
 
 
 def gather_seq(x, group, dim: int = 1):
-    return x if group_size(group) == 1 else _GatherReduceScatter.apply(x, dim, group)
+    return _apply(_GATHER_SEQ, x, dim, group)
 
 
 def reduce_scatter_seq(x, group, dim: int = 1):
-    return x if group_size(group) == 1 else _ReduceScatter.apply(x, dim, group)
+    return _apply(_REDUCE_SCATTER_SEQ, x, dim, group)
