@@ -1,0 +1,321 @@
+"""`forge prepare`: tokenize documents once, offline, into MMIDIDX shards plus a manifest.
+
+    forge prepare --input PATH [PATH ...] --output DIR
+                  [--tokenizer FILE_OR_DIR | --train-tokenizer [bpe|char] --vocab-size N]
+                  [--text-key KEY] [--text-unit line|paragraph|file] [--workers N]
+                  [--shard-size TOKENS] [--dtype auto|uint16|int32] [--strict] [--overwrite]
+
+Each document's tokens are followed by the end-of-document token and stored as one sequence.
+Shards fill in input order and hold at most `shard_size` tokens: a document that does not fit
+the current shard starts the next one, and only a document longer than a whole shard is cut
+(its pieces are consecutive sequences, counted as `split_documents`). Output is byte-identical
+whatever `--workers`: workers only tokenize chunks; the main process writes them in order.
+
+Crash safety: a shard is written as `*.tmp` and renamed when complete, and only then is it
+added to `manifest.json` (itself written then renamed) with its end position in the input
+stream, `end = [record, token offset]`. A rerun with the same settings keeps the listed shards,
+deletes anything else, skips the records they cover and continues; a finished run is a no-op.
+
+Per shard the manifest counts the input records that finished in it (`records`), empty ones
+skipped (`empty`), ones with invalid UTF-8 replaced (`invalid_utf8`) and cut ones
+(`split_documents`); `totals` sums them (plus records after the last shard).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import shutil
+import sys
+from collections import deque
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from forge.data.indexed import IndexedWriter, token_dtype
+from forge.data.shards import FORMAT, MANIFEST, read_manifest, write_json_atomic
+from forge.data.sources import InputError, Record, describe_input, iter_records, resolve_inputs, UNITS
+from forge.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, CharTokenizer, Tokenizer, train_bpe
+
+log = logging.getLogger("forge.data")
+COUNTERS = ("records", "empty", "invalid_utf8", "split_documents")
+DEFAULT_SHARD_SIZE = 1 << 28
+MAX_WARNINGS = 10
+
+# ------------------------------------------------------------------ tokenization (workers)
+_worker_tok: Optional[Tokenizer] = None
+
+
+def _init_worker(tokenizer_json: str, config: dict) -> None:
+    global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tok = Tokenizer.from_json(tokenizer_json, config)
+
+
+def encode_chunk(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of `texts`, each followed by EOD, concatenated (int64) and the per-text lengths."""
+    if isinstance(tok, CharTokenizer):
+        parts = [tok.encode_array(t) for t in texts]
+    else:
+        parts = [np.array(ids, dtype=np.int64) for ids in tok.encode_batch(texts)]
+    lengths = np.array([len(p) + 1 for p in parts], dtype=np.int64)
+    flat = np.empty(int(lengths.sum()), dtype=np.int64)
+    ends = np.cumsum(lengths)
+    flat[ends - 1] = tok.eod_id
+    for p, e, n in zip(parts, ends, lengths):
+        flat[e - n:e - 1] = p
+    return flat, lengths
+
+
+def _encode_in_worker(texts: list[str]):
+    return encode_chunk(_worker_tok, texts)
+
+
+def _chunks(records: Iterable[tuple[int, Record]], chunk_chars: int) -> Iterator[list[tuple[int, Record]]]:
+    chunk, size = [], 0
+    for item in records:
+        chunk.append(item)
+        size += len(item[1].text)
+        if size >= chunk_chars or len(chunk) >= 8192:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def tokenized(records: Iterable[tuple[int, Record]], tok: Tokenizer, workers: int = 1,
+              chunk_chars: int = 1 << 20) -> Iterator[tuple[int, Record, Optional[np.ndarray]]]:
+    """(index, record, tokens incl. EOD or None if empty) in input order; `workers` processes."""
+    def texts(chunk):
+        return [rec.text for _, rec in chunk if rec.text.strip()]
+
+    def emit(chunk, result):
+        try:
+            flat, lengths = result()
+        except ValueError:                # name the record (e.g. a character outside a char alphabet)
+            for _, rec in chunk:
+                try:
+                    encode_chunk(tok, [rec.text])
+                except ValueError as e:
+                    raise InputError(f"{rec.where}: {e}") from None
+            raise
+        k = start = 0
+        for i, rec in chunk:
+            if rec.text.strip():
+                yield i, rec, flat[start:start + lengths[k]]
+                start += int(lengths[k])
+                k += 1
+            else:
+                yield i, rec, None
+
+    if workers <= 1:
+        for chunk in _chunks(records, chunk_chars):
+            yield from emit(chunk, lambda: encode_chunk(tok, texts(chunk)))
+        return
+    import multiprocessing as mp
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_json(), tok.special_tokens())) as pool:
+        pending: deque = deque()          # bounded window keeps memory flat and order fixed
+        for chunk in _chunks(records, chunk_chars):
+            pending.append((chunk, pool.apply_async(_encode_in_worker, (texts(chunk),))))
+            if len(pending) >= 2 * workers:
+                c, r = pending.popleft()
+                yield from emit(c, r.get)
+        while pending:
+            c, r = pending.popleft()
+            yield from emit(c, r.get)
+
+
+# ------------------------------------------------------------------ shard writing (main process)
+class _ShardFiller:
+    """Packs tokenized records into shards of at most `shard_size` tokens; see the module doc."""
+
+    def __init__(self, out: str, manifest: dict, dtype, vocab_size: int, shard_size: int):
+        self.out, self.manifest, self.dtype = out, manifest, dtype
+        self.vocab_size, self.size = vocab_size, shard_size
+        self.writer: Optional[IndexedWriter] = None
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.warned = 0
+
+    def _close(self, end: tuple[int, int]) -> None:
+        entry = {"name": os.path.basename(self.writer.prefix), **self.writer.finish(),
+                 "end": list(end), **self.counts}
+        self.manifest["shards"].append(entry)
+        write_json_atomic(os.path.join(self.out, MANIFEST), self.manifest)
+        log.info("shard %s: %d documents, %d tokens", entry["name"], entry["documents"], entry["tokens"])
+        self.writer, self.counts = None, dict.fromkeys(COUNTERS, 0)
+
+    def _open(self) -> IndexedWriter:
+        if self.writer is None:
+            name = f"shard_{len(self.manifest['shards']):05d}"
+            self.writer = IndexedWriter(os.path.join(self.out, name), self.dtype, self.vocab_size)
+        return self.writer
+
+    def _count(self, rec: Record, tokens: Optional[np.ndarray]) -> None:
+        """Count a record once, in the shard where it finishes."""
+        self.counts["records"] += 1
+        self.counts["empty"] += tokens is None
+        self.counts["split_documents"] += tokens is not None and len(tokens) > self.size
+        if rec.bad_utf8:
+            self.counts["invalid_utf8"] += 1
+            if self.warned < MAX_WARNINGS:
+                log.warning("%s: invalid UTF-8 replaced by U+FFFD", rec.where)
+                self.warned += 1
+
+    def add(self, index: int, rec: Record, tokens: Optional[np.ndarray], skip: int = 0) -> None:
+        """Record number `index`; `skip` tokens of it are already in earlier shards (resume)."""
+        if tokens is None:
+            return self._count(rec, None)
+        n, pos = len(tokens), skip
+        while pos < n:
+            rest = n - pos
+            if self.writer is not None and self.writer.tokens + rest > self.size and rest <= self.size:
+                self._close((index, pos))         # the document fits a fresh shard: do not cut it
+            w = self._open()
+            take = min(rest, self.size - w.tokens)
+            w.add(tokens[pos:pos + take])
+            pos += take
+            if pos == n:
+                self._count(rec, tokens)
+            if w.tokens == self.size:
+                self._close((index + 1, 0) if pos == n else (index, pos))
+
+    def finish(self, end: tuple[int, int]) -> None:
+        """`end`: the position after the last record, written on the last shard."""
+        if self.writer is not None:
+            self._close(end)
+        totals = {k: sum(s[k] for s in self.manifest["shards"]) + self.counts[k] for k in COUNTERS}
+        totals.update(documents=sum(s["documents"] for s in self.manifest["shards"]),
+                      tokens=sum(s["tokens"] for s in self.manifest["shards"]),
+                      shards=len(self.manifest["shards"]))
+        self.manifest.update(totals=totals, tail=self.counts, complete=True)
+        write_json_atomic(os.path.join(self.out, MANIFEST), self.manifest)
+
+
+def _clean_output(out: str, keep: set[str]) -> None:
+    """Remove temporaries and shard files the manifest does not list (left by a crash)."""
+    for path in set(glob.glob(os.path.join(out, "shard_*")) + glob.glob(os.path.join(out, "*.tmp*"))):
+        name = os.path.basename(path).split(".")[0]
+        if name not in keep or ".tmp" in path:
+            os.remove(path)
+
+
+def _check_settings(out: str, manifest: dict, settings: dict, keys=None) -> None:
+    """Raise if `out` was prepared with other settings (only `keys` compared, if given)."""
+    stored = manifest["settings"]
+    keys = set(settings) | set(stored) if keys is None else keys
+    diff = sorted(k for k in keys if settings.get(k) != stored.get(k))
+    if diff:
+        raise ValueError(f"{out} holds shards prepared with other settings (differing: {diff}); "
+                         f"use another --output or --overwrite")
+
+
+def prepare_records(records: Iterable[Record], out: str, tokenizer: Tokenizer, settings: dict,
+                    workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "auto",
+                    overwrite: bool = False) -> dict:
+    """Tokenize `records` (the same sequence on every rerun) into shards under `out`; resumes an
+    unfinished run with identical `settings` (which describe where the records come from)."""
+    if shard_size <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_size}")
+    np_dtype = token_dtype(tokenizer.vocab_size, dtype)
+    settings = {**settings, "shard_size": shard_size, "dtype": np_dtype.name,
+                "tokenizer_sha256": tokenizer.sha256()}
+    os.makedirs(out, exist_ok=True)
+    manifest = read_manifest(out)
+    if manifest is not None and not overwrite:
+        _check_settings(out, manifest, settings)
+    elif manifest is not None:
+        for name in (MANIFEST, TOKENIZER_FILE, CONFIG_FILE):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        shutil.rmtree(os.path.join(out, "index_cache"), ignore_errors=True)
+        manifest = None
+    if manifest is None:
+        tokenizer.save(out)
+        manifest = {"format": FORMAT, "version": 1, "tokenizer": TOKENIZER_FILE, "settings": settings,
+                    "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "shards": [],
+                    "complete": False}
+        write_json_atomic(os.path.join(out, MANIFEST), manifest)
+    _clean_output(out, {s["name"] for s in manifest["shards"]})
+    if manifest.get("complete"):
+        log.info("%s is already complete (%d shards)", out, len(manifest["shards"]))
+        return manifest
+    start_rec, start_off = manifest["shards"][-1]["end"] if manifest["shards"] else (0, 0)
+    if start_rec:
+        log.info("resuming after %d shards (input record %d)", len(manifest["shards"]), start_rec)
+    filler = _ShardFiller(out, manifest, np_dtype, tokenizer.vocab_size, shard_size)
+    todo = ((i, r) for i, r in enumerate(records) if i >= start_rec)
+    last = start_rec - 1
+    for i, rec, tokens in tokenized(todo, tokenizer, workers):
+        filler.add(i, rec, tokens, skip=start_off if i == start_rec else 0)
+        last = i
+    filler.finish(end=(last + 1, 0))
+    t = manifest["totals"]
+    log.info("%s: %d documents, %d tokens in %d shards; skipped %d empty, replaced invalid UTF-8 in %d, "
+             "split %d longer than a shard", out, t["documents"], t["tokens"], t["shards"], t["empty"],
+             t["invalid_utf8"], t["split_documents"])
+    return manifest
+
+
+# ------------------------------------------------------------------ files -> shards, and the CLI
+def prepare(inputs: list[str], out: str, tokenizer: Optional[str] = None, train_tokenizer: Optional[str] = None,
+            vocab_size: int = 4096, text_key: str = "text", unit: str = "line", workers: int = 1,
+            shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "auto", strict: bool = False,
+            overwrite: bool = False) -> dict:
+    """Resolve inputs and the tokenizer (load `tokenizer`, or train `bpe`/`char` on the inputs,
+    or reuse the one of an unfinished run in `out`), then `prepare_records`. Returns the manifest."""
+    if (tokenizer is None) == (train_tokenizer is None):
+        raise ValueError("give exactly one of --tokenizer FILE_OR_DIR and --train-tokenizer")
+    sources = resolve_inputs(inputs)
+    read = lambda: iter_records(sources, text_key, unit, strict)
+    settings = {"inputs": [describe_input(s) for s in sources], "text_key": text_key, "unit": unit,
+                "strict": strict, "tokenizer_source": tokenizer or f"train:{train_tokenizer}:{vocab_size}"}
+    previous = None if overwrite else read_manifest(out)
+    if previous is not None:
+        _check_settings(out, previous, settings, keys=settings.keys())     # fail before any training
+    if previous is not None and train_tokenizer is not None:
+        tok = Tokenizer.load(os.path.join(out, TOKENIZER_FILE))     # resume: never retrain
+    elif train_tokenizer == "char":
+        tok = CharTokenizer.train(r.text for r in read())
+    elif train_tokenizer == "bpe":
+        log.info("training a byte-level BPE tokenizer (vocab %d) on %d inputs", vocab_size, len(sources))
+        tok = train_bpe((r.text for r in read() if r.text.strip()), vocab_size)
+    elif train_tokenizer is not None:
+        raise ValueError(f"--train-tokenizer must be bpe or char, got {train_tokenizer!r}")
+    else:
+        tok = Tokenizer.load(tokenizer)
+    return prepare_records(read(), out, tok, settings, workers, shard_size, dtype, overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forge prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="files, folders, globs, or a hub dataset NAME[:CONFIG]")
+    p.add_argument("--output", required=True, help="output folder (shards, manifest.json, tokenizer.json)")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="tokenizer.json or a Hugging Face tokenizer folder")
+    tok.add_argument("--train-tokenizer", nargs="?", const="bpe", choices=("bpe", "char"),
+                     help="train a tokenizer on the inputs (default bpe)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a trained BPE tokenizer")
+    p.add_argument("--text-key", default="text", help="field holding the text in json/jsonl/parquet/arrow")
+    p.add_argument("--text-unit", default="line", choices=UNITS, help=".txt files: one document per ...")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (each single-threaded)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max tokens per shard")
+    p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "int32"), help="token dtype")
+    p.add_argument("--strict", action="store_true", help="refuse invalid UTF-8 instead of replacing it")
+    p.add_argument("--overwrite", action="store_true", help="discard shards prepared with other settings")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"        # --workers N means N single-threaded processes
+    try:
+        prepare(args.input, args.output, args.tokenizer, args.train_tokenizer, args.vocab_size, args.text_key,
+                args.text_unit, args.workers, args.shard_size, args.dtype, args.strict, args.overwrite)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        print(f"forge prepare: error: {e}", file=sys.stderr)
+        return 1
+    return 0
