@@ -164,6 +164,13 @@ class ModelConfig:
                 raise ConfigError(f"model.moe.top_k={self.moe.top_k} must be in [1, model.moe.n_experts={self.moe.n_experts}]")
             if self.moe.router not in ("softmax", "sigmoid"):
                 raise ConfigError(f"model.moe.router={self.moe.router!r} is not one of ['sigmoid', 'softmax']")
+            if self.moe.every < 1 or self.moe.first_dense < 0:
+                raise ConfigError(f"model.moe.every={self.moe.every} must be >= 1 and model.moe.first_dense="
+                                  f"{self.moe.first_dense} >= 0")
+            if self.moe.capacity_factor is not None and self.moe.capacity_factor <= 0:
+                raise ConfigError(f"model.moe.capacity_factor={self.moe.capacity_factor} must be positive or null")
+            if self.moe.shared_gate and not self.moe.n_shared_experts:
+                raise ConfigError("model.moe.shared_gate=true needs model.moe.n_shared_experts > 0")
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
         return self
@@ -249,6 +256,16 @@ class JobConfig:
             raise ConfigError(f"optim.schedule={self.optim.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
         if self.parallel.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.parallel.zero_stage} is not one of [0, 1, 2, 3]")
+        moe, ep = self.model.moe, self.parallel.ep
+        if moe.n_experts and self.parallel.zero_stage == 3:
+            raise ConfigError("parallel.zero_stage=3 with a mixture-of-experts model (model.moe.n_experts > 0) is not "
+                              "supported (DeepSpeed's MoE does not work with ZeRO-3); use parallel.zero_stage 0, 1 or 2")
+        if ep < 1:
+            raise ConfigError(f"parallel.ep={ep} must be >= 1")
+        if ep > 1 and not moe.n_experts:
+            raise ConfigError(f"parallel.ep={ep} needs a mixture-of-experts model (model.moe.n_experts > 0)")
+        if moe.n_experts and moe.n_experts % ep:
+            raise ConfigError(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
         if self.data.seq_len > self.model.max_seq_len:

@@ -58,7 +58,7 @@ def build_mlp(cfg, layer_idx, tp_group=None, sequence_parallel=False, ep_group=N
     moe = cfg.moe
     if moe.n_experts and layer_idx >= moe.first_dense and (layer_idx - moe.first_dense) % moe.every == 0:
         from forge.models.layers.moe import MoE
-        return MoE(cfg, tp_group=tp_group, ep_group=ep_group)
+        return MoE(cfg, tp_group=tp_group, ep_group=ep_group, sequence_parallel=sequence_parallel)
     return MLP_REGISTRY[cfg.mlp](cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
 
 

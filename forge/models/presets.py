@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from forge.config import ModelConfig
+from forge.config import ModelConfig, MoEConfig
 
 _GPT2 = dict(vocab_size=50257, max_seq_len=1024, position="learned", norm="layernorm", mlp="mlp",
              activation="gelu_tanh", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
@@ -100,6 +100,28 @@ for _family, (_base, _kw) in _TINY_OF.items():
     if PRESETS[_base].head_dim is not None and "head_dim" not in _kw:
         _fields["head_dim"] = None
     PRESETS[f"tiny-{_family}"] = dataclasses.replace(PRESETS[_base], **_fields)
+
+# mixture of experts (MoE in every layer; d_ff is the expert hidden size where no layer is dense)
+PRESETS.update({
+    "mixtral-8x7b": _p(**_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       d_ff=14336, max_seq_len=32768, rope_theta=1000000.0,
+                       moe=MoEConfig(n_experts=8, top_k=2, renormalize=True, aux_loss_coef=0.02)),
+    "qwen3-moe-30b-a3b": _p(**_LLAMA, vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                            head_dim=128, d_ff=6144, max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6,
+                            qk_norm="head",
+                            moe=MoEConfig(n_experts=128, top_k=8, renormalize=True, d_ff=768, aux_loss_coef=0.001)),
+    "olmoe-1b-7b": _p(**_LLAMA, vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, d_ff=1024,
+                      max_seq_len=4096, qk_norm="full",
+                      moe=MoEConfig(n_experts=64, top_k=8, renormalize=False, aux_loss_coef=0.01, z_loss_coef=0.001)),
+})
+_TINY_MOE = dict(n_experts=4, top_k=2)
+for _family, _base, _kw, _moe in (
+        ("mixtral", "mixtral-8x7b", dict(n_kv_heads=2), dict(renormalize=True, aux_loss_coef=0.02)),
+        ("qwen3-moe", "qwen3-moe-30b-a3b", dict(n_kv_heads=2, head_dim=32),
+         dict(renormalize=True, d_ff=64, aux_loss_coef=0.001)),
+        ("olmoe", "olmoe-1b-7b", {}, dict(renormalize=False, aux_loss_coef=0.01, z_loss_coef=0.001))):
+    PRESETS[f"tiny-{_family}"] = dataclasses.replace(PRESETS[_base], **{**_TINY, **_kw},
+                                                     moe=MoEConfig(**_TINY_MOE, **_moe))
 
 for _name, _cfg in PRESETS.items():
     _cfg.validate()

@@ -52,11 +52,15 @@ def _dtype(d) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- rules
-def _expand(t: Transform, n_layers: int):
-    """(hf_keys, forge_keys) per layer for a layer template, once otherwise."""
+def _expand(t: Transform, cfg: ModelConfig):
+    """(hf_keys, forge_keys) per layer for a layer template ("{i}"), once otherwise; a key with the
+    expert placeholder "{e}" stands for n_experts keys (experts 0..E-1, in order)."""
+    def fill(keys, i):
+        return tuple(k.format(i=i, e=e) for k in keys
+                     for e in (range(cfg.moe.n_experts) if "{e}" in k else (None,)))
     if any("{i}" in k for k in t.hf + t.forge):
-        return [(tuple(k.format(i=i) for k in t.hf), tuple(k.format(i=i) for k in t.forge)) for i in range(n_layers)]
-    return [(t.hf, t.forge)]
+        return [(fill(t.hf, i), fill(t.forge, i)) for i in range(cfg.n_layers)]
+    return [(fill(t.hf, None), fill(t.forge, None))]
 
 
 def _all_rules(spec: FamilySpec) -> list[Transform]:
@@ -79,7 +83,7 @@ def plan(spec: FamilySpec, cfg: ModelConfig):
     shapes = forge_shapes(cfg)
     rules, produced = [], set()
     for t in _all_rules(spec):
-        for hk, fk in _expand(t, cfg.n_layers):
+        for hk, fk in _expand(t, cfg):
             present = [k in shapes for k in fk]
             if not all(present):
                 if any(present):

@@ -5,6 +5,7 @@ A spec holds
                                                    config class, so its defaults and legacy keys apply)
   config_to_hf(ModelConfig) -> dict                the kwargs of that config class
   key_map {hf_template: forge_template}            plain renames; "{i}" is the layer index
+                                                   ("{e}" in a transform's HF key: one key per expert)
   transforms [Transform]                           tensors that need reshaping (fused / transposed),
                                                    each with a forward and an exact inverse
   ignore                                           regexes of HF non-parameter buffers (masks, inv_freq)
@@ -26,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from forge.config import ModelConfig
+from forge.config import ModelConfig, MoEConfig
 
 
 class UnsupportedModelError(ValueError):
@@ -58,6 +59,7 @@ class FamilySpec:
     base_prefix: str = ""                 # prefix of the base model's keys ("model.", "transformer.", ...)
     tied_hf_keys: tuple[str, ...] = ("lm_head.weight",)   # may be present (== embedding) when tied
     aliases: dict[str, str] = field(default_factory=dict)  # other spellings of HF keys accepted on input
+    moe: bool = False                     # a mixture-of-experts family (represents only MoE configs)
 
 
 # ---------------------------------------------------------------- transforms
@@ -564,6 +566,152 @@ def phi_map():
     return m
 
 
+
+# ---------------------------------------------------------------- mixture-of-experts families
+# Experts are stored per expert on disk ("...experts.{e}.w1.weight", what transformers'
+# save_pretrained writes) and stacked in Forge ("layers.{i}.mlp.experts.w_gate.weight", (E, F, D)).
+def _stack_to_forge(ts, cfg):
+    return [torch.stack(list(ts), dim=0)]
+
+
+def _stack_to_hf(ts, cfg):
+    return [t.clone() for t in ts[0].unbind(0)]
+
+
+def stacked_experts(hf_template: str, forge_key: str) -> Transform:
+    """HF per-expert tensors ("{e}" in hf_template) <-> one Forge tensor stacked along dim 0."""
+    return Transform("stack_experts", (hf_template,), (forge_key,), _stack_to_forge, _stack_to_hf)
+
+
+def _moe_layer_indices(cfg: ModelConfig) -> list[int]:
+    from forge.models.layers.moe import is_moe_layer
+    return [i for i in range(cfg.n_layers) if is_moe_layer(cfg, i)]
+
+
+def _fit_moe_layers(layers: list[int], n_layers: int) -> tuple[int, int]:
+    """(first_dense, every) whose rule gives exactly `layers`, else UnsupportedModelError."""
+    if not layers:
+        raise UnsupportedModelError("a mixture-of-experts config without any sparse layer is not supported")
+    first = layers[0]
+    every = layers[1] - layers[0] if len(layers) > 1 else max(1, n_layers - first)
+    if layers != list(range(first, n_layers, every)):
+        raise UnsupportedModelError(f"sparse (MoE) layers {layers} are not of the form first_dense + k * every")
+    return first, every
+
+
+def _qwen_moe_layers_from_hf(c, n_layers: int) -> tuple[int, int]:
+    step = int(_get(c, "decoder_sparse_step", 1))
+    only = set(_get(c, "mlp_only_layers", []) or [])
+    return _fit_moe_layers([i for i in range(n_layers) if i not in only and (i + 1) % step == 0], n_layers)
+
+
+def _qwen_moe_layers_to_hf(cfg: ModelConfig) -> dict:
+    sparse = set(_moe_layer_indices(cfg))
+    return dict(decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.n_layers) if i not in sparse])
+
+
+def _moe_to_hf(cfg: ModelConfig, n_key: str, ff_key: str, renorm_key: str | None = "norm_topk_prob") -> dict:
+    m = cfg.moe
+    d = {n_key: m.n_experts, "num_experts_per_tok": m.top_k, ff_key: m.d_ff or cfg.ff_dim,
+         "router_aux_loss_coef": m.aux_loss_coef}
+    if renorm_key:
+        d[renorm_key] = m.renormalize
+    return d
+
+
+def _all_sparse(cfg: ModelConfig) -> dict:
+    """Families whose every layer is sparse: the experts' size is intermediate_size."""
+    return {"intermediate_size": cfg.moe.d_ff or cfg.ff_dim}
+
+
+def mixtral_from_hf(d):
+    c = hf_config_object(d, "mixtral")
+    moe = MoEConfig(n_experts=c.num_local_experts, top_k=c.num_experts_per_tok, renormalize=True,
+                    d_ff=c.intermediate_size, aux_loss_coef=float(_get(c, "router_aux_loss_coef", 0.0)))
+    return _llama_like_from_hf(c, qkv_bias=False, out_bias=False, sliding=True, moe=moe)
+
+
+def mixtral_to_hf(cfg):
+    d = mistral_to_hf(cfg)
+    d.update(_moe_to_hf(cfg, "num_local_experts", "intermediate_size", None), router_jitter_noise=0.0)
+    return d
+
+
+def mixtral_rules():
+    L, F = "model.layers.{i}.block_sparse_moe.", "layers.{i}.mlp."
+    key_map = {**llama_map(), L + "gate.weight": F + "router.weight"}
+    transforms = [stacked_experts(L + "experts.{e}." + hf + ".weight", F + f"experts.{fg}.weight")
+                  for hf, fg in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_out"))]
+    return key_map, transforms
+
+
+def qwen_moe_rules(shared: bool):
+    L, F = "model.layers.{i}.mlp.", "layers.{i}.mlp."
+    key_map = {**llama_map(), L + "gate.weight": F + "router.weight"}
+    if shared:
+        key_map[L + "shared_expert_gate.weight"] = F + "shared_gate.weight"
+    projections = (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_out"))
+    transforms = [stacked_experts(L + "experts.{e}." + hf + ".weight", F + f"experts.{fg}.weight")
+                  for hf, fg in projections]
+    if shared:
+        key_map.update({L + f"shared_expert.{hf}.weight": F + f"shared.{fg}.weight" for hf, fg in projections})
+    return key_map, transforms
+
+
+def qwen2_moe_from_hf(d):
+    c = hf_config_object(d, "qwen2_moe")
+    n = c.num_hidden_layers
+    first, every = _qwen_moe_layers_from_hf(c, n)
+    moe = MoEConfig(n_experts=c.num_experts, top_k=c.num_experts_per_tok, renormalize=bool(c.norm_topk_prob),
+                    d_ff=c.moe_intermediate_size, every=every, first_dense=first, n_shared_experts=1,
+                    shared_d_ff=c.shared_expert_intermediate_size, shared_gate=True,
+                    aux_loss_coef=float(_get(c, "router_aux_loss_coef", 0.0)))
+    return _llama_like_from_hf(c, qkv_bias=bool(_get(c, "qkv_bias", True)), out_bias=False, layer_types=True,
+                               moe=moe)
+
+
+def qwen2_moe_to_hf(cfg):
+    m = cfg.moe
+    d = _qwen_layers_to_hf(cfg, _llama_like_to_hf(cfg, attention_bias=False))
+    d.update(_moe_to_hf(cfg, "num_experts", "moe_intermediate_size"), **_qwen_moe_layers_to_hf(cfg),
+             qkv_bias=cfg.qkv_bias,
+             shared_expert_intermediate_size=m.n_shared_experts * (m.shared_d_ff or m.d_ff or cfg.ff_dim))
+    return d
+
+
+def qwen3_moe_from_hf(d):
+    c = hf_config_object(d, "qwen3_moe")
+    first, every = _qwen_moe_layers_from_hf(c, c.num_hidden_layers)
+    moe = MoEConfig(n_experts=c.num_experts, top_k=c.num_experts_per_tok, renormalize=bool(c.norm_topk_prob),
+                    d_ff=c.moe_intermediate_size, every=every, first_dense=first,
+                    aux_loss_coef=float(_get(c, "router_aux_loss_coef", 0.0)))
+    return _llama_like_from_hf(c, sliding=True, qk_norm="head", moe=moe)
+
+
+def qwen3_moe_to_hf(cfg):
+    d = _llama_like_to_hf(cfg)
+    kinds = {cfg.layer_attention(i) for i in range(cfg.n_layers)}
+    sliding = kinds == {"sliding"}
+    d.update(_moe_to_hf(cfg, "num_experts", "moe_intermediate_size"), **_qwen_moe_layers_to_hf(cfg),
+             use_sliding_window=sliding, sliding_window=cfg.sliding_window if sliding else None)
+    return d
+
+
+def olmoe_from_hf(d):
+    c = hf_config_object(d, "olmoe")
+    # OLMoE clamps q/k/v after its q/k norms; Forge clamps before them (OLMo), so only no clamp is exact
+    _reject_unless(c, "clip_qkv", ())
+    moe = MoEConfig(n_experts=c.num_experts, top_k=c.num_experts_per_tok, renormalize=bool(c.norm_topk_prob),
+                    d_ff=c.intermediate_size, aux_loss_coef=float(_get(c, "router_aux_loss_coef", 0.0)))
+    return _llama_like_from_hf(c, qk_norm="full", moe=moe)
+
+
+def olmoe_to_hf(cfg):
+    d = _llama_like_to_hf(cfg)
+    d.update(_moe_to_hf(cfg, "num_experts", "intermediate_size"), clip_qkv=cfg.qkv_clip)
+    return d
+
+
 # ---------------------------------------------------------------- the registry
 def _spec(arch, model_type, from_hf, to_hf, key_map, transforms=(), ignore=LLAMA_IGNORE, base_prefix="model.",
           tied_hf_keys=("lm_head.weight",), aliases=None):
@@ -573,6 +721,11 @@ def _spec(arch, model_type, from_hf, to_hf, key_map, transforms=(), ignore=LLAMA
 
 _gpt2_map, _gpt2_tf = gpt2_rules()
 _neox_map, _neox_tf = neox_rules()
+
+
+def _moe_spec(arch, model_type, from_hf, to_hf, rules):
+    key_map, transforms = rules
+    return FamilySpec(arch, model_type, from_hf, to_hf, key_map, transforms, LLAMA_IGNORE, "model.", moe=True)
 
 # Order matters when a Forge config must pick an HF class: the first family that represents it
 # exactly wins (e.g. a plain Llama-style config becomes LlamaForCausalLM, not MistralForCausalLM).
@@ -595,6 +748,13 @@ FAMILIES: dict[str, FamilySpec] = {
     "GPTJForCausalLM": _spec("GPTJForCausalLM", "gptj", gptj_from_hf, gptj_to_hf, gptj_map(), (),
                              GPT2_IGNORE, "transformer."),
     "PhiForCausalLM": _spec("PhiForCausalLM", "phi", phi_from_hf, phi_to_hf, phi_map()),
+    "MixtralForCausalLM": _moe_spec("MixtralForCausalLM", "mixtral", mixtral_from_hf, mixtral_to_hf,
+                                    mixtral_rules()),
+    "Qwen2MoeForCausalLM": _moe_spec("Qwen2MoeForCausalLM", "qwen2_moe", qwen2_moe_from_hf, qwen2_moe_to_hf,
+                                     qwen_moe_rules(shared=True)),
+    "Qwen3MoeForCausalLM": _moe_spec("Qwen3MoeForCausalLM", "qwen3_moe", qwen3_moe_from_hf, qwen3_moe_to_hf,
+                                     qwen_moe_rules(shared=False)),
+    "OlmoeForCausalLM": _moe_spec("OlmoeForCausalLM", "olmoe", olmoe_from_hf, olmoe_to_hf, qwen_moe_rules(shared=False)),
 }
 
 
@@ -609,6 +769,8 @@ def canonical(cfg: ModelConfig) -> dict:
     d.update(d_ff=cfg.ff_dim, head_dim=cfg.hd, n_kv_heads=cfg.kv_heads, n_experts=cfg.moe.n_experts,
              layer_kinds=tuple(cfg.layer_attention(i) for i in range(cfg.n_layers)),
              attn_scale=cfg.attn_scale if cfg.attn_scale is not None else cfg.hd ** -0.5)
+    if cfg.moe.n_experts:
+        d.update(_moe_canonical(cfg))
     kinds = set(d["layer_kinds"])
     if "sliding" not in kinds:
         d.pop("sliding_window")
@@ -637,6 +799,22 @@ def canonical(cfg: ModelConfig) -> dict:
     return d
 
 
+def _moe_canonical(cfg: ModelConfig) -> dict:
+    """The MoE settings that change the function (capacity factor, loss coefficients and the bias
+    update rate are training-time settings: eval is dropless; a bias buffer itself does count)."""
+    m = cfg.moe
+    layers = tuple(_moe_layer_indices(cfg))
+    expert_ff = m.d_ff or cfg.ff_dim
+    shared = m.n_shared_experts * (m.shared_d_ff or expert_ff)
+    d = {"moe_layers": layers, "moe_top_k": m.top_k, "moe_router": m.router, "moe_expert_ff": expert_ff,
+         "moe_renormalize": m.renormalize,
+         "moe_shared_ff": shared, "moe_shared_gate": bool(shared and m.shared_gate),
+         "moe_router_bias": m.bias_update_rate > 0}
+    if len(layers) == cfg.n_layers:
+        d["d_ff"] = None                        # no dense layer: the dense hidden size is unused
+    return d
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """Probing a family with a config it cannot hold makes transformers warn; keep that quiet."""
@@ -658,8 +836,10 @@ def _same(a, b) -> bool:
 def representation_errors(spec: FamilySpec, cfg: ModelConfig) -> list[str]:
     """Why `spec` cannot represent `cfg` exactly ([] when it can): round trips the config through
     config_to_hf / the transformers config class / config_from_hf and compares what matters."""
-    if cfg.moe.n_experts:
+    if cfg.moe.n_experts and not spec.moe:
         return ["model.moe.n_experts > 0 (mixture of experts) has no mapping to this family"]
+    if spec.moe and not cfg.moe.n_experts:
+        return [f"model.moe.n_experts=0 (dense) but {spec.architecture} is a mixture-of-experts family"]
     try:
         with _quiet_transformers():
             back = spec.config_from_hf(spec.config_to_hf(cfg))

@@ -1,0 +1,126 @@
+"""Mixture-of-experts router and its auxiliary losses (all in fp32).
+
+    logits = x W_r^T                                  (N, E), x cast to fp32
+    scores = softmax(logits)  |  sigmoid(logits)      (router = softmax | sigmoid)
+    chosen = top-k(scores + b)                        b: aux-loss-free bias (DeepSeek-V3), selection only
+    weights = scores[chosen]  (/ their sum when renormalize)
+
+Auxiliary losses (values are recorded without their coefficients; the coefficients scale the
+gradient that `attach_aux_loss` injects):
+    load balancing (Switch / GShard):  aux = E * sum_e f_e P_e
+        f_e = share of the N*k assignments (before any drop) routed to e, counted over the tokens
+              of the whole expert-parallel group (a no-grad all-gather; equal to the global share
+              when ep spans the data-parallel axis), P_e = mean over this rank's tokens of the
+              token's probability of e (sigmoid router: its scores normalised to sum 1).
+        = 1 for a uniform routing, E at worst.
+    router z-loss (ST-MoE):            z = mean_tokens logsumexp(logits)^2
+
+`attach_aux_loss(y, loss)` returns y unchanged; its backward also backpropagates `loss` with
+gradient `scale` (`set_aux_loss_scale`), so the auxiliary losses reach the parameters through
+the ordinary backward of the main loss, also across pipeline stages (the trainer never adds
+them). Set the scale to whatever the trainer multiplies the main loss by before backward
+(1 / gradient-accumulation steps, times the fp16 loss scale): Megatron's MoEAuxLossAutoScaler idea.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from forge.parallel.mappings import copy_to
+
+_AUX_SCALE = [1.0]
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """Gradient that every attached auxiliary loss receives in backward (default 1.0)."""
+    _AUX_SCALE[0] = float(scale)
+
+
+def get_aux_loss_scale() -> float:
+    return _AUX_SCALE[0]
+
+
+class _AttachAux(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, loss):
+        ctx.save_for_backward(loss)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (loss,) = ctx.saved_tensors
+        return g, torch.full_like(loss, _AUX_SCALE[0])
+
+
+def attach_aux_loss(y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """y, whose backward also sends gradient `scale` into the scalar `loss`."""
+    return _AttachAux.apply(y, loss)
+
+
+def load_balancing_loss(frac: torch.Tensor, prob_mean: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e P_e (f: no-grad shares summing to 1; P: mean router probabilities)."""
+    return frac.numel() * (frac * prob_mean).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Token -> (top-k experts, their weights). The weight (E, D) is a dense (replicated) parameter;
+    `expert_bias` (E,) is a persistent buffer, present only when model.moe.bias_update_rate > 0,
+    moved by `update_bias` from the loads counted in `load` since the last update."""
+
+    def __init__(self, cfg, grad_group=None):
+        super().__init__()
+        moe = cfg.moe
+        self.n_experts, self.top_k, self.kind, self.renormalize = moe.n_experts, moe.top_k, moe.router, moe.renormalize
+        self.rate = moe.bias_update_rate
+        self.grad_group = grad_group        # sequence parallel: each tp rank routes its own tokens
+        self.weight = nn.Parameter(torch.empty(moe.n_experts, cfg.d_model))
+        if self.rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(moe.n_experts))
+            self.register_buffer("load", torch.zeros(moe.n_experts), persistent=False)
+        else:
+            self.expert_bias = self.load = None
+
+    def _apply(self, fn, recurse=True):
+        """Keep the bias and the load counts in fp32 when the model is cast (bf16 cannot hold
+        counts above 256 exactly, nor small bias steps)."""
+        keep = {n: getattr(self, n) for n in ("expert_bias", "load") if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = getattr(self, n)
+            if new.dtype != torch.float32 and new.is_floating_point():
+                setattr(self, n, old.to(device=new.device, dtype=torch.float32))
+        return self
+
+    def forward(self, x):
+        """x (N, D) -> logits (N, E) fp32, scores (N, E) fp32, idx (N, k) int64, weights (N, k) fp32."""
+        w = copy_to(self.weight, self.grad_group)
+        logits = F.linear(x.float(), w.float())
+        scores = logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
+        select = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        idx = torch.topk(select, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, idx)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if self.kind == "sigmoid" else 0.0))
+        return logits, scores, idx, weights
+
+    def probs_for_aux(self, scores):
+        """Per-token probabilities over experts used by the load-balancing loss."""
+        return scores if self.kind == "softmax" else scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    @torch.no_grad()
+    def update_bias(self, group=None) -> None:
+        """b += rate * sign(mean load - load) over the loads counted since the last call (summed
+        over `group`, the data-parallel group, so every replica moves its bias identically)."""
+        if self.expert_bias is None:
+            return
+        load = self.load.clone()
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(load, group=group)
+        if load.sum() > 0:
+            self.expert_bias.add_(self.rate * torch.sign(load.mean() - load))
+        self.load.zero_()
