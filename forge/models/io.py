@@ -36,11 +36,17 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model_folder(model, cfg_dict: dict, path: str, tokenizer_dir: str | None = None) -> None:
     """Write `model` (unsharded) with its config to `path`, atomically."""
+    save_state_folder(unique_state_dict(model), cfg_dict, path, tokenizer_dir)
+
+
+def save_state_folder(state: dict[str, torch.Tensor], cfg_dict: dict, path: str,
+                      tokenizer_dir: str | None = None) -> None:
+    """Write a full Forge state dict with its config to `path`, atomically."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        save_file(unique_state_dict(model), os.path.join(tmp, WEIGHTS_FILE))
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS_FILE))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             yaml.safe_dump(cfg_dict, f, sort_keys=False)
         if tokenizer_dir and os.path.isdir(tokenizer_dir):

@@ -1,0 +1,265 @@
+"""Training checkpoints: layout, atomic completion, discovery and resume.
+
+    OUT/checkpoints/step_{step:08d}/
+        model/                      Forge model folder (forge.models.io.save_model_folder), for
+                                    `forge generate`, `forge convert`, `forge.from_pretrained`
+        ds/                         DeepSpeed engine state (engine.save_checkpoint): weights,
+                                    optimizer (ZeRO partitions), lr scheduler
+        rng_state_rank{r:05d}.pt    python / numpy / torch (/ cuda) RNG states of rank r
+        trainer_state.json          step, consumed_samples, tokens, config and its hash, ...
+        COMPLETE                    empty marker, written last (after everything above is on disk)
+    OUT/checkpoints/latest          text file naming the newest complete step dir (convenience only)
+
+A directory without COMPLETE (a crash mid-save) is never resumed from; it is deleted when the
+same step is saved again. `train.resume`: `none` (start fresh; an out_dir that already holds
+checkpoints is an error, so nothing is overwritten), `auto` (the newest complete checkpoint in
+train.out_dir, or a fresh start when there is none) or a path (a step dir, or a run / checkpoints
+dir whose newest complete checkpoint is taken; missing or incomplete -> error).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from forge.config import ConfigError, JobConfig
+from forge.train import distributed as dist
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+MODEL_DIR = "model"
+DS_TAG = "ds"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, incomplete or does not fit the configured run."""
+
+
+# ---------------------------------------------------------------- layout and discovery
+def checkpoints_dir(out_dir: str) -> str:
+    return os.path.join(out_dir, CHECKPOINTS)
+
+
+def step_dir(out_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(out_dir), f"step_{step:08d}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def list_checkpoints(out_dir: str, complete_only: bool = True) -> list[tuple[int, str]]:
+    """(step, path) of the step dirs under OUT/checkpoints, oldest first."""
+    root = checkpoints_dir(out_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isdir(path) and (is_complete(path) or not complete_only):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    """The newest complete checkpoint of a run dir, or None."""
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def _looks_like_step_dir(path: str) -> bool:
+    return bool(_STEP_RE.match(os.path.basename(os.path.normpath(path)))) or any(
+        os.path.exists(os.path.join(path, n)) for n in (STATE_FILE, COMPLETE, DS_TAG))
+
+
+def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
+    """The checkpoint dir that `train.resume` names, or None for a fresh start."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(out_dir)
+    path = resume
+    if not os.path.isdir(path):
+        raise CheckpointError(f"train.resume={path!r}: no such checkpoint directory")
+    if _looks_like_step_dir(path):
+        if not is_complete(path):
+            raise CheckpointError(f"train.resume={path!r} is an incomplete checkpoint (no {COMPLETE} marker: "
+                                  "the save was interrupted); resume from an older one")
+        return path
+    norm = os.path.normpath(path)
+    run_dir = os.path.dirname(norm) if os.path.basename(norm) == CHECKPOINTS else norm
+    found = latest_checkpoint(run_dir)          # a run dir or its checkpoints/ dir
+    if found:
+        return found
+    raise CheckpointError(f"train.resume={path!r} holds no complete checkpoint (step_*/ with a {COMPLETE} marker)")
+
+
+def read_state(path: str) -> dict:
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path!r} has no {STATE_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path!r}: {STATE_FILE} does not parse: {e}") from None
+
+
+# ---------------------------------------------------------------- compatibility
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> list[str]:
+    """Raise CheckpointError where the checkpoint cannot continue as `cfg`; return warnings for
+    the settings that changed but can (e.g. train.max_steps, optim.lr)."""
+    old = state.get("config") or {}
+    diff = config_diff(old, cfg.to_dict())
+    model = {k: v for k, v in diff.items() if k.startswith("model.") and k != "model.preset"}
+    if model:
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in model.items())
+        raise CheckpointError(f"checkpoint {path!r} holds a different model than the config:\n{lines}\n"
+                              "use another train.out_dir for a new model (nothing was written)")
+    for key in ("parallel.zero_stage", "train.precision"):
+        if key in diff:
+            a, b = diff[key]
+            raise CheckpointError(f"checkpoint {path!r} was written with {key}={a!r}, the config has {b!r}; "
+                                  "the optimizer state does not carry over between them")
+    if cfg.parallel.zero_stage > 0 and state.get("dp_size", dp_size) != dp_size:
+        raise CheckpointError(f"checkpoint {path!r} holds ZeRO-{cfg.parallel.zero_stage} optimizer partitions for "
+                              f"{state.get('dp_size')} data-parallel ranks; this run has {dp_size}")
+    ignored = {"train.resume", "train.out_dir", "log.progress"}
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()
+            if not k.startswith("model.") and k not in ignored]
+
+
+# ---------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_file(path: str, rank: int) -> str:
+    return os.path.join(path, f"rng_state_rank{rank:05d}.pt")
+
+
+# ---------------------------------------------------------------- save / load
+def _write_json_durable(file: str, obj: Any) -> None:
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for d, _, files in os.walk(path):
+        for name in files:
+            try:
+                with open(os.path.join(d, name), "rb") as f:
+                    os.fsync(f.fileno())
+            except OSError:
+                pass
+        _fsync_dir(d)
+
+
+def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, state: dict,
+                    tokenizer_dir: Optional[str] = None) -> str:
+    """Write checkpoint `step` (collective: every rank calls it); returns its path. COMPLETE is
+    written only after every rank's files are on disk."""
+    from forge.models.io import save_model_folder
+    path = step_dir(out_dir, step)
+    rank = dist.rank()
+    if rank == 0:
+        if os.path.exists(path):             # a partial save of this step, or a rewound run
+            marker = os.path.join(path, COMPLETE)
+            if os.path.exists(marker):
+                os.remove(marker)
+            shutil.rmtree(path)
+        os.makedirs(path)
+    dist.barrier()
+    if rank == 0:
+        save_model_folder(engine.module, cfg.to_dict(), os.path.join(path, MODEL_DIR), tokenizer_dir=tokenizer_dir)
+    engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
+    torch.save(rng_state(), _rng_file(path, rank))
+    dist.barrier()
+    if rank == 0:
+        full = dict(state, step=step, config=cfg.to_dict(), config_hash=cfg.hash(), time=time.time())
+        _write_json_durable(os.path.join(path, STATE_FILE), full)
+        _fsync_tree(path)
+        with open(os.path.join(path, COMPLETE), "w") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(path)
+        latest = os.path.join(checkpoints_dir(out_dir), LATEST)
+        with open(latest + ".tmp", "w") as f:
+            f.write(os.path.basename(path) + "\n")
+        os.replace(latest + ".tmp", latest)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(engine, path: str) -> dict:
+    """Load engine state (weights, optimizer, lr schedule) from checkpoint `path`; returns its
+    trainer state (with the RNG state of this rank under "rng", to be applied by the caller)."""
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete (no {COMPLETE} marker)")
+    state = read_state(path)
+    if not os.path.isdir(os.path.join(path, DS_TAG)):
+        raise CheckpointError(f"checkpoint {path!r} has no DeepSpeed state ({DS_TAG}/)")
+    load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the engine state under {os.path.join(path, DS_TAG)!r}")
+    rng_file = _rng_file(path, dist.rank())
+    if not os.path.isfile(rng_file):
+        rng_file = _rng_file(path, 0)
+    state["rng"] = torch.load(rng_file, weights_only=False) if os.path.isfile(rng_file) else None
+    return state

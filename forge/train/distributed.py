@@ -1,0 +1,122 @@
+"""Process-group setup so `forge train` runs as a plain process or under a launcher.
+
+Without a launcher (no WORLD_SIZE in the environment) this process becomes rank 0 of a world of 1:
+RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1, MASTER_PORT=<a free port>. Under a
+launcher (deepspeed, torchrun) the launcher's variables are used. The backend is gloo on CPU and
+nccl on CUDA. `init_distributed()` is idempotent, so several trainings can run in one process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+import forge  # noqa: F401  (sets DS_ACCELERATOR=cpu before deepspeed is imported)
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+OWNER = "FORGE_DIST_OWNER"     # "pid:port" of the process that made itself a world of 1
+
+
+def _inherited_single_process_env() -> bool:
+    """True when RANK/WORLD_SIZE/MASTER_PORT were set by `setup_env` in a parent process (they
+    leak into subprocesses through os.environ), not by a launcher."""
+    owner = os.environ.get(OWNER, "")
+    if not owner:
+        return False
+    pid, _, port = owner.partition(":")
+    return pid != str(os.getpid()) and port == os.environ.get("MASTER_PORT")
+
+
+def setup_env() -> None:
+    """Fill in the rendezvous variables of a single-process world when no launcher set them."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ and not _inherited_single_process_env():
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if int(os.environ["WORLD_SIZE"]) > 1:
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; start with a launcher "
+                                   "(deepspeed / torchrun) that sets it")
+            os.environ["MASTER_PORT"] = str(find_free_port())
+        return
+    port = str(find_free_port())
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ[OWNER] = f"{os.getpid()}:{port}"
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed once per process."""
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    if torch.distributed.is_initialized() and ds_comm.is_initialized():
+        return
+    setup_env()
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (used only by
+        # its inference all-reduce) when the comm backend starts; gloo does everything training
+        # needs, so mark that op unavailable and nothing compiles at start.
+        try:
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        except Exception:       # pragma: no cover - other DeepSpeed layouts
+            pass
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(values: list[float], group=None) -> list[float]:
+    """Mean of each value over the ranks of `group` (the whole world by default)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(t, group=group)
+    return (t / torch.distributed.get_world_size(group)).tolist()
+
+
+def all_reduce_max(value: int) -> int:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

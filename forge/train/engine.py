@@ -1,0 +1,141 @@
+"""The DeepSpeed engine: its JSON config derived from the Forge config, and `deepspeed.initialize`.
+
+Forge owns the keys it derives (batch sizes, precision, ZeRO stage, clipping, AdamW); a template
+named by `parallel.ds_config` (a JSON file, e.g. ds_configs/zero2.json) supplies DeepSpeed-only
+settings such as bucket sizes and is merged underneath, so Forge's values win on shared keys.
+
+AdamW is always PyTorch's (`"torch_adam": true`), so nothing is compiled when the engine starts.
+Weight decay applies to matrices (embeddings included); norms and biases are not decayed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from forge.config import ConfigError, JobConfig
+from forge.train.schedule import ForgeLRScheduler
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_template(path: str) -> dict:
+    candidates = [path]
+    if not os.path.isabs(path):
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        candidates += [os.path.join(root, path), os.path.join(root, "ds_configs", path)]
+    for p in candidates:
+        if os.path.isfile(p):
+            try:
+                with open(p) as f:
+                    tree = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"parallel.ds_config={path!r} is not valid JSON: {e}") from None
+            if not isinstance(tree, dict):
+                raise ConfigError(f"parallel.ds_config={path!r} must hold a JSON object")
+            return tree
+    raise ConfigError(f"parallel.ds_config={path!r} does not exist")
+
+
+def manual_clipping(cfg: JobConfig) -> bool:
+    """True where Forge clips (and measures) the gradient norm itself: ZeRO stage 0 in fp32, where
+    DeepSpeed clips without reporting the norm. Elsewhere DeepSpeed's optimizer does both."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+
+
+def check_supported(cfg: JobConfig) -> None:
+    """Settings this trainer does not run (yet); raised before any work."""
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1 or cfg.parallel.ep != 1:
+        raise ConfigError(f"forge train runs data parallelism only for now: parallel.tp={cfg.parallel.tp}, "
+                          f"parallel.pp={cfg.parallel.pp}, parallel.ep={cfg.parallel.ep} must all be 1")
+    if cfg.parallel.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: forge train supports ZeRO stages 0, 1 and 2")
+    if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage 1 or 2")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    t = cfg.train
+    for key in ("max_steps", "micro_batch_size", "grad_accum"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be positive")
+    for key in ("save_interval", "eval_interval", "eval_steps", "log_interval"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    if cfg.optim.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 turns it off)")
+    if t.activation_checkpointing not in ("none", "full", "attention"):
+        raise ConfigError(f"train.activation_checkpointing={t.activation_checkpointing!r} is not one of "
+                          "['attention', 'full', 'none']")
+
+
+def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
+    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage > 0:
+        # no side streams on CPU; contiguous buffers and overlap only pay off on GPUs
+        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=torch.cuda.is_available())
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": True, "adam_w_mode": True}
+    if torch.cuda.is_available() and not p.offload_optimizer:
+        adam["fused"] = True
+    derived = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
+        "gradient_clipping": 0.0 if manual_clipping(cfg) else o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    base = load_template(p.ds_config) if p.ds_config else {}
+    base.pop("scheduler", None)         # Forge drives the learning rate
+    return _deep_merge(base, derived)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, prm in model.named_parameters():     # tied parameters appear once
+        if not prm.requires_grad:
+            continue
+        (decay if prm.dim() >= 2 else no_decay).append(prm)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def create_engine(cfg: JobConfig, model: torch.nn.Module, dp_size: int):
+    """`deepspeed.initialize` with the derived config and Forge's lr schedule; returns the engine."""
+    import deepspeed
+    ds_config = build_ds_config(cfg, dp_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: ForgeLRScheduler(opt, cfg.optim, cfg.train.max_steps),
+    )
+    if cfg.train.compile:
+        engine.compile()
+    return engine
+
+
+def dp_info(engine) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of this process from the engine's groups."""
+    size = int(getattr(engine, "dp_world_size", 1) or 1)
+    if size == 1 or not torch.distributed.is_initialized():
+        return 0, size
+    group = getattr(engine, "data_parallel_group", None)
+    return torch.distributed.get_rank(group=group), size

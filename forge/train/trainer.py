@@ -1,0 +1,357 @@
+"""The training loop: data -> DeepSpeed engine -> metrics and checkpoints.
+
+    from forge.config import load_config
+    from forge.train.trainer import train
+    result = train(load_config("configs/shakespeare_char.yaml", ["train.max_steps=100"]))
+    result.losses        # training loss of every step this call ran
+    result.metrics       # the records written to metrics.jsonl by this call
+
+Step t (1-based) runs `train.grad_accum` micro batches of `train.micro_batch_size` sequences per
+data-parallel rank; the loss is next-token cross-entropy of batch[:, :-1] -> batch[:, 1:]. The
+data position is the global count of consumed samples, so a resumed run reads exactly the batches
+an uninterrupted run would have read; with the model, optimizer, lr schedule and RNG states
+restored from the checkpoint its losses equal the uninterrupted run's bit for bit (fp32).
+
+Vocabulary: `model.vocab_size` follows the tokenizer unless the user set it (`explicit_vocab`,
+which `forge train` derives from the YAML file and the overrides); a set value must be at least
+the tokenizer's vocabulary (larger = padding rows).
+
+SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
+`interrupted` set to the signal number (a second Ctrl-C aborts at once).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from forge.config import ConfigError, JobConfig, save_config
+from forge.train import checkpoint as ckpt
+from forge.train import distributed as dist
+from forge.train.engine import check_supported, create_engine, dp_info, manual_clipping
+from forge.train.metrics import MetricsLogger, check_logging_available
+from forge.train.schedule import lr_at, validate_schedule
+
+
+@dataclass
+class TrainResult:
+    config: JobConfig                       # the resolved config (vocab from the tokenizer)
+    out_dir: str
+    start_step: int                         # 0, or the step of the checkpoint resumed from
+    step: int                               # the last step run
+    losses: list[float] = field(default_factory=list)        # one per step start_step+1 .. step
+    grad_norms: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)         # lines written to metrics.jsonl
+    checkpoint: Optional[str] = None        # the last checkpoint written
+    interrupted: Optional[int] = None       # signal number when stopped by SIGINT / SIGTERM
+    wall_time_s: float = 0.0
+    tokens_per_s: float = 0.0               # training throughput over the whole call
+
+
+# ---------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Leave the python / numpy / torch RNG streams as they were (evaluation must not shift them)."""
+    state = ckpt.rng_state()
+    try:
+        yield
+    finally:
+        ckpt.set_rng_state(state)
+
+
+class SignalGuard:
+    """Turns the first SIGINT / SIGTERM into a flag checked after each step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt            # a second Ctrl-C: stop without saving
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+
+def resolve_vocab(cfg: JobConfig, tokenizer, explicit_vocab: bool) -> None:
+    tv = int(tokenizer.vocab_size)
+    if explicit_vocab:
+        if cfg.model.vocab_size < tv:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                              f"({tv} tokens, data.tokenizer={cfg.data.tokenizer!r}); leave model.vocab_size unset "
+                              "to take the tokenizer's size")
+    else:
+        cfg.model.vocab_size = tv
+    cfg.validate()
+
+
+def _quiet_deepspeed() -> None:
+    level = os.environ.get("FORGE_DS_LOG_LEVEL", "WARNING").upper()
+    try:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(getattr(logging, level, logging.WARNING))
+    except Exception:       # pragma: no cover
+        pass
+
+
+def _build_data(cfg: JobConfig, rank: int, world: int):
+    from forge.data import build_data
+    try:
+        return build_data(cfg.data, seed=cfg.train.seed, work_dir=cfg.train.out_dir, rank=rank, world_size=world)
+    except (ValueError, FileNotFoundError) as e:        # bad data settings: report, no traceback
+        raise ConfigError(f"data: {e}") from e
+
+
+def _micro_loss(engine, batch: torch.Tensor) -> torch.Tensor:
+    batch = batch.to(engine.device, non_blocking=True)
+    logits = engine(batch[:, :-1])
+    return engine.module.loss(logits, batch[:, 1:])
+
+
+def evaluate(engine, valid, cfg: JobConfig, dp_rank: int, dp_size: int) -> Optional[float]:
+    """Mean validation loss over the first `train.eval_steps` global batches of the valid split
+    (the same sequences at every evaluation); None when there is no validation data."""
+    from forge.data import batch_iterator
+    B = cfg.train.micro_batch_size
+    if valid is None or len(valid) == 0 or cfg.train.eval_steps <= 0:
+        return None
+    n = min(cfg.train.eval_steps, max(1, math.ceil(len(valid) / (B * dp_size))))
+    was_training = engine.training
+    total = 0.0
+    with preserved_rng(), torch.no_grad():
+        engine.eval()
+        it = batch_iterator(valid, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=0)
+        for _ in range(n):
+            total += _micro_loss(engine, next(it)).item()
+        engine.train(was_training)
+    return dist.all_reduce_mean([total / n])[0]
+
+
+# ---------------------------------------------------------------- train
+def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: Optional[int] = None) -> TrainResult:
+    """Train as `cfg` says and return what was run (see module doc).
+
+    data: a prebuilt data bundle (`.tokenizer`, `.train`, `.valid`) instead of `build_data(cfg.data)`.
+    explicit_vocab: keep cfg.model.vocab_size (must cover the tokenizer) instead of the tokenizer's.
+    stop_at: stop after this step as if interrupted (a checkpoint is written), keeping the
+    schedule of train.max_steps; for tests and staged runs.
+    """
+    t_start = time.perf_counter()
+    cfg = copy.deepcopy(cfg).validate()
+    check_supported(cfg)
+    validate_schedule(cfg.optim, cfg.train.max_steps)
+    check_logging_available(cfg)
+    out_dir = os.path.abspath(cfg.train.out_dir)
+    cfg.train.out_dir = out_dir
+    _quiet_deepspeed()
+
+    # ---- which checkpoint, before anything is written
+    resume_path = ckpt.resolve_resume(cfg.train.resume, out_dir)
+    if resume_path is None:
+        existing = ckpt.list_checkpoints(out_dir)
+        if existing and cfg.train.resume == "none":
+            raise ckpt.CheckpointError(
+                f"train.out_dir={out_dir!r} already holds checkpoints (newest: {existing[-1][1]}); "
+                "pass train.resume=auto to continue that run, or choose another train.out_dir (nothing was written)")
+    else:
+        newer = [p for s, p in ckpt.list_checkpoints(out_dir) if s > ckpt.read_state(resume_path).get("step", 0)]
+        if newer:
+            raise ckpt.CheckpointError(
+                f"train.out_dir={out_dir!r} holds checkpoints newer than {resume_path!r} ({newer[-1]}) that this run "
+                "would overwrite; move them away or choose another train.out_dir (nothing was written)")
+    state0 = ckpt.read_state(resume_path) if resume_path else None
+
+    dist.init_distributed()
+    rank, world = dist.rank(), dist.world_size()
+    seed_everything(cfg.train.seed)
+    bundle = data if data is not None else _build_data(cfg, rank, world)
+    resolve_vocab(cfg, bundle.tokenizer, explicit_vocab)
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if state0 is not None:
+        warnings = ckpt.check_compatible(state0, cfg, world, resume_path)
+    else:
+        warnings = []
+
+    # ---- model and engine
+    from forge.models.transformer import build_model
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    engine = create_engine(cfg, model, dp_size=world)
+    try:
+        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start)
+    finally:
+        if hasattr(engine, "destroy"):
+            try:
+                engine.destroy()
+            except Exception:       # pragma: no cover
+                pass
+        del engine, model
+        gc.collect()
+
+
+def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start) -> TrainResult:
+    from forge.data import batch_iterator
+    rank, main = dist.rank(), dist.is_main()
+    dp_rank, dp_size = dp_info(engine)
+    B, GA, T = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.seq_len
+    samples_per_step = B * GA * dp_size
+
+    start_step, consumed, tokens = 0, 0, 0
+    rng = None
+    if resume_path:
+        state = ckpt.load_checkpoint(engine, resume_path)
+        start_step, consumed = int(state["step"]), int(state["consumed_samples"])
+        tokens, rng = int(state.get("tokens", consumed * T)), state.get("rng")
+        sched = getattr(engine, "lr_scheduler", None)
+        if sched is not None and getattr(sched, "last_step", start_step) != start_step:
+            sched.load_state_dict({"last_step": start_step})
+
+    end_step = cfg.train.max_steps if stop_at is None else min(stop_at, cfg.train.max_steps)
+    result = TrainResult(config=cfg, out_dir=out_dir, start_step=start_step, step=start_step)
+    if start_step >= end_step:
+        if main:
+            print(f"forge train: checkpoint {resume_path} is at step {start_step}, train.max_steps="
+                  f"{cfg.train.max_steps}: nothing to do", flush=True)
+        result.checkpoint = resume_path
+        return result
+
+    # ---- shared files (rank 0), now that every check passed
+    tokenizer_dir = os.path.join(out_dir, "tokenizer")
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+        if hasattr(bundle.tokenizer, "save"):
+            bundle.tokenizer.save(tokenizer_dir)
+    dist.barrier()
+    logger = MetricsLogger(cfg, out_dir, start_step, enabled=main)
+    n_params = engine.module.num_params() if hasattr(engine.module, "num_params") else \
+        sum(p.numel() for p in engine.module.parameters())
+    if resume_path:
+        logger.write(f"resuming from {resume_path} (step {start_step}, {consumed} samples consumed)")
+        for w in warnings:
+            logger.write(f"  config changed since the checkpoint: {w}")
+    logger.write(f"model: {n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}; "
+                 f"{samples_per_step} sequences x {T} tokens per step; ZeRO-{cfg.parallel.zero_stage}, "
+                 f"{cfg.train.precision}, world {dist.world_size()}; out_dir {out_dir}")
+
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    else:
+        seed_everything(cfg.train.seed + rank)
+    it = batch_iterator(bundle.train, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size,
+                        consumed_samples=consumed)
+    clip_here = manual_clipping(cfg)
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+
+    def save(step: int) -> str:
+        path = ckpt.save_checkpoint(
+            engine, cfg, out_dir, step,
+            {"consumed_samples": consumed, "tokens": tokens, "world_size": dist.world_size(), "dp_size": dp_size,
+             "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision,
+             "forge_version": _forge_version()},
+            tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+        logger.write(f"saved checkpoint {path}")
+        return path
+
+    engine.train()
+    window_t, window_tokens, window_losses, train_time = 0.0, 0, [], 0.0
+    step, saved_at = start_step, None
+    try:
+        with SignalGuard() as guard:
+            while step < end_step:
+                t0 = time.perf_counter()
+                step += 1
+                micro_losses = []
+                grad_norm = None
+                for micro in range(GA):
+                    loss = _micro_loss(engine, next(it))
+                    engine.backward(loss)
+                    if clip_here and micro == GA - 1:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                    engine.step()
+                    micro_losses.append(loss.detach().float().item())
+                if grad_norm is None:
+                    g = engine.get_global_grad_norm()
+                    grad_norm = float(g) if g is not None else None
+                consumed += samples_per_step
+                tokens += samples_per_step * T
+                step_loss = sum(micro_losses) / GA
+                if dp_size > 1:
+                    step_loss = dist.all_reduce_mean([step_loss])[0]
+                dt = time.perf_counter() - t0
+                window_t += dt
+                train_time += dt
+                window_tokens += samples_per_step * T
+                window_losses.append(step_loss)
+                result.losses.append(step_loss)
+                result.grad_norms.append(grad_norm)
+                lr = lr_at(step, cfg.optim, cfg.train.max_steps)
+                logger.step(step, step_loss, lr, window_tokens / window_t if window_t else None)
+
+                if (cfg.train.log_interval and step % cfg.train.log_interval == 0) or step == end_step:
+                    logger.log({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
+                                "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_t, 1e-9),
+                                "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3)})
+                    window_t, window_tokens, window_losses = 0.0, 0, []
+                if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps):
+                    val = evaluate(engine, bundle.valid, cfg, dp_rank, dp_size)
+                    if val is not None:
+                        result.val_losses.append((step, val))
+                        logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                stop = dist.all_reduce_max(guard.signum or 0)
+                if stop:
+                    result.interrupted = stop
+                if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == end_step or stop:
+                    result.checkpoint = save(step)
+                    saved_at = step
+                if stop:
+                    logger.write(f"received {signal.Signals(stop).name}: stopped after step {step} "
+                                 f"with a checkpoint; resume with train.resume=auto")
+                    break
+    finally:
+        result.step = step
+        result.metrics = list(logger.records)
+        result.wall_time_s = time.perf_counter() - t_start
+        result.tokens_per_s = (step - start_step) * samples_per_step * T / train_time if train_time else 0.0
+        logger.close()
+    assert saved_at == step
+    return result
+
+
+def _forge_version() -> str:
+    import forge
+    return getattr(forge, "__version__", "unknown")
