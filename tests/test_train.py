@@ -171,8 +171,10 @@ def test_cli_bad_configs_are_clear_errors(tmp_path, capsys):
     assert "train.max_steps" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["parallel.zero_stage=3", f"train.out_dir={tmp_path / 'z3'}"]) == 2
-    assert "zero_stage" in capsys.readouterr().err
+    assert main(["optim.min_lr=1.0", f"train.out_dir={tmp_path / 'z3'}"]) == 2
+    assert "optim.min_lr" in capsys.readouterr().err
+    assert main(["parallel.pp=2", f"train.out_dir={tmp_path / 'z3'}"]) == 2     # 2 stages, 1 process
+    assert "parallel.pp" in capsys.readouterr().err
     assert not (tmp_path / "z3").exists()
 
 

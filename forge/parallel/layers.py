@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from forge.kernels import linear   # F.linear unless the oneDNN CPU backend is on
 from forge.parallel.mappings import (copy_to, gather_from, gather_seq, group_rank, group_size,
                                      reduce_from, reduce_scatter_seq, scatter_to)
 
@@ -31,6 +32,7 @@ def _mark(p, dim, group):
     """Record that `p` is this rank's shard of a tensor split along `dim` (when tp > 1)."""
     if p is not None and group_size(group) > 1:
         p.partition_dim = dim
+        p.tensor_model_parallel = True      # DeepSpeed counts it on every tp rank in the grad norm
 
 
 class ColumnParallelLinear(nn.Module):
@@ -51,7 +53,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x, weight=None):
         x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
-        y = F.linear(x, self.weight if weight is None else weight, self.bias)
+        y = linear(x, self.weight if weight is None else weight, self.bias)
         return gather_from(y, -1, self.group) if self.gather_output else y
 
 
@@ -69,7 +71,7 @@ class ReplicatedLinear(nn.Module):
     def forward(self, x):  # (B, T, in) or (B, T/tp, in) -> (B, T, out)
         x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
         b = copy_to(self.bias, self.group) if self.bias is not None else None
-        return F.linear(x, copy_to(self.weight, self.group), b)
+        return linear(x, copy_to(self.weight, self.group), b)
 
 
 class RowParallelLinear(nn.Module):
@@ -89,7 +91,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to(x, -1, self.group)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_seq(y, self.group)
             return y + copy_to(self.bias, self.group) if self.bias is not None else y

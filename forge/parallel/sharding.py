@@ -15,16 +15,23 @@ from forge.parallel.mappings import group_rank, group_size
 VOCAB_TENSORS = ("embed.tok.weight", "head.proj.weight", "head.proj.bias")
 
 
-def _params_by_name(model):
-    return dict(model.named_parameters(remove_duplicate=False))
+def partition_dims(model) -> dict[str, int]:
+    """{parameter name: partition_dim} of the sharded parameters of a model (Forge names)."""
+    return {n: p.partition_dim for n, p in model.named_parameters(remove_duplicate=False)
+            if getattr(p, "partition_dim", None) is not None}
+
+
+def _dims(model_or_dims):
+    return model_or_dims if isinstance(model_or_dims, dict) else partition_dims(model_or_dims)
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], model, group) -> dict[str, torch.Tensor]:
-    """This rank's shards of a full state dict, for `model` built with tensor-parallel `group`."""
-    tp, rank, params = group_size(group), group_rank(group), _params_by_name(model)
+    """This rank's shards of a full state dict, for `model` (or its partition_dims) built with
+    tensor-parallel `group`."""
+    tp, rank, dims = group_size(group), group_rank(group), _dims(model)
     out = {}
     for name, t in full.items():
-        dim = getattr(params.get(name), "partition_dim", None)
+        dim = dims.get(name)
         if dim is None or tp == 1:
             out[name] = t
             continue
@@ -38,10 +45,10 @@ def shard_state_dict(full: dict[str, torch.Tensor], model, group) -> dict[str, t
 
 def gather_tensors(local: dict[str, torch.Tensor], model, group, vocab_size: int) -> dict[str, torch.Tensor]:
     """Full tensors from every rank's shards (`local` keyed by parameter name: values or grads)."""
-    tp, params = group_size(group), _params_by_name(model)
+    tp, dims = group_size(group), _dims(model)
     out = {}
     for name, t in local.items():
-        dim = getattr(params.get(name), "partition_dim", None)
+        dim = dims.get(name)
         if dim is None or tp == 1:
             out[name] = t
             continue

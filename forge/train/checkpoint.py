@@ -143,7 +143,7 @@ def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> li
         lines = "\n".join(f"  {k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in model.items())
         raise CheckpointError(f"checkpoint {path!r} holds a different model than the config:\n{lines}\n"
                               "use another train.out_dir for a new model (nothing was written)")
-    for key in ("parallel.zero_stage", "train.precision"):
+    for key in ("parallel.zero_stage", "train.precision", "parallel.tp", "parallel.pp", "parallel.ep"):
         if key in diff:
             a, b = diff[key]
             raise CheckpointError(f"checkpoint {path!r} was written with {key}={a!r}, the config has {b!r}; "
@@ -210,11 +210,23 @@ def _fsync_tree(path: str) -> None:
         _fsync_dir(d)
 
 
-def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, state: dict,
+def _full_model_state(engine, cfg: JobConfig, groups) -> Optional[dict]:
+    """The full (unsharded) model state dict on rank 0, gathered over tp and pp (collective);
+    under ZeRO-3 the partitioned parameters are gathered first."""
+    from forge.parallel.build import full_state_dict
+    if cfg.parallel.zero_stage == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            sd = full_state_dict(engine.module, cfg.model, groups)
+            return {k: v.detach().clone() for k, v in sd.items()} if sd is not None else None
+    return full_state_dict(engine.module, cfg.model, groups)
+
+
+def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, state: dict,
                     tokenizer_dir: Optional[str] = None) -> str:
     """Write checkpoint `step` (collective: every rank calls it); returns its path. COMPLETE is
     written only after every rank's files are on disk."""
-    from forge.models.io import save_model_folder
+    from forge.models.io import save_state_folder
     path = step_dir(out_dir, step)
     rank = dist.rank()
     if rank == 0:
@@ -225,8 +237,9 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, state: dict
             shutil.rmtree(path)
         os.makedirs(path)
     dist.barrier()
+    model_state = _full_model_state(engine, cfg, groups)
     if rank == 0:
-        save_model_folder(engine.module, cfg.to_dict(), os.path.join(path, MODEL_DIR), tokenizer_dir=tokenizer_dir)
+        save_state_folder(model_state, cfg.to_dict(), os.path.join(path, MODEL_DIR), tokenizer_dir=tokenizer_dir)
     engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
     torch.save(rng_state(), _rng_file(path, rank))
     dist.barrier()

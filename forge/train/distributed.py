@@ -60,6 +60,14 @@ def init_distributed() -> None:
     import deepspeed.comm as ds_comm
     if torch.distributed.is_initialized() and ds_comm.is_initialized():
         return
+    if not torch.distributed.is_initialized():
+        # someone destroyed the group with torch.distributed directly: drop DeepSpeed's cached
+        # groups, which would otherwise point at the dead one
+        try:
+            from deepspeed.utils import groups
+            groups._release_process_group_references(group=None)
+        except Exception:       # pragma: no cover - other DeepSpeed versions
+            pass
     setup_env()
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (used only by
@@ -120,3 +128,10 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shutdown() -> None:
+    """Destroy the process group (through DeepSpeed, so its cached groups go too)."""
+    if torch.distributed.is_initialized():
+        import deepspeed.comm as ds_comm
+        ds_comm.destroy_process_group()

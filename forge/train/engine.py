@@ -45,18 +45,36 @@ def load_template(path: str) -> dict:
 
 
 def manual_clipping(cfg: JobConfig) -> bool:
-    """True where Forge clips (and measures) the gradient norm itself: ZeRO stage 0 in fp32, where
-    DeepSpeed clips without reporting the norm. Elsewhere DeepSpeed's optimizer does both."""
-    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+    """True where Forge clips (and measures) the global gradient norm itself: ZeRO stage 0 in fp32
+    without a pipeline, where DeepSpeed clips without reporting the norm. Elsewhere DeepSpeed's
+    optimizer (or pipeline engine) does both, over the tp/pp groups it is given."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and cfg.parallel.pp == 1
 
 
-def check_supported(cfg: JobConfig) -> None:
-    """Settings this trainer does not run (yet); raised before any work."""
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1 or cfg.parallel.ep != 1:
-        raise ConfigError(f"forge train runs data parallelism only for now: parallel.tp={cfg.parallel.tp}, "
-                          f"parallel.pp={cfg.parallel.pp}, parallel.ep={cfg.parallel.ep} must all be 1")
-    if cfg.parallel.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: forge train supports ZeRO stages 0, 1 and 2")
+def check_supported(cfg: JobConfig, world: int | None = None) -> None:
+    """Settings this trainer does not run; raised before any work."""
+    p = cfg.parallel
+    for key in ("tp", "pp", "ep"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
+    if world is not None and world % (p.tp * p.pp):
+        raise ConfigError(f"the world size {world} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's pipeline engine "
+                          "supports ZeRO stages 0 and 1 only; use parallel.zero_stage=1 (or parallel.pp=1 for ZeRO 2/3)")
+    if p.zero_stage == 3 and p.tp > 1:
+        raise ConfigError("parallel.zero_stage=3 with parallel.tp > 1 is not supported; use ZeRO 1 or 2 with tensor "
+                          "parallelism, or ZeRO 3 with data parallelism alone")
+    if cfg.model.moe.n_experts and (p.tp > 1 or p.pp > 1 or p.ep > 1 or world not in (None, 1)):
+        raise ConfigError("forge train runs mixture-of-experts models in one process for now (the MoE layers "
+                          "support tp/ep at the model level; the engine wiring comes next): set parallel.tp, "
+                          "parallel.pp and parallel.ep to 1 and launch one process")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.pp_partition not in ("parameters", "uniform") and not p.pp_partition.startswith("type:"):
+        raise ConfigError(f"parallel.pp_partition={p.pp_partition!r} is not one of ['parameters', 'uniform', 'type:<regex>']")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} is not one of [0, 1, 2, 3]")
     if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage 1 or 2")
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
@@ -117,25 +135,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def create_engine(cfg: JobConfig, model: torch.nn.Module, dp_size: int):
-    """`deepspeed.initialize` with the derived config and Forge's lr schedule; returns the engine."""
+def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
+    """`deepspeed.initialize` with the derived config and Forge's lr schedule; returns the engine.
+    Without a pipeline DeepSpeed gets `groups` as its mpu; a PipelineModule carries the topology
+    itself (DeepSpeed refuses an mpu there)."""
     import deepspeed
-    ds_config = build_ds_config(cfg, dp_size)
+    ds_config = build_ds_config(cfg, groups.dp)
+    mpu = groups if groups.pp == 1 and groups.tp * groups.dp > 1 else None
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds_config,
+        mpu=mpu,
         lr_scheduler=lambda opt: ForgeLRScheduler(opt, cfg.optim, cfg.train.max_steps),
     )
+    if groups.pp > 1 and cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and cfg.optim.grad_clip > 0:
+        _clip_pipeline_globally(engine, cfg.optim.grad_clip, groups)
     if cfg.train.compile:
         engine.compile()
     return engine
 
 
-def dp_info(engine) -> tuple[int, int]:
-    """(data-parallel rank, data-parallel size) of this process from the engine's groups."""
-    size = int(getattr(engine, "dp_world_size", 1) or 1)
-    if size == 1 or not torch.distributed.is_initialized():
-        return 0, size
-    group = getattr(engine, "data_parallel_group", None)
-    return torch.distributed.get_rank(group=group), size
+def _clip_pipeline_globally(engine, max_norm: float, groups) -> None:
+    """DeepSpeed's fp32 pipeline clipping counts only the first stage's replicated parameters in
+    the norm; clip over every stage and tp rank instead (forge.parallel.build.global_grad_norm)."""
+    from forge.parallel.build import clip_global_grad_norm
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def clip():
+        engine._global_grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
+    engine.clip_fp32_gradients = clip

@@ -40,7 +40,7 @@ import torch
 from forge.config import ConfigError, JobConfig, save_config
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
-from forge.train.engine import check_supported, create_engine, dp_info, manual_clipping
+from forge.train.engine import check_supported, create_engine, manual_clipping
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
 
@@ -139,6 +139,33 @@ def _micro_loss(engine, batch: torch.Tensor) -> torch.Tensor:
     return engine.module.loss(logits, batch[:, 1:])
 
 
+def _pipe_batches(it, n: int):
+    """n micro batches as the (inputs, labels) pairs DeepSpeed's pipeline engine consumes."""
+    for _ in range(n):
+        b = next(it)
+        yield b[:, :-1], b[:, 1:]
+
+
+def _batch_loss(engine, it, n: int, train: bool) -> float:
+    """Mean loss of n micro batches: one pipeline schedule (pp > 1) or n forward passes."""
+    if hasattr(engine, "train_batch"):               # PipelineEngine
+        run = engine.train_batch if train else engine.eval_batch
+        return float(run(data_iter=_pipe_batches(it, n)))
+    return sum(_micro_loss(engine, next(it)).item() for _ in range(n)) / n
+
+
+def check_same_config(cfg: JobConfig) -> None:
+    """Every rank must run the same resolved config: compare hashes (an error, not a hang)."""
+    if dist.world_size() == 1:
+        return
+    hashes = [None] * dist.world_size()
+    torch.distributed.all_gather_object(hashes, cfg.hash())
+    if len(set(hashes)) > 1:
+        bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        raise ConfigError(f"ranks {bad} resolved a different config than rank 0 (hashes {sorted(set(hashes))}); "
+                          "start every rank with the same config file and overrides")
+
+
 def evaluate(engine, valid, cfg: JobConfig, dp_rank: int, dp_size: int) -> Optional[float]:
     """Mean validation loss over the first `train.eval_steps` global batches of the valid split
     (the same sequences at every evaluation); None when there is no validation data."""
@@ -147,15 +174,16 @@ def evaluate(engine, valid, cfg: JobConfig, dp_rank: int, dp_size: int) -> Optio
     if valid is None or len(valid) == 0 or cfg.train.eval_steps <= 0:
         return None
     n = min(cfg.train.eval_steps, max(1, math.ceil(len(valid) / (B * dp_size))))
+    if hasattr(engine, "eval_batch"):                 # a pipeline evaluates grad_accum micro batches at once
+        n = max(1, n // cfg.train.grad_accum) * cfg.train.grad_accum
     was_training = engine.training
-    total = 0.0
     with preserved_rng(), torch.no_grad():
         engine.eval()
         it = batch_iterator(valid, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=0)
-        for _ in range(n):
-            total += _micro_loss(engine, next(it)).item()
+        per = cfg.train.grad_accum if hasattr(engine, "eval_batch") else n
+        mean = sum(_batch_loss(engine, it, per, train=False) for _ in range(n // per)) / (n // per)
         engine.train(was_training)
-    return dist.all_reduce_mean([total / n])[0]
+    return dist.all_reduce_mean([mean])[0]
 
 
 # ---------------------------------------------------------------- train
@@ -169,7 +197,7 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     """
     t_start = time.perf_counter()
     cfg = copy.deepcopy(cfg).validate()
-    check_supported(cfg)
+    check_supported(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     validate_schedule(cfg.optim, cfg.train.max_steps)
     check_logging_available(cfg)
     out_dir = os.path.abspath(cfg.train.out_dir)
@@ -194,24 +222,29 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
 
     dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
+    check_same_config(cfg)
+    from forge.parallel.groups import build_groups
+    groups = build_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     seed_everything(cfg.train.seed)
     bundle = data if data is not None else _build_data(cfg, rank, world)
     resolve_vocab(cfg, bundle.tokenizer, explicit_vocab)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if state0 is not None:
-        warnings = ckpt.check_compatible(state0, cfg, world, resume_path)
+        warnings = ckpt.check_compatible(state0, cfg, groups.dp, resume_path)
     else:
         warnings = []
 
     # ---- model and engine
-    from forge.models.transformer import build_model
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model)
-    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    engine = create_engine(cfg, model, dp_size=world)
+    from forge.parallel.build import build_for_layout
+    seed_everything(cfg.train.seed)               # the same initial weights on every rank and layout
+    model = build_for_layout(cfg.model, groups, cfg.parallel.sequence_parallel, cfg.parallel.pp_partition,
+                             checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0)
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    engine = create_engine(cfg, model, groups)
     try:
-        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start)
+        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups)
     finally:
         if hasattr(engine, "destroy"):
             try:
@@ -222,10 +255,11 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
         gc.collect()
 
 
-def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start) -> TrainResult:
+def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups) -> TrainResult:
     from forge.data import batch_iterator
+    from forge.parallel.build import clip_global_grad_norm
     rank, main = dist.rank(), dist.is_main()
-    dp_rank, dp_size = dp_info(engine)
+    dp_rank, dp_size = groups.dp_rank, groups.dp
     B, GA, T = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.seq_len
     samples_per_step = B * GA * dp_size
 
@@ -279,7 +313,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start) 
 
     def save(step: int) -> str:
         path = ckpt.save_checkpoint(
-            engine, cfg, out_dir, step,
+            engine, cfg, out_dir, step, groups,
             {"consumed_samples": consumed, "tokens": tokens, "world_size": dist.world_size(), "dp_size": dp_size,
              "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision,
              "forge_version": _forge_version()},
@@ -297,11 +331,13 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start) 
                 step += 1
                 micro_losses = []
                 grad_norm = None
-                for micro in range(GA):
+                if groups.pp > 1:                       # one pipeline schedule over GA micro batches
+                    micro_losses.append(_batch_loss(engine, it, GA, train=True) * GA)
+                for micro in range(GA if groups.pp == 1 else 0):
                     loss = _micro_loss(engine, next(it))
                     engine.backward(loss)
                     if clip_here and micro == GA - 1:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                        grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
                     engine.step()
                     micro_losses.append(loss.detach().float().item())
                 if grad_norm is None:

@@ -1,0 +1,97 @@
+"""Build the model for a parallel layout so that it starts from exactly the weights one process
+would have: the full model is initialised from the seed on every rank, then each rank keeps its
+tensor-parallel shards (and, with a pipeline, its stage's layers).
+
+    pp == 1: a Transformer with tp-sharded layers (a plain Transformer at tp == 1)
+    pp > 1:  a DeepSpeed PipelineModule of the same layers over the groups' topology
+`full_state_dict` is the inverse: gather shards over tp and stages over pp to one full state
+dict (Forge names) on global rank 0, for Forge model folders and conversion.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from forge.models.io import load_state_dict_strict, unique_state_dict
+from forge.models.transformer import Transformer, build_model
+from forge.parallel.groups import ParallelGroups
+from forge.parallel.sharding import gather_tensors, partition_dims, shard_state_dict
+
+
+def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, partition="parameters",
+                     checkpoint_interval=0):
+    """The model for this rank; the caller seeds the RNG identically on every rank first."""
+    full = build_model(cfg)
+    if groups.tp == 1 and groups.pp == 1:
+        return full
+    sd = unique_state_dict(full)
+    del full
+    if groups.pp == 1:
+        model = build_model(cfg, tp_group=groups.tp_group, sequence_parallel=sequence_parallel,
+                            ep_group=groups.ep_group)
+        load_state_dict_strict(model, shard_state_dict(sd, model, groups.tp_group), "initial weights")
+        return model
+    from forge.parallel.pipeline import build_pipeline, pipeline_state_dict
+    with torch.device("meta"):               # parameter names and partition dims of the tp layout
+        dims = partition_dims(Transformer(cfg, groups.tp_group, sequence_parallel))
+    pipe = build_pipeline(cfg, groups, sequence_parallel, partition, checkpoint_interval)
+    pipe.load_state_dict(pipeline_state_dict(shard_state_dict(sd, dims, groups.tp_group), pipe, cfg.n_layers))
+    pipe.forge_partition_dims = dims         # Forge name -> partition dim, for gathering
+    return pipe
+
+
+def stage_state_dict(model, cfg) -> dict[str, torch.Tensor]:
+    """This rank's tensors under Forge names (a pipeline stage's part, or the whole model)."""
+    if not hasattr(model, "forge_partition_dims"):
+        return unique_state_dict(model)
+    from forge.parallel.pipeline import forge_name
+    return {forge_name(n, cfg.n_layers): t.detach() for n, t in model.state_dict().items()}
+
+
+def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tensor] | None:
+    """The full (tp=1, one stage) state dict on global rank 0; None on the other ranks.
+    Every rank must call it (collectives over tp, then pp)."""
+    local = stage_state_dict(model, cfg)
+    layout = getattr(model, "forge_partition_dims", model)
+    full = gather_tensors(local, layout, groups.tp_group, cfg.vocab_size)
+    if groups.pp == 1 or not dist.is_initialized():
+        return full if groups.rank == 0 else None
+    stages = [None] * groups.pp
+    dist.all_gather_object(stages, {k: v.cpu() for k, v in full.items()} if groups.tp_rank == 0 and
+                           groups.dp_rank == 0 else None, group=groups.pp_group)
+    if groups.rank != 0:
+        return None
+    merged = {}
+    for part in stages:
+        for k, v in (part or {}).items():
+            merged.setdefault(k, v)          # a tied embedding appears on the first and last stage
+    return merged
+
+
+def global_grad_norm(params, groups: ParallelGroups) -> torch.Tensor:
+    """sqrt(sum of ||g||^2 over the distinct parameters of the whole model): a tp shard counts on
+    every tp rank, a replicated tensor on tp rank 0 only, a tied copy on a later pipeline stage
+    (DeepSpeed marks it ds_pipe_replicated) not at all; summed over the tp and pp groups."""
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")   # NCCL reduces device tensors
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "partition_dim", None) is not None or groups.tp_rank == 0:
+            sq += p.grad.detach().double().pow(2).sum()
+    for group, size in ((groups.tp_group, groups.tp), (groups.pp_group, groups.pp)):
+        if size > 1:
+            dist.all_reduce(sq, group=group)
+    return sq.sqrt()
+
+
+def clip_global_grad_norm(params, max_norm: float, groups: ParallelGroups) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)) with the global norm (as
+    torch.nn.utils.clip_grad_norm_ does for one process); returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    norm = global_grad_norm(params, groups)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
