@@ -43,6 +43,7 @@ def test_ds_config_templates_are_json_without_forge_owned_keys(name):
     owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
     assert not owned & set(tree), f"{name} sets keys that Forge derives from its own config"
+    assert "stage" in tree["zero_optimization"]          # says which parallel.zero_stage it is for
 
 
 def test_cli_drops_the_deepspeed_launchers_local_rank(monkeypatch):
@@ -51,3 +52,16 @@ def test_cli_drops_the_deepspeed_launchers_local_rank(monkeypatch):
     assert _strip_local_rank(["--local_rank=3", "train", "c.yaml"]) == ["train", "c.yaml"]
     import os
     assert os.environ["LOCAL_RANK"] == "3"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
+def test_templates_merge_with_a_matching_config_and_refuse_a_contradicting_one(name):
+    from forge.config import ConfigError, load_config
+    from forge.train.engine import build_ds_config
+    stage = json.loads((ROOT / "ds_configs" / name).read_text())["zero_optimization"]["stage"]
+    offload = ["parallel.offload_optimizer=true"] if "offload" in name else []
+    ds = build_ds_config(load_config(None, [f"parallel.ds_config={name}", f"parallel.zero_stage={stage}"] + offload), 2)
+    assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 2 * 8
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        build_ds_config(load_config(None, [f"parallel.ds_config={name}", f"parallel.zero_stage={(stage + 1) % 4}"]
+                                    + offload), 2)

@@ -93,6 +93,31 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
                           "['attention', 'full', 'none']")
 
 
+FORGE_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+               "gradient_clipping", "zero_optimization.stage", "bf16.", "fp16.enabled", "optimizer.")
+
+
+def check_template(template: dict, derived: dict, name: str | None) -> None:
+    """A template may add DeepSpeed-only settings but not contradict what Forge derives."""
+    flat_t, flat_d = _flatten(template), _flatten(derived)
+    owned = [k for k in set(flat_t) & set(flat_d) if k.startswith(FORGE_OWNED)]
+    if "offload_optimizer" in template.get("zero_optimization", {}) and "offload_optimizer" not in derived["zero_optimization"]:
+        raise ConfigError(f"parallel.ds_config={name!r} offloads the optimizer, but parallel.offload_optimizer is "
+                          "false; set parallel.offload_optimizer=true")
+    for key in sorted(owned):
+        if flat_t[key] != flat_d[key]:
+            raise ConfigError(f"parallel.ds_config={name!r} sets {key}={flat_t[key]!r}, but the Forge config gives "
+                              f"{flat_d[key]!r} (set it through the Forge config, e.g. parallel.zero_stage, "
+                              "train.micro_batch_size, train.precision, optim.*)")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
     t, o, p = cfg.train, cfg.optim, cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
@@ -120,6 +145,7 @@ def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
     }
     base = load_template(p.ds_config) if p.ds_config else {}
     base.pop("scheduler", None)         # Forge drives the learning rate
+    check_template(base, derived, p.ds_config)
     return _deep_merge(base, derived)
 
 

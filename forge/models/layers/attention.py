@@ -60,7 +60,8 @@ def softmax_attention(kind, q, k, v, qpos, kpos, attn):
     dropout = attn.attn_dropout if attn.training else 0.0
     bias = attn.pos.bias(qpos, kpos) if hasattr(attn.pos, "bias") else None   # (H, Tq, Tk) or None
     plain_causal = kind == "causal" and bias is None and attn.softcap is None
-    if plain_causal and q.shape[2] == k.shape[2] and bool(qpos[0] == kpos[0]):
+    # `kpos is qpos` (no cache) decides without a host sync, which torch.compile cannot trace
+    if plain_causal and q.shape[2] == k.shape[2] and (kpos is qpos or bool(qpos[0] == kpos[0])):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=attn.scale)
     allowed = _allowed(kind, qpos, kpos, attn)                                 # (Tq, Tk)
     if attn.softcap is None:
@@ -154,7 +155,7 @@ class Attention(nn.Module):
             if not hasattr(norm, "stat_group"):
                 raise ValueError(f"model.qk_norm='full' with parallel.tp > 1 needs model.norm='rmsnorm', got {cfg.norm!r}")
             norm.stat_group, norm.full_dim = tp_group, local_heads * cfg.hd * group_size(tp_group)
-            norm.weight.partition_dim = 0
+            norm.weight.partition_dim, norm.weight.tensor_model_parallel = 0, True
         return norm
 
     def forward(self, x, pos, cache: KVCache | None = None):
