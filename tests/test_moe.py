@@ -305,7 +305,7 @@ def test_all_parameters_get_gradients():
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     ex = model.layers["0"].mlp.experts.w_gate.weight
-    assert ex.expert and ex.allreduce is False and ex.group_name == "ep_size_1"
+    assert ex.expert and not hasattr(ex, "allreduce")    # at ep=1 DeepSpeed reduces experts like dense
     assert not hasattr(model.layers["0"].mlp.router.weight, "expert")
 
 

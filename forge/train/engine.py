@@ -155,9 +155,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not prm.requires_grad:
             continue
         (decay if prm.dim() >= 2 else no_decay).append(prm)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
     return groups
 
 
@@ -168,9 +168,10 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
     import deepspeed
     ds_config = build_ds_config(cfg, groups.dp)
     mpu = groups if groups.pp == 1 and groups.tp * groups.dp > 1 else None
+    params = param_groups(model, cfg.optim.weight_decay)   # (MoE runs at ep=1 here: experts reduce like dense)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        model_parameters=params,
         config=ds_config,
         mpu=mpu,
         lr_scheduler=lambda opt: ForgeLRScheduler(opt, cfg.optim, cfg.train.max_steps),

@@ -321,6 +321,11 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
         logger.write(f"saved checkpoint {path}")
         return path
 
+    from forge.models.layers.moe import moe_layers, moe_metrics, update_moe_biases
+    from forge.models.layers.moe_router import set_aux_loss_scale
+    has_moe = bool(moe_layers(engine.module))
+    set_aux_loss_scale(1.0 / GA)       # the engine scales each micro batch's loss by 1/GA as well
+
     engine.train()
     window_t, window_tokens, window_losses, train_time = 0.0, 0, [], 0.0
     step, saved_at = start_step, None
@@ -343,6 +348,8 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                 if grad_norm is None:
                     g = engine.get_global_grad_norm()
                     grad_norm = float(g) if g is not None else None
+                if has_moe:
+                    update_moe_biases(engine.module, groups.dp_group)
                 consumed += samples_per_step
                 tokens += samples_per_step * T
                 step_loss = sum(micro_losses) / GA
@@ -361,7 +368,8 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                 if (cfg.train.log_interval and step % cfg.train.log_interval == 0) or step == end_step:
                     logger.log({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
                                 "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_t, 1e-9),
-                                "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3)})
+                                "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3),
+                                **(moe_metrics(engine.module) if has_moe else {})})
                     window_t, window_tokens, window_losses = 0.0, 0, []
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps):
                     val = evaluate(engine, bundle.valid, cfg, dp_rank, dp_size)

@@ -19,7 +19,7 @@ Parameters (names under `layers.{i}.mlp.`), experts stacked along dim 0 (this ra
     shared_gate.weight                  (1, D)       dense
 Expert parameters carry `expert = True` (dim 0 is the expert dim, split over ep), and, for
 DeepSpeed (deepspeed.moe.utils.is_moe_param, ZeRO 1/2 reduce them over
-groups._get_expert_data_parallel_group(group_name)): `allreduce = False` and
+groups._get_expert_data_parallel_group(group_name)), when ep > 1: `allreduce = False` and
 `group_name = "ep_size_{ep}"`. Their gradients must be SUMMED over the expert-data-parallel group
 and divided by the full data-parallel size (what DeepSpeed does), since the all-to-all already
 brings the gradients of the whole expert-parallel group's tokens to the expert's rank.
@@ -101,8 +101,9 @@ class Experts(nn.Module):
         self.w_out = _Stacked(n_local, d, f, bias)
         for name, p in self.named_parameters():
             p.expert = True
-            p.allreduce = False                   # DeepSpeed: not reduced over the full data-parallel group
-            p.group_name = f"ep_size_{ep}"
+            if ep > 1:                            # at ep=1 experts are reduced like dense parameters
+                p.allreduce = False               # DeepSpeed: not reduced over the full data-parallel group
+                p.group_name = f"ep_size_{ep}"
             if tp > 1 and not name.startswith("w_out.bias"):
                 p.partition_dim = 2 if name.startswith("w_out") else 1
 
