@@ -229,6 +229,7 @@ class TrainConfig:
     log_interval: int = 10
     activation_checkpointing: str = "none"  # none | full | attention
     compile: bool = False
+    linear_backend: str = "aten"            # aten | onednn | auto: fp32 CPU linears (forge.kernels)
 
 
 @dataclass
@@ -252,6 +253,8 @@ class JobConfig:
         self.model.validate()
         if self.train.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.train.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
+        if self.train.linear_backend not in ("aten", "onednn", "auto"):
+            raise ConfigError(f"train.linear_backend={self.train.linear_backend!r} is not one of ['aten', 'auto', 'onednn']")
         if self.optim.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
         if self.parallel.zero_stage not in (0, 1, 2, 3):

@@ -236,7 +236,9 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
         warnings = []
 
     # ---- model and engine
+    from forge.kernels import set_linear_backend
     from forge.parallel.build import build_for_layout
+    set_linear_backend(cfg.train.linear_backend)
     seed_everything(cfg.train.seed)               # the same initial weights on every rank and layout
     model = build_for_layout(cfg.model, groups, cfg.parallel.sequence_parallel, cfg.parallel.pp_partition,
                              checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0)
