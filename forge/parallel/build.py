@@ -9,6 +9,8 @@ dict (Forge names) on global rank 0, for Forge model folders and conversion.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 
@@ -21,6 +23,12 @@ from forge.parallel.sharding import gather_tensors, partition_dims, shard_state_
 def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, partition="parameters",
                      checkpoint_interval=0):
     """The model for this rank; the caller seeds the RNG identically on every rank first."""
+    model = _build(cfg, groups, sequence_parallel, partition, checkpoint_interval)
+    model.universal_checkpoint_info = universal_checkpoint_info(model, cfg, groups.tp)
+    return model
+
+
+def _build(cfg, groups, sequence_parallel, partition, checkpoint_interval):
     full = build_model(cfg)
     if groups.tp == 1 and groups.pp == 1:
         return full
@@ -38,6 +46,30 @@ def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, parti
     pipe.load_state_dict(pipeline_state_dict(shard_state_dict(sd, dims, groups.tp_group), pipe, cfg.n_layers))
     pipe.forge_partition_dims = dims         # Forge name -> partition dim, for gathering
     return pipe
+
+
+def universal_checkpoint_info(model, cfg, tp: int) -> dict:
+    """What DeepSpeed's universal checkpoint (ds_to_universal) needs to merge and re-split this
+    layout's parameters, as regexes over the names DeepSpeed sees: tp-replicated tensors (to
+    average), row-parallel ones (cat along dim 1; column-parallel, the default, along dim 0),
+    vocabulary tensors (padding to drop), pipeline-replicated copies of a tied embedding, experts."""
+    from deepspeed.checkpoint import constants as C
+    from forge.models.transformer import padded_vocab
+    from forge.parallel.sharding import VOCAB_TENSORS
+    exact = lambda names: [re.escape(n) + "$" for n in sorted(names)]   # noqa: E731
+    names = dict(model.named_parameters())
+    dims = {n: getattr(p, "partition_dim", None) for n, p in names.items()}
+    return {
+        C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        C.ORIGINAL_VOCAB_SIZE: cfg.vocab_size,
+        C.PADDED_VOCAB_SIZE: padded_vocab(cfg, tp),
+        C.TP_REPLICATED_PARAMETER_PATTERNS: exact(n for n, d in dims.items() if d is None) if tp > 1 else [],
+        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: exact(n for n, d in dims.items() if d == 1),
+        C.VOCABULARY_PARAMETER_PATTERNS: exact(n for n in names if n.split(".", 1)[-1] in VOCAB_TENSORS
+                                               or n in VOCAB_TENSORS),
+        C.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"^tied_modules\."],
+        C.EXPERT_PARAMETER_PATTERNS: exact(n for n, p in names.items() if getattr(p, "expert", False)),
+    }
 
 
 def stage_state_dict(model, cfg) -> dict[str, torch.Tensor]:
