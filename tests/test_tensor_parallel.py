@@ -63,3 +63,36 @@ def _check(rank, world, sequence_parallel):
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
 def test_tensor_parallel_matches_single_process(sequence_parallel):
     run_distributed(_check, 2, sequence_parallel)
+
+
+def _dropout_streams(rank, world):
+    from forge.models import build_model
+    from forge.models.presets import PRESETS
+    from forge.parallel.groups import build_groups
+    from forge.parallel.mappings import gather_from
+    from forge.parallel.random import tp_stream
+    groups = build_groups(tp=world)
+    cfg = dataclasses.replace(PRESETS["tiny-llama"], dropout=0.2, attn_dropout=0.2)
+    torch.manual_seed(0)                               # the default stream: equal on every tp rank
+    model = build_model(cfg, tp_group=groups.tp_group).train()
+    tp_stream.seed(1234 + 2718 + groups.tp_rank)       # the tensor-parallel stream: one per rank
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = model.loss(model(ids[:, :-1]), ids[:, 1:])
+    losses = gather_from(loss.detach().reshape(1), 0, groups.tp_group)
+    # replicated activations saw the same residual/embedding masks: the loss agrees on every rank
+    assert torch.equal(losses[0], losses[1]), losses
+    # attention dropout draws from the tp stream: the same default stream with another tp seed differs
+    torch.manual_seed(0)
+    build_model(cfg, tp_group=groups.tp_group)          # advance the default stream as above
+    tp_stream.seed(99 + groups.tp_rank)
+    again = model.loss(model(ids[:, :-1]), ids[:, 1:])
+    assert not torch.equal(again.detach(), loss.detach())
+    with tp_stream.fork(torch.device("cpu")):
+        mine = torch.rand(8)
+    draws = gather_from(mine, 0, groups.tp_group).view(world, 8)
+    assert not torch.equal(draws[0], draws[1])         # per-rank regions draw independent masks
+    tp_stream.seed(None)
+
+
+def test_dropout_matches_on_replicated_activations_and_differs_inside_tp_regions():
+    run_distributed(_dropout_streams, 2)

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from forge.models.layers.attention import Attention
 from forge.models.layers.mlp import MLP_REGISTRY
 from forge.models.layers.norm import build_norm
+from forge.parallel.random import tp_stream
 
 
 def _pre_ln(b, x, pos, cache):
@@ -73,11 +74,16 @@ class Block(nn.Module):
             setattr(self, name, norm if name in norms and not shared else None)
         self.attn = Attention(cfg, layer_idx, tp_group, sequence_parallel)
         self.mlp = build_mlp(cfg, layer_idx, tp_group, sequence_parallel, ep_group)
-        self.dropout = cfg.dropout
+        self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
         self.checkpoint_attention = False   # selective activation checkpointing (attention only)
 
     def drop(self, x):
-        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+        if not (self.dropout and self.training):
+            return x
+        if self.sequence_parallel:            # this rank's tokens: an independent mask per tp rank
+            with tp_stream.fork(x.device):
+                return F.dropout(x, self.dropout, True)
+        return F.dropout(x, self.dropout, True)
 
     def attn_call(self, x, pos, cache):
         if self.checkpoint_attention and self.training and cache is None:

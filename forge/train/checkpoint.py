@@ -158,13 +158,18 @@ def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> li
 
 # ---------------------------------------------------------------- RNG
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    from forge.parallel.random import tp_stream
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tp_stream": tp_stream.state_dict()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    from forge.parallel.random import tp_stream
+    if "tp_stream" in state:
+        tp_stream.load_state_dict(state["tp_stream"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

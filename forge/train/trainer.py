@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from forge.config import ConfigError, JobConfig, save_config
+from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
 from forge.train.engine import check_supported, create_engine, manual_clipping
@@ -306,7 +307,8 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     if rng is not None:
         ckpt.set_rng_state(rng)
     else:
-        seed_everything(cfg.train.seed + rank)
+        seed_everything(cfg.train.seed + groups.dp_rank)     # equal across tp/pp ranks: replicated dropout
+        tp_stream.seed(cfg.train.seed + 2718 + groups.tp_rank if groups.tp > 1 else None)
     it = batch_iterator(bundle.train, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size,
                         consumed_samples=consumed)
     clip_here = manual_clipping(cfg)

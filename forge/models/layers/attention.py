@@ -13,6 +13,8 @@ parallelism each rank holds n_heads/tp query and n_kv_heads/tp key/value heads.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION, Rotary
 from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from forge.parallel.mappings import group_rank, group_size
+from forge.parallel.random import tp_stream
 
 
 class KVCache:
@@ -179,5 +182,6 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
             kpos = torch.arange(k.shape[2], device=x.device)
-        o = ATTENTION[self.kind](self.kind, q, k, v, pos, kpos, self)          # (B, H, T, hd)
+        with tp_stream.fork(x.device) if self.training and self.attn_dropout else contextlib.nullcontext():
+            o = ATTENTION[self.kind](self.kind, q, k, v, pos, kpos, self)      # (B, H, T, hd)
         return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
