@@ -13,13 +13,7 @@ from forge.generate import (GenerationError, generate, main, resolve_model_folde
 from forge.models.transformer import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes: see conftest.one_thread
 
 
 NEG = float("-inf")

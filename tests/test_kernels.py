@@ -9,16 +9,10 @@ from forge.config import ModelConfig
 from forge.models.transformer import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="PyTorch built without oneDNN")
+pytestmark = [pytest.mark.skipif(not kernels.onednn_available(), reason="PyTorch built without oneDNN"),
+              pytest.mark.usefixtures("one_thread")]   # tiny shapes: see conftest.one_thread
 
 
 @pytest.fixture

@@ -18,13 +18,7 @@ from forge.models.layers.moe import MoE, is_moe_layer, moe_metrics, set_aux_loss
 from forge.models.layers.moe_router import load_balancing_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread is faster, and robust on a shared machine (no OpenMP barrier waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes: see conftest.one_thread
 
 D, E = 32, 4
 
