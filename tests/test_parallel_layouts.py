@@ -22,7 +22,8 @@ def job(out_dir, cache_dir, preset, ranks_per_batch, **parallel):
             f"train.grad_accum={ga}", "train.eval_interval=0", "train.save_interval=0", "train.log_interval=1",
             "train.precision=fp32", f"optim.lr={LR}", "optim.warmup_steps=1", "optim.schedule=constant",
             "optim.grad_clip=0.5", f"train.out_dir={out_dir}", "log.progress=false"]
-    return over + [f"parallel.{k}={v}" for k, v in parallel.items()]
+    section = {"activation_checkpointing": "train"}
+    return over + [f"{section.get(k, 'parallel')}.{k}={v}" for k, v in parallel.items()]
 
 
 def _train(rank, world, overrides):
@@ -70,6 +71,8 @@ LAYOUTS = [  # (preset, world, dp, parallel settings)
     ("tiny-llama", 2, 1, dict(tp=2)),
     ("tiny-llama", 2, 1, dict(tp=2, sequence_parallel="true")),
     ("tiny-llama", 2, 1, dict(pp=2)),
+    ("tiny-llama", 2, 1, dict(pp=2, activation_checkpointing="attention")),
+    ("tiny-llama", 2, 1, dict(tp=2, activation_checkpointing="full")),
     ("tiny-llama", 4, 1, dict(tp=2, pp=2)),
     ("tiny-llama", 4, 2, dict(tp=2, zero_stage=1)),
     ("tiny-gpt2", 2, 1, dict(tp=2)),

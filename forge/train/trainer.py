@@ -245,6 +245,10 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
                              checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0)
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    else:                                       # a pipeline: "full" is its checkpoint interval of 1
+        from forge.models.block import Block
+        for block in (m for m in model.modules() if isinstance(m, Block)):
+            block.checkpoint_attention = cfg.train.activation_checkpointing == "attention"
     engine = create_engine(cfg, model, groups)
     try:
         return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups)
