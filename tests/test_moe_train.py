@@ -32,3 +32,15 @@ def test_moe_training_logs_router_metrics(tmp_path, cache_dir):
     sd = load_file(tmp_path / "run" / "checkpoints" / "step_00000006" / "model" / "model.safetensors")
     biases = [v for k, v in sd.items() if k.endswith("router.expert_bias")]
     assert biases and any(b.abs().sum() > 0 for b in biases)  # balancing moved them
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["parallel.ep=2", "parallel.zero_stage=1"], "parallel.zero_stage"),
+    (["parallel.ep=2", "parallel.tp=2"], "parallel.tp=1"),
+])
+def test_unsupported_moe_layouts_are_refused_before_work(overrides, fragment):
+    from forge.config import ConfigError
+    from forge.train.engine import check_supported
+    cfg = load_config(None, ["model.preset=tiny-mixtral"] + overrides)
+    with pytest.raises(ConfigError, match=fragment):
+        check_supported(cfg, world=4)

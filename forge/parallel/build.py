@@ -30,14 +30,16 @@ def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, parti
 
 def _build(cfg, groups, sequence_parallel, partition, checkpoint_interval):
     full = build_model(cfg)
-    if groups.tp == 1 and groups.pp == 1:
+    if groups.tp == 1 and groups.pp == 1 and groups.ep == 1:
         return full
     sd = unique_state_dict(full)
     del full
     if groups.pp == 1:
+        from forge.models.layers.moe import shard_experts
         model = build_model(cfg, tp_group=groups.tp_group, sequence_parallel=sequence_parallel,
                             ep_group=groups.ep_group)
-        load_state_dict_strict(model, shard_state_dict(sd, model, groups.tp_group), "initial weights")
+        local = shard_experts(shard_state_dict(sd, model, groups.tp_group), model, groups.ep_group)
+        load_state_dict_strict(model, local, "initial weights")
         return model
     from forge.parallel.pipeline import build_pipeline, pipeline_state_dict
     with torch.device("meta"):               # parameter names and partition dims of the tp layout
@@ -86,6 +88,9 @@ def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tenso
     local = stage_state_dict(model, cfg)
     layout = getattr(model, "forge_partition_dims", model)
     full = gather_tensors(local, layout, groups.tp_group, cfg.vocab_size)
+    if groups.ep > 1:
+        from forge.models.layers.moe import gather_experts
+        full = gather_experts(full, model, groups.ep_group)
     if groups.pp == 1 or not dist.is_initialized():
         return full if groups.rank == 0 else None
     stages = [None] * groups.pp
@@ -103,15 +108,19 @@ def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tenso
 def global_grad_norm(params, groups: ParallelGroups) -> torch.Tensor:
     """sqrt(sum of ||g||^2 over the distinct parameters of the whole model): a tp shard counts on
     every tp rank, a replicated tensor on tp rank 0 only, a tied copy on a later pipeline stage
-    (DeepSpeed marks it ds_pipe_replicated) not at all; summed over the tp and pp groups."""
+    (DeepSpeed marks it ds_pipe_replicated) not at all, experts summed over the ep group; summed
+    over the tp and pp groups."""
     params = list(params)
     device = params[0].device if params else torch.device("cpu")   # NCCL reduces device tensors
-    sq = torch.zeros((), dtype=torch.float64, device=device)
+    sq = torch.zeros(2, dtype=torch.float64, device=device)        # (dense, experts)
     for p in params:
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue
         if getattr(p, "partition_dim", None) is not None or groups.tp_rank == 0:
-            sq += p.grad.detach().double().pow(2).sum()
+            sq[int(getattr(p, "expert", False))] += p.grad.detach().double().pow(2).sum()
+    if groups.ep > 1:                  # each expert-parallel rank holds other experts
+        dist.all_reduce(sq[1:], group=groups.ep_group)
+    sq = sq.sum()
     for group, size in ((groups.tp_group, groups.tp), (groups.pp_group, groups.pp)):
         if size > 1:
             dist.all_reduce(sq, group=group)

@@ -9,6 +9,7 @@ Weight decay applies to matrices (embeddings included); norms and biases are not
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -65,10 +66,14 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
     if p.zero_stage == 3 and p.tp > 1:
         raise ConfigError("parallel.zero_stage=3 with parallel.tp > 1 is not supported; use ZeRO 1 or 2 with tensor "
                           "parallelism, or ZeRO 3 with data parallelism alone")
-    if cfg.model.moe.n_experts and (p.tp > 1 or p.pp > 1 or p.ep > 1 or world not in (None, 1)):
-        raise ConfigError("forge train runs mixture-of-experts models in one process for now (the MoE layers "
-                          "support tp/ep at the model level; the engine wiring comes next): set parallel.tp, "
-                          "parallel.pp and parallel.ep to 1 and launch one process")
+    if cfg.model.moe.n_experts and (p.tp > 1 or p.pp > 1):
+        raise ConfigError("forge train runs mixture-of-experts models with data and expert parallelism "
+                          "(parallel.ep) for now; the MoE layers support tp at the model level, the engine "
+                          "wiring for tp/pp with MoE comes next: set parallel.tp=1 and parallel.pp=1")
+    if p.ep > 1 and p.zero_stage > 0:
+        raise ConfigError(f"parallel.ep={p.ep} with parallel.zero_stage={p.zero_stage}: forge train runs expert "
+                          "parallelism with ZeRO 0 for now (its expert gradients under DeepSpeed's ZeRO 1/2 do not "
+                          "yet match one process); use parallel.zero_stage=0")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.pp_partition not in ("parameters", "uniform") and not p.pp_partition.startswith("type:"):
@@ -168,19 +173,56 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
     import deepspeed
     ds_config = build_ds_config(cfg, groups.dp)
     mpu = groups if groups.pp == 1 and groups.tp * groups.dp > 1 else None
-    params = param_groups(model, cfg.optim.weight_decay)   # (MoE runs at ep=1 here: experts reduce like dense)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=params,
-        config=ds_config,
-        mpu=mpu,
-        lr_scheduler=lambda opt: ForgeLRScheduler(opt, cfg.optim, cfg.train.max_steps),
-    )
+    params = param_groups(model, cfg.optim.weight_decay)
+    moe = contextlib.nullcontext()
+    if groups.ep > 1:
+        params, moe = _expert_parallel_for_deepspeed(params, groups)
+    with moe:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            config=ds_config,
+            mpu=mpu,
+            lr_scheduler=lambda opt: ForgeLRScheduler(opt, cfg.optim, cfg.train.max_steps),
+        )
     if groups.pp > 1 and cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and cfg.optim.grad_clip > 0:
         _clip_pipeline_globally(engine, cfg.optim.grad_clip, groups)
     if cfg.train.compile:
         engine.compile()
     return engine
+
+
+def _expert_parallel_for_deepspeed(params, groups):
+    """Let DeepSpeed reduce expert gradients over the expert-data-parallel group (summed, divided
+    by the data-parallel size) and dense ones over the data-parallel group. Its engine recognises
+    only its own MoE layer class, so: register its expert groups (the consecutive layout that
+    forge.parallel.groups also uses at tp = pp = 1), give experts their own optimizer param groups,
+    and mark the engine as holding MoE layers while it configures itself. Expert parameters carry
+    allreduce=False and group_name="ep_size_{ep}" (forge.models.layers.moe)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups as ds_groups
+    if f"ep_size_{groups.ep}" not in ds_groups._get_expert_parallel_group_dict():
+        ds_groups._create_expert_and_data_parallel(groups.ep)
+    for name, mine in (("expert", groups.ep_group), ("expert data", groups.edp_group)):
+        getter = ds_groups._get_expert_parallel_group if name == "expert" else ds_groups._get_expert_data_parallel_group
+        theirs = torch.distributed.get_process_group_ranks(getter(f"ep_size_{groups.ep}"))
+        if theirs != torch.distributed.get_process_group_ranks(mine):
+            raise RuntimeError(f"DeepSpeed's {name}-parallel group {theirs} differs from Forge's")
+
+    @contextlib.contextmanager
+    def engine_sees_moe():
+        original = DeepSpeedEngine._configure_distributed_model
+
+        def configure(self, model):
+            original(self, model)
+            self.has_moe_layers = True
+        DeepSpeedEngine._configure_distributed_model = configure
+        try:
+            yield
+        finally:
+            DeepSpeedEngine._configure_distributed_model = original
+    return split_params_into_different_moe_groups_for_optimizer(params), engine_sees_moe()
 
 
 def _clip_pipeline_globally(engine, max_norm: float, groups) -> None:
