@@ -8,8 +8,8 @@ gathers from it, what send sends), then runs `forge train` for `--steps` steps o
 The analytic payload per rank per step:
     dp=2 (ZeRO 0):  P * 4                        the gradient all-reduce
     tp=2:           (1 + 2L) * B*T*d*4  forward  (embedding, attention and MLP outputs)
-                  + (1 + 5L) * B*T*d*4  backward (input gradients of q, k, v, gate, up and head:
-                                         each column-parallel layer reduces its own input gradient)
+                  + (1 + 2L) * B*T*d*4  backward (input gradients of the attention and MLP regions,
+                                         entered once each, and of the head)
                   + 3 * B*T*4           the vocab-parallel cross-entropy (max, target logit, sum)
     pp=2:           B*T*d*4 per stage boundary, forward (sent by stage 0) and backward (stage 1)
 Small control messages (losses, norms, shapes) come on top.
@@ -103,7 +103,7 @@ def main():
     cfg.model.vocab_size = bundle.tokenizer.vocab_size
     P = build_model(cfg.model).num_params()
     act = B * T * D * 4
-    layouts = {"dp=2 ZeRO-0": ([], P * 4), "tp=2": (["parallel.tp=2"], (1 + 2 * L) * act + (1 + 5 * L) * act + 3 * B * T * 4),
+    layouts = {"dp=2 ZeRO-0": ([], P * 4), "tp=2": (["parallel.tp=2"], (1 + 2 * L) * act + (1 + 2 * L) * act + 3 * B * T * 4),
                "pp=2": (["parallel.pp=2"], act)}
     manager = mp.Manager()
     print(f"tiny Llama: d={D}, L={L}, P={P:,}, micro batch {B} x {T} tokens, fp32; payload bytes per rank per step")

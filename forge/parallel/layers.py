@@ -35,14 +35,22 @@ def _mark(p, dim, group):
         p.tensor_model_parallel = True      # DeepSpeed counts it on every tp rank in the grad norm
 
 
+def enter_tp_region(x, group, sequence_parallel=False):
+    """The input of a tensor-parallel region: (B, T/tp, D) gathered along T under sequence
+    parallelism, else (B, T, D) through copy_to. Layers that share one input enter once, so its
+    gradient is reduced once (not once per projection)."""
+    return gather_seq(x, group) if sequence_parallel else copy_to(x, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns. Input (B, T, in) replicated (or (B, T/tp, in) when
     sequence_parallel: gathered first); output (B, T, out/tp), or (B, T, out) with gather_output."""
 
     def __init__(self, in_features, out_features, bias=True, group=None, gather_output=False,
-                 sequence_parallel=False, skip_weight=False):
+                 sequence_parallel=False, skip_weight=False, input_ready=False):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.input_ready = input_ready      # the caller already applied enter_tp_region
         self.in_features, self.out_features = in_features, out_features
         local = _divide(out_features, group_size(group), "output features")
         # skip_weight: the weight is passed to forward (a head tied to an embedding on another stage)
@@ -52,7 +60,8 @@ class ColumnParallelLinear(nn.Module):
         _mark(self.bias, 0, group)
 
     def forward(self, x, weight=None):
-        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
+        if not self.input_ready:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
         y = linear(x, self.weight if weight is None else weight, self.bias)
         return gather_from(y, -1, self.group) if self.gather_output else y
 
@@ -62,14 +71,16 @@ class ReplicatedLinear(nn.Module):
     shared by query heads on several ranks): weight, bias and input enter through `copy_to`, so
     their partial gradients are summed over the group."""
 
-    def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=False):
+    def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=False,
+                 input_ready=False):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.sequence_parallel, self.input_ready = group, sequence_parallel, input_ready
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):  # (B, T, in) or (B, T/tp, in) -> (B, T, out)
-        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to(x, self.group)
+        if not self.input_ready:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
         b = copy_to(self.bias, self.group) if self.bias is not None else None
         return linear(x, copy_to(self.weight, self.group), b)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION, Rotary
-from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, enter_tp_region
 from forge.parallel.mappings import group_rank, group_size
 from forge.parallel.random import tp_stream
 
@@ -129,10 +129,11 @@ class Attention(nn.Module):
         self.softcap, self.attn_dropout = cfg.attn_softcap, cfg.attn_dropout
         self.sliding_window, self.local_window = cfg.sliding_window, cfg.local_window
         sp = dict(group=tp_group, sequence_parallel=sequence_parallel)
-        self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, **sp)
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, **sp, input_ready=True)
         kv_cls = ReplicatedLinear if self.kv_replicated else ColumnParallelLinear
-        self.wk = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
-        self.wv = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp)
+        self.wk = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True)
+        self.wv = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, cfg.attn_out_bias, **sp)
         self.qkv_clip = cfg.qkv_clip
         self.qk_norm = cfg.qk_norm
@@ -163,6 +164,7 @@ class Attention(nn.Module):
 
     def forward(self, x, pos, cache: KVCache | None = None):
         """x (B, T, D), pos (T,) absolute positions -> (B, T, D)."""
+        x = enter_tp_region(x, self.tp_group, self.sequence_parallel)        # one input-gradient reduction
         q, k, v = self.wq(x), self.wk(x), self.wv(x)                          # (B, T, H*hd), (B, T, Hkv*hd) x2
         B, T = q.shape[:2]                     # T is the full length even when x is a sequence shard
         if self.qkv_clip is not None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 
 ACTIVATION = {
     "gelu": F.gelu,
@@ -39,11 +39,14 @@ class GLU(nn.Module):
         super().__init__()
         d_ff = d_ff or cfg.ff_dim
         self.act = ACTIVATION[cfg.activation]
-        self.w_gate = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
-        self.w_up = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
+        col = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True)
+        self.w_gate = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, **col)
+        self.w_up = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, **col)
         self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
+        x = enter_tp_region(x, self.tp_group, self.sequence_parallel)     # one input-gradient reduction
         return self.w_out(self.act(self.w_gate(x)) * self.w_up(x))
 
 
