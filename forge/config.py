@@ -368,10 +368,19 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+def merge_dicts(base: dict, top: dict) -> dict:
+    """`base` with `top` laid over it, nested dicts merged key by key (top wins)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def flatten_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -407,7 +416,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"config file {path!r} does not parse: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections")
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge_dicts(tree, parse_overrides(overrides or []))
     return config_from_dict(tree)
 
 

@@ -173,18 +173,9 @@ def resolve_model_folder(path: str) -> str:
             raise FileNotFoundError(f"checkpoint {path!r} is incomplete (no COMPLETE marker: it was being "
                                     f"written when the run stopped); use an earlier step")
         return model_dir
-    ckdir = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckdir):
-        steps = []
-        for name in os.listdir(ckdir):
-            if name.startswith("step_") and name[5:].isdigit():
-                steps.append((int(name[5:]), os.path.join(ckdir, name)))
-        for _, d in sorted(steps, reverse=True):
-            if os.path.isfile(os.path.join(d, "COMPLETE")) and is_forge_folder(os.path.join(d, "model")):
-                return os.path.join(d, "model")
-        raise FileNotFoundError(f"run directory {path!r} holds no complete checkpoint (checkpoints/step_*/ "
-                                f"with a COMPLETE marker and a model/ folder); found "
-                                f"{sorted(os.path.basename(d) for _, d in steps)[-5:] or 'no step dirs'}")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        from forge.models.hf.convert import newest_checkpoint_model
+        return newest_checkpoint_model(path)
     raise FileNotFoundError(f"--checkpoint {path!r} is neither a Forge model folder ({CONFIG_FILE} + "
                             f"{WEIGHTS_FILE}), a checkpoint step directory (model/ + COMPLETE) nor a training "
                             f"run directory (checkpoints/)")

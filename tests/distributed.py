@@ -1,14 +1,9 @@
 """Run a function on several CPU processes joined by a gloo process group (for tests)."""
 import os
-import socket
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from forge.train.distributed import find_free_port as free_port
 
 
 def _entry(rank, world, port, fn, args):

@@ -63,6 +63,13 @@ def build_mlp(cfg, layer_idx, tp_group=None, sequence_parallel=False, ep_group=N
     return MLP_REGISTRY[cfg.mlp](cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
 
 
+def set_attention_checkpointing(model: nn.Module, on: bool) -> None:
+    """Selective activation checkpointing: recompute only the attention of every Block in `model`."""
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.checkpoint_attention = on
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx: int, tp_group=None, sequence_parallel=False, ep_group=None):
         super().__init__()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from forge.config import ModelConfig
-from forge.models.block import Block
+from forge.models.block import Block, set_attention_checkpointing
 from forge.models.layers.attention import KVCache
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION
@@ -89,8 +89,7 @@ class Transformer(nn.Module):
         if mode not in ("none", "full", "attention"):
             raise ValueError(f"train.activation_checkpointing={mode!r} is not one of ['attention', 'full', 'none']")
         self.activation_checkpointing = mode
-        for layer in self.layers.values():
-            layer.checkpoint_attention = mode == "attention"
+        set_attention_checkpointing(self, mode == "attention")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

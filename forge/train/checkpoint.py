@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from forge.config import ConfigError, JobConfig
+from forge.config import ConfigError, JobConfig, flatten_dict
 from forge.train import distributed as dist
 
 CHECKPOINTS = "checkpoints"
@@ -117,19 +117,8 @@ def read_state(path: str) -> dict:
 
 
 # ---------------------------------------------------------------- compatibility
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_dict(old), flatten_dict(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -16,15 +16,8 @@ from typing import Any
 
 import torch
 
-from forge.config import ConfigError, JobConfig
+from forge.config import ConfigError, JobConfig, flatten_dict, merge_dicts
 from forge.train.schedule import ForgeLRScheduler
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_template(path: str) -> dict:
@@ -78,8 +71,6 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.pp_partition not in ("parameters", "uniform") and not p.pp_partition.startswith("type:"):
         raise ConfigError(f"parallel.pp_partition={p.pp_partition!r} is not one of ['parameters', 'uniform', 'type:<regex>']")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} is not one of [0, 1, 2, 3]")
     if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage 1 or 2")
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
@@ -104,7 +95,7 @@ FORGE_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", 
 
 def check_template(template: dict, derived: dict, name: str | None) -> None:
     """A template may add DeepSpeed-only settings but not contradict what Forge derives."""
-    flat_t, flat_d = _flatten(template), _flatten(derived)
+    flat_t, flat_d = flatten_dict(template), flatten_dict(derived)
     owned = [k for k in set(flat_t) & set(flat_d) if k.startswith(FORGE_OWNED)]
     if "offload_optimizer" in template.get("zero_optimization", {}) and "offload_optimizer" not in derived["zero_optimization"]:
         raise ConfigError(f"parallel.ds_config={name!r} offloads the optimizer, but parallel.offload_optimizer is "
@@ -114,13 +105,6 @@ def check_template(template: dict, derived: dict, name: str | None) -> None:
             raise ConfigError(f"parallel.ds_config={name!r} sets {key}={flat_t[key]!r}, but the Forge config gives "
                               f"{flat_d[key]!r} (set it through the Forge config, e.g. parallel.zero_stage, "
                               "train.micro_batch_size, train.precision, optim.*)")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
@@ -151,7 +135,7 @@ def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
     base = load_template(p.ds_config) if p.ds_config else {}
     base.pop("scheduler", None)         # Forge drives the learning rate
     check_template(base, derived, p.ds_config)
-    return _deep_merge(base, derived)
+    return merge_dicts(base, derived)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

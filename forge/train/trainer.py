@@ -228,9 +228,7 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     groups = build_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     seed_everything(cfg.train.seed)
     bundle = data if data is not None else _build_data(cfg, rank, world)
-    resolve_vocab(cfg, bundle.tokenizer, explicit_vocab)
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    resolve_vocab(cfg, bundle.tokenizer, explicit_vocab)          # re-validates the config
     if state0 is not None:
         warnings = ckpt.check_compatible(state0, cfg, groups.dp, resume_path)
     else:
@@ -246,9 +244,8 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     else:                                       # a pipeline: "full" is its checkpoint interval of 1
-        from forge.models.block import Block
-        for block in (m for m in model.modules() if isinstance(m, Block)):
-            block.checkpoint_attention = cfg.train.activation_checkpointing == "attention"
+        from forge.models.block import set_attention_checkpointing
+        set_attention_checkpointing(model, cfg.train.activation_checkpointing == "attention")
     engine = create_engine(cfg, model, groups)
     try:
         return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups)

@@ -255,19 +255,16 @@ def pick_family(cfg: ModelConfig, prefer: str | None = None, strict: bool = True
 
 # ---------------------------------------------------------------- locating inputs
 def newest_checkpoint_model(run_dir: str) -> str:
-    """`run_dir/checkpoints/step_*/model` of the newest step with a COMPLETE marker."""
-    ckdir = os.path.join(run_dir, "checkpoints")
-
-    def step(name):
-        m = re.fullmatch(r"step_(\d+)", name)
-        return int(m.group(1)) if m else -1
-    names = sorted((n for n in os.listdir(ckdir) if step(n) >= 0), key=step, reverse=True)
-    for n in names:
-        d = os.path.join(ckdir, n)
-        if os.path.isfile(os.path.join(d, "COMPLETE")) and is_forge_folder(os.path.join(d, "model")):
-            return os.path.join(d, "model")
-    raise FileNotFoundError(f"{ckdir!r} holds no complete checkpoint (a step_* folder with a COMPLETE marker and a "
-                            f"model/ folder with {CONFIG_FILE} and {WEIGHTS_FILE}); found {names[:8]}")
+    """`run_dir/checkpoints/step_*/model` of the newest step with a COMPLETE marker (the
+    trainer's own checkpoint discovery, forge.train.checkpoint)."""
+    from forge.train.checkpoint import MODEL_DIR, checkpoints_dir, list_checkpoints
+    for _, d in reversed(list_checkpoints(run_dir)):
+        if is_forge_folder(os.path.join(d, MODEL_DIR)):
+            return os.path.join(d, MODEL_DIR)
+    found = [os.path.basename(d) for _, d in list_checkpoints(run_dir, complete_only=False)]
+    raise FileNotFoundError(f"{checkpoints_dir(run_dir)!r} holds no complete checkpoint (a step_* folder with a "
+                            f"COMPLETE marker and a model/ folder with {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                            f"found {found[-8:] or 'no step dirs'}")
 
 
 def _offline() -> bool:
