@@ -41,7 +41,8 @@ from forge.config import ConfigError, JobConfig, save_config
 from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
-from forge.train.engine import check_supported, create_engine, manual_clipping
+from forge.train.engine import backward, check_supported, create_engine, manual_clipping
+from forge.train.engine import grad_norm as engine_grad_norm
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
 
@@ -345,14 +346,13 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                     micro_losses.append(_batch_loss(engine, it, GA, train=True) * GA)
                 for micro in range(GA if groups.pp == 1 else 0):
                     loss = _micro_loss(engine, next(it))
-                    engine.backward(loss)
+                    backward(engine, loss, check=step == start_step + 1 and micro == 0)
                     if clip_here and micro == GA - 1:
                         grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
                     engine.step()
                     micro_losses.append(loss.detach().float().item())
                 if grad_norm is None:
-                    g = engine.get_global_grad_norm()
-                    grad_norm = float(g) if g is not None else None
+                    grad_norm = engine_grad_norm(engine)
                 if has_moe:
                     update_moe_biases(engine.module, groups.dp_group)
                 consumed += samples_per_step

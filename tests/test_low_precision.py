@@ -1,0 +1,71 @@
+"""bf16 and fp16 (dynamic loss scaling) train like fp32, at ZeRO 0 and ZeRO 1.
+
+DeepSpeed's CPU accelerator declines fp16, but its FP16 optimizers run on CPU tensors; the tests
+declare fp16 supported so that the loss-scaling paths (forge.train.engine.backward at ZeRO 0,
+DeepSpeed's ZeRO optimizer at stage 1) run here. The losses of the first steps must stay within
+low-precision roundoff (1e-3 relative) of an fp32 run, and the weights within a small fraction
+of the total update lr * steps. Two DeepSpeed 0.19 faults each break this by far more:
+the ZeRO-0 fp16 loss left unscaled while step() divides by the scale (updates 65536x too small
+before Adam's epsilon), and the zero-gradient AdamW step that primes the ZeRO-0 low-precision
+optimizer (bias corrections one step off: step-2 loss 7.5e-3 relative behind fp32)."""
+import pytest
+import torch
+
+STEPS = 4
+
+
+def _run(tmp_path, precision, zero_stage):
+    from forge.config import load_config
+    from forge.train.trainer import train
+    cfg = load_config(None, [
+        "model.preset=tiny-llama", "model.max_seq_len=32", "model.dropout=0.0", "data.seq_len=32",
+        f"data.cache_dir={tmp_path / 'data'}", f"train.max_steps={STEPS}", "train.micro_batch_size=4",
+        "train.grad_accum=2", "train.eval_interval=0", "train.save_interval=0", "train.log_interval=1",
+        f"train.precision={precision}", "optim.lr=2e-3", "optim.warmup_steps=1", "optim.schedule=constant",
+        "optim.grad_clip=1.0", f"parallel.zero_stage={zero_stage}", f"train.out_dir={tmp_path / precision}",
+        "log.progress=false"])
+    result = train(cfg)
+    from safetensors.torch import load_file
+    import glob
+    path = sorted(glob.glob(str(tmp_path / precision / "checkpoints" / "step_*" / "model" / "model.safetensors")))[-1]
+    return result.losses, result.grad_norms, load_file(path)
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+    acc = type(get_accelerator())
+    monkeypatch.setattr(acc, "is_fp16_supported", lambda self: True)
+    monkeypatch.setattr(acc, "supported_dtypes", lambda self: [torch.float, torch.half, torch.bfloat16])
+
+
+@pytest.mark.parametrize("precision, zero_stage", [("fp16", 0), ("fp16", 1), ("bf16", 0)])
+def test_low_precision_matches_fp32(tmp_path, fp16_on_cpu, one_thread, precision, zero_stage):
+    ref_losses, ref_norms, ref_weights = _run(tmp_path, "fp32", zero_stage)
+    losses, norms, weights = _run(tmp_path, precision, zero_stage)
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= 1e-3 * b, (losses, ref_losses)
+    for a, b in zip(norms, ref_norms):        # reported unscaled, like fp32's
+        assert abs(a - b) <= 2e-2 * b, (norms, ref_norms)
+    moved = torch.cat([(weights[k].float() - ref_weights[k]).flatten() for k in ref_weights])
+    # the weights are stored in fp16/bf16 (roundoff 5e-4 / 4e-3 relative); updates total lr * steps
+    assert moved.abs().mean() < 0.05 * 2e-3 * STEPS, moved.abs().mean()
+
+
+def test_fp16_refused_where_deepspeed_has_no_fp16():
+    from forge.config import ConfigError, load_config
+    from forge.train.engine import check_supported
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this accelerator supports fp16")
+    cfg = load_config(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a GPU"):
+        check_supported(cfg)
+
+
+def test_fp16_pipeline_at_zero0_refused():
+    from forge.config import ConfigError, load_config
+    from forge.train.engine import check_supported
+    cfg = load_config(None, ["train.precision=fp16", "parallel.pp=2", "parallel.zero_stage=0"])
+    with pytest.raises(ConfigError, match="parallel.zero_stage=1"):
+        check_supported(cfg)
