@@ -1,6 +1,7 @@
 """Every parallel layout trains like one process: `forge train` under tp / pp / dp (ZeRO 1-3),
-sequence parallelism and their combinations (gloo, CPU processes) gives the same first losses and
-the same final parameters as a single process that sees the same global batch, within 1e-5."""
+sequence parallelism, expert parallelism (ZeRO 0-2) and their combinations (gloo, CPU processes)
+gives the same first losses and the same final parameters as a single process that sees the same
+global batch, within 1e-5."""
 import json
 import os
 
@@ -80,15 +81,26 @@ LAYOUTS = [  # (preset, world, dp, parallel settings)
     ("tiny-gpt2", 2, 1, dict(pp=2, zero_stage=1)),
     ("tiny-gpt2", 2, 2, dict(zero_stage=3)),
     ("tiny-mixtral", 2, 2, dict(ep=2)),
+    ("tiny-mixtral", 2, 2, dict(ep=2, zero_stage=1)),
+    ("tiny-mixtral", 2, 2, dict(ep=2, zero_stage=2)),
+    ("tiny-mixtral", 4, 4, dict(ep=2)),                 # two expert-data-parallel replicas of each expert
+    ("tiny-mixtral", 4, 4, dict(ep=2, zero_stage=1)),   # expert optimizer state split over them
 ]
 
 
-@pytest.mark.parametrize("preset, world, dp, parallel", LAYOUTS,
-                         ids=[f"{p}-" + "-".join(f"{k}{v}" for k, v in par.items()) for p, _, _, par in LAYOUTS])
+def _layout_id(preset, world, dp, parallel):
+    name = f"{preset}-" + "-".join(f"{k}{v}" for k, v in parallel.items())
+    return name + (f"-dp{dp}" if "ep" in parallel and dp != parallel["ep"] else "")
+
+
+@pytest.mark.parametrize("preset, world, dp, parallel", LAYOUTS, ids=[_layout_id(*layout) for layout in LAYOUTS])
 def test_layout_matches_one_process(tmp_path_factory, cache_dir, preset, world, dp, parallel):
-    # MoE: the router's load-balancing loss is not additive over micro batches, so the reference
-    # runs the micro batches that the expert-parallel group sees together (2 per rank x dp)
-    ref_micro = 2 * dp if "ep" in parallel else 2
+    # MoE: the router's load-balancing loss is not additive over micro batches (its expert shares
+    # are counted over the tokens of the whole expert-parallel group), so the reference runs
+    # together the micro batches that one expert-parallel group sees: 2 per rank x ep. Data ranks
+    # take consecutive samples and ep groups are consecutive data ranks, so reference micro batch
+    # j of a step is exactly expert-parallel group j's (j = micro step * dp/ep + group).
+    ref_micro = 2 * parallel["ep"] if "ep" in parallel else 2
     ref_losses, ref_weights = reference(tmp_path_factory, cache_dir, preset, ref_micro)
     out = str(tmp_path_factory.mktemp("layout"))
     losses, weights = run(job(out, cache_dir, preset, dp, **parallel), world)
