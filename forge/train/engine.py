@@ -63,9 +63,6 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
         raise ConfigError("forge train runs mixture-of-experts models with data and expert parallelism "
                           "(parallel.ep) for now; the MoE layers support tp at the model level, the engine "
                           "wiring for tp/pp with MoE comes next: set parallel.tp=1 and parallel.pp=1")
-    if p.ep > 1 and p.zero_stage == 3:
-        raise ConfigError(f"parallel.ep={p.ep} with parallel.zero_stage=3: DeepSpeed does not run expert "
-                          "parallelism under ZeRO 3; use parallel.zero_stage=1 or 2 (or 0) with parallel.ep")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.pp_partition not in ("parameters", "uniform") and not p.pp_partition.startswith("type:"):
