@@ -253,9 +253,11 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
     return path
 
 
-def load_checkpoint(engine, path: str) -> dict:
+def load_checkpoint(engine, path: str, groups=None) -> dict:
     """Load engine state (weights, optimizer, lr schedule) from checkpoint `path`; returns its
-    trainer state (with the RNG state of this rank under "rng", to be applied by the caller)."""
+    trainer state (with the RNG state of this rank under "rng", to be applied by the caller).
+    Under expert parallelism (`groups.ep > 1`) each rank's experts are then restored from the
+    checkpoint's model folder (`_restore_experts`)."""
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path!r} is incomplete (no {COMPLETE} marker)")
     state = read_state(path)
@@ -265,8 +267,27 @@ def load_checkpoint(engine, path: str) -> dict:
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the engine state under {os.path.join(path, DS_TAG)!r}")
+    if groups is not None and groups.ep > 1:
+        _restore_experts(engine.module, path, groups)
     rng_file = _rng_file(path, dist.rank())
     if not os.path.isfile(rng_file):
         rng_file = _rng_file(path, 0)
     state["rng"] = torch.load(rng_file, weights_only=False) if os.path.isfile(rng_file) else None
     return state
+
+
+def _restore_experts(model, path: str, groups) -> None:
+    """Copy this rank's slice of every expert tensor from the checkpoint's model folder (all
+    experts, gathered over ep when saved) into `model`. DeepSpeed writes the module weights from
+    data-parallel rank 0 only and recognises experts only in its own MoE layer class, so its
+    load gives every expert-parallel rank the experts of ep rank 0. Under ZeRO 1/2 the fp32
+    master partitions, which each rank saves and loads itself, are right already; this puts the
+    module's copies (what the next forward uses) in line with them."""
+    from safetensors import safe_open
+    from forge.models.io import WEIGHTS_FILE
+    from forge.models.layers.moe import expert_params
+    experts = expert_params(model)
+    with safe_open(os.path.join(path, MODEL_DIR, WEIGHTS_FILE), framework="pt") as f, torch.no_grad():
+        for name, p in experts.items():
+            n = p.shape[0]
+            p.copy_(f.get_slice(name)[groups.ep_rank * n:(groups.ep_rank + 1) * n])

@@ -63,10 +63,6 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
         raise ConfigError("forge train runs mixture-of-experts models with data and expert parallelism "
                           "(parallel.ep) for now; the MoE layers support tp at the model level, the engine "
                           "wiring for tp/pp with MoE comes next: set parallel.tp=1 and parallel.pp=1")
-    if p.ep > 1 and p.zero_stage > 0:
-        raise ConfigError(f"parallel.ep={p.ep} with parallel.zero_stage={p.zero_stage}: forge train runs expert "
-                          "parallelism with ZeRO 0 for now (its expert gradients under DeepSpeed's ZeRO 1/2 do not "
-                          "yet match one process); use parallel.zero_stage=0")
     if cfg.train.precision == "fp16" and p.zero_stage == 0 and p.pp > 1:
         raise ConfigError("train.precision=fp16 with parallel.zero_stage=0 and parallel.pp > 1: DeepSpeed's pipeline "
                           "engine does not scale the fp16 loss at ZeRO 0; use parallel.zero_stage=1 (or bf16)")
@@ -122,6 +118,10 @@ def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
     if p.zero_stage > 0:
         # no side streams on CPU; contiguous buffers and overlap only pay off on GPUs
         zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=torch.cuda.is_available())
+        if p.ep > 1:
+            # required with expert parallelism, on CPU too (and over a template's values): see
+            # _expert_parallel_for_deepspeed
+            zero.update(contiguous_gradients=True, reduce_scatter=True)
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
@@ -227,7 +227,25 @@ def _expert_parallel_for_deepspeed(params, groups):
     only its own MoE layer class, so: register its expert groups (the consecutive layout that
     forge.parallel.groups also uses at tp = pp = 1), give experts their own optimizer param groups,
     and mark the engine as holding MoE layers while it configures itself. Expert parameters carry
-    allreduce=False and group_name="ep_size_{ep}" (forge.models.layers.moe)."""
+    allreduce=False and group_name="ep_size_{ep}" (forge.models.layers.moe).
+
+    ZeRO 0: the engine's allreduce_gradients splits expert and dense gradients itself.
+    ZeRO 1/2: the optimizer (stage_1_and_2.py) partitions each expert param group over its
+    expert-data-parallel group and routes expert gradients there only on its contiguous-buffer,
+    reduce-scatter path (average_tensor, which divides by the data-parallel size, then reduces
+    each expert slice over group_name's expert-data-parallel group); build_ds_config therefore
+    sets contiguous_gradients and reduce_scatter whenever ep > 1. Its other path, taken with
+    contiguous_gradients=false (Forge's CPU default, and what made ZeRO 1 differ from one process
+    by ~6e-3 at step 2), all-reduces every gradient over the full data-parallel group: rank r's
+    expert e then receives the sum of the gradients of the different experts that the other ep
+    ranks hold in the same slot. Its clip norm sums partition norms over the data-parallel group,
+    which covers every expert once (each expert-data-parallel group holds one ep shard, split).
+
+    Fragile across DeepSpeed versions (written against 0.19.8): setting `has_moe_layers` on the
+    engine is a patch of the private DeepSpeedEngine._configure_distributed_model (undone on exit
+    of the returned context), the groups come from the private deepspeed.utils.groups helpers,
+    and the reduction path above is an implementation detail; tests/test_parallel_layouts.py
+    (tiny-mixtral ep2 with ZeRO 0/1/2, and dp4) catches a change in any of them."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.utils import groups as ds_groups

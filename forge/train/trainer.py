@@ -271,7 +271,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     start_step, consumed, tokens = 0, 0, 0
     rng = None
     if resume_path:
-        state = ckpt.load_checkpoint(engine, resume_path)
+        state = ckpt.load_checkpoint(engine, resume_path, groups)
         start_step, consumed = int(state["step"]), int(state["consumed_samples"])
         tokens, rng = int(state.get("tokens", consumed * T)), state.get("rng")
         sched = getattr(engine, "lr_scheduler", None)
