@@ -245,9 +245,16 @@ def expert_params(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if getattr(p, "expert", False)}
 
 
+def _expert_names(model_or_names) -> set[str]:
+    if isinstance(model_or_names, nn.Module):
+        return set(expert_params(model_or_names))
+    return set(model_or_names)
+
+
 def shard_experts(full: dict[str, torch.Tensor], model, ep_group) -> dict[str, torch.Tensor]:
-    """This rank's slice (dim 0) of every expert tensor of a state dict holding all experts."""
-    ep, rank, experts = group_size(ep_group), group_rank(ep_group), expert_params(model)
+    """This rank's slice (dim 0) of every expert tensor of a state dict holding all experts.
+    `model`: the model whose expert parameter names key `full`, or those names themselves."""
+    ep, rank, experts = group_size(ep_group), group_rank(ep_group), _expert_names(model)
     out = {}
     for name, t in full.items():
         out[name] = t.chunk(ep, dim=0)[rank].clone() if name in experts and ep > 1 else t
@@ -255,9 +262,10 @@ def shard_experts(full: dict[str, torch.Tensor], model, ep_group) -> dict[str, t
 
 
 def gather_experts(local: dict[str, torch.Tensor], model, ep_group) -> dict[str, torch.Tensor]:
-    """All experts (concatenated over the ep group along dim 0) from every rank's slices."""
+    """All experts (concatenated over the ep group along dim 0) from every rank's slices.
+    `model`: the model whose expert parameter names key `local`, or those names themselves."""
     import torch.distributed as dist
-    ep, experts = group_size(ep_group), expert_params(model)
+    ep, experts = group_size(ep_group), _expert_names(model)
     out = {}
     for name, t in local.items():
         if name not in experts or ep == 1:
