@@ -1,7 +1,9 @@
 """Every parallel layout trains like one process: `forge train` under tp / pp / dp (ZeRO 1-3),
-sequence parallelism, expert parallelism (ZeRO 0-2) and their combinations (gloo, CPU processes)
-gives the same first losses and the same final parameters as a single process that sees the same
-global batch, within 1e-5."""
+sequence parallelism, expert parallelism (ZeRO 0-2) and their combinations (gloo, CPU processes) gives the
+same first losses and the same final parameters as a single process that sees the same global
+batch, within 1e-5. The MoE model trains with its aux loss and aux-loss-free balancing (the
+expert biases are in the compared state), and where rank 0 sees every token of the batch (tp,
+pp) its logged MoE metrics, averaged over the layers of every pipeline stage, equal one process's."""
 import json
 import os
 
@@ -17,13 +19,16 @@ LR = 2e-3
 
 def job(out_dir, cache_dir, preset, ranks_per_batch, micro=2, **parallel):
     """The run as overrides; `ranks_per_batch` = dp, so micro batches x dp is the same global batch
-    of 8 sequences."""
+    of 8 sequences. Adam's eps is 1e-6, not 1e-8: on the first step Adam moves a parameter by
+    lr * g / (|g| + eps), so a gradient entry that happens to be near 1e-9 (one in tiny-mixtral's
+    layers.1.attn.wo) turns fp32 roundoff of the reduction order into a 1e-5 difference."""
+    moe = ["model.moe.bias_update_rate=0.01"] if "mixtral" in preset else []
     ga = 8 // (micro * ranks_per_batch)
     over = [f"model.preset={preset}", "model.max_seq_len=32", "model.dropout=0.0", "data.seq_len=32",
             f"data.cache_dir={cache_dir}", "train.max_steps=%d" % STEPS, f"train.micro_batch_size={micro}",
             f"train.grad_accum={ga}", "train.eval_interval=0", "train.save_interval=0", "train.log_interval=1",
             "train.precision=fp32", f"optim.lr={LR}", "optim.warmup_steps=1", "optim.schedule=constant",
-            "optim.grad_clip=0.5", f"train.out_dir={out_dir}", "log.progress=false"]
+            "optim.grad_clip=0.5", "optim.eps=1e-6", f"train.out_dir={out_dir}", "log.progress=false", *moe]
     section = {"activation_checkpointing": "train"}
     return over + [f"{section.get(k, 'parallel')}.{k}={v}" for k, v in parallel.items()]
 
@@ -41,9 +46,11 @@ def run(overrides, world):
         run_distributed(_train, world, overrides)
     out = [o.split("=", 1)[1] for o in overrides if o.startswith("train.out_dir=")][0]
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    losses = [r["loss"] for r in records]
+    moe = [{k: v for k, v in r.items() if k.startswith("moe/")} for r in records]
     weights = load_file(os.path.join(out, "checkpoints", f"step_{STEPS:08d}", "model", "model.safetensors"))
-    return losses, weights
+    return losses, weights, moe
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,11 @@ LAYOUTS = [  # (preset, world, dp, parallel settings)
     ("tiny-mixtral", 2, 2, dict(ep=2, zero_stage=2)),
     ("tiny-mixtral", 4, 4, dict(ep=2)),                 # two expert-data-parallel replicas of each expert
     ("tiny-mixtral", 4, 4, dict(ep=2, zero_stage=1)),   # expert optimizer state split over them
+    ("tiny-mixtral", 2, 1, dict(tp=2)),
+    ("tiny-mixtral", 2, 1, dict(pp=2)),
+    ("tiny-mixtral", 2, 1, dict(pp=2, zero_stage=1)),
+    ("tiny-mixtral", 4, 2, dict(ep=2, pp=2)),
+    ("tiny-mixtral", 4, 2, dict(tp=2, ep=2)),
 ]
 
 
@@ -101,12 +113,17 @@ def test_layout_matches_one_process(tmp_path_factory, cache_dir, preset, world, 
     # take consecutive samples and ep groups are consecutive data ranks, so reference micro batch
     # j of a step is exactly expert-parallel group j's (j = micro step * dp/ep + group).
     ref_micro = 2 * parallel["ep"] if "ep" in parallel else 2
-    ref_losses, ref_weights = reference(tmp_path_factory, cache_dir, preset, ref_micro)
+    ref_losses, ref_weights, ref_moe = reference(tmp_path_factory, cache_dir, preset, ref_micro)
+    # a pipeline passes its micro batches (2 sequences each) one by one, as the reference does
     out = str(tmp_path_factory.mktemp("layout"))
-    losses, weights = run(job(out, cache_dir, preset, dp, **parallel), world)
+    losses, weights, moe = run(job(out, cache_dir, preset, dp, **parallel), world)
     assert len(losses) == STEPS
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
+    if dp == 1:     # rank 0 routes every token of the batch (under ep, only its own share)
+        for mine, ref in zip(moe, ref_moe):
+            assert mine.keys() == ref.keys() and all(abs(mine[k] - v) <= 1e-5 * abs(v) + 1e-7 for k, v in ref.items()), \
+                (mine, ref)
     assert weights.keys() == ref_weights.keys()
     for name, ref in ref_weights.items():
         if name.endswith("attn.wk.bias"):
@@ -118,15 +135,17 @@ def test_layout_matches_one_process(tmp_path_factory, cache_dir, preset, world, 
         assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
 
 
-def test_expert_parallel_resume_matches_one_process(tmp_path_factory, cache_dir):
-    """ep=2 under ZeRO 1, stopped after step 2 and resumed: every rank gets its own experts back
-    (DeepSpeed's module file holds ep rank 0's), so steps 3-4 and the final weights still equal
-    one process."""
-    ref_losses, ref_weights = reference(tmp_path_factory, cache_dir, "tiny-mixtral", 4)
+@pytest.mark.parametrize("world, parallel", [(2, dict(ep=2, zero_stage=1)), (4, dict(ep=2, tp=2))],
+                         ids=["ep2-zero1", "ep2-tp2"])
+def test_expert_parallel_resume_matches_one_process(tmp_path_factory, cache_dir, world, parallel):
+    """ep=2 (under ZeRO 1; with tp=2), stopped after step 2 and resumed: every rank gets its own
+    experts back (DeepSpeed's module file holds ep rank 0's; with tp, each expert's tp shard), so
+    steps 3-4 and the final weights still equal one process."""
+    ref_losses, ref_weights, _ = reference(tmp_path_factory, cache_dir, "tiny-mixtral", 4)
     out = str(tmp_path_factory.mktemp("ep-resume"))
-    over = job(out, cache_dir, "tiny-mixtral", 2, ep=2, zero_stage=1)
-    run_distributed(_train, 2, over, 2)                    # stops after step 2 with a checkpoint
-    losses, weights = run(over + ["train.resume=auto"], 2)
+    over = job(out, cache_dir, "tiny-mixtral", 2, **parallel)
+    run_distributed(_train, world, over, 2)                # stops after step 2 with a checkpoint
+    losses, weights, _ = run(over + ["train.resume=auto"], world)
     assert len(losses) == STEPS
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)

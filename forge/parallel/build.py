@@ -4,8 +4,9 @@ tensor-parallel shards (and, with a pipeline, its stage's layers).
 
     pp == 1: a Transformer with tp-sharded layers (a plain Transformer at tp == 1)
     pp > 1:  a DeepSpeed PipelineModule of the same layers over the groups' topology
-`full_state_dict` is the inverse: gather shards over tp and stages over pp to one full state
-dict (Forge names) on global rank 0, for Forge model folders and conversion.
+With ep > 1 each rank then keeps its E/ep experts of every MoE layer (dim 0, by ep rank).
+`full_state_dict` is the inverse: gather shards over tp, experts over ep and stages over pp to
+one full state dict (Forge names) on global rank 0, for Forge model folders and conversion.
 """
 from __future__ import annotations
 
@@ -41,11 +42,13 @@ def _build(cfg, groups, sequence_parallel, partition, checkpoint_interval):
         local = shard_experts(shard_state_dict(sd, model, groups.tp_group), model, groups.ep_group)
         load_state_dict_strict(model, local, "initial weights")
         return model
+    from forge.models.layers.moe import shard_experts
     from forge.parallel.pipeline import build_pipeline, pipeline_state_dict
     with torch.device("meta"):               # parameter names and partition dims of the tp layout
         dims = partition_dims(Transformer(cfg, groups.tp_group, sequence_parallel))
     pipe = build_pipeline(cfg, groups, sequence_parallel, partition, checkpoint_interval)
-    pipe.load_state_dict(pipeline_state_dict(shard_state_dict(sd, dims, groups.tp_group), pipe, cfg.n_layers))
+    stage = pipeline_state_dict(shard_state_dict(sd, dims, groups.tp_group), pipe, cfg.n_layers)
+    pipe.load_state_dict(shard_experts(stage, pipe, groups.ep_group))
     pipe.forge_partition_dims = dims         # Forge name -> partition dim, for gathering
     return pipe
 
@@ -74,6 +77,13 @@ def universal_checkpoint_info(model, cfg, tp: int) -> dict:
     }
 
 
+def _forge_name(name: str, model, cfg) -> str:
+    if not hasattr(model, "forge_partition_dims"):
+        return name
+    from forge.parallel.pipeline import forge_name
+    return forge_name(name, cfg.n_layers)
+
+
 def stage_state_dict(model, cfg) -> dict[str, torch.Tensor]:
     """This rank's tensors under Forge names (a pipeline stage's part, or the whole model)."""
     if not hasattr(model, "forge_partition_dims"):
@@ -89,8 +99,8 @@ def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tenso
     layout = getattr(model, "forge_partition_dims", model)
     full = gather_tensors(local, layout, groups.tp_group, cfg.vocab_size)
     if groups.ep > 1:
-        from forge.models.layers.moe import gather_experts
-        full = gather_experts(full, model, groups.ep_group)
+        from forge.models.layers.moe import expert_params, gather_experts
+        full = gather_experts(full, {_forge_name(n, model, cfg) for n in expert_params(model)}, groups.ep_group)
     if groups.pp == 1 or not dist.is_initialized():
         return full if groups.rank == 0 else None
     stages = [None] * groups.pp
@@ -103,6 +113,25 @@ def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tenso
         for k, v in (part or {}).items():
             merged.setdefault(k, v)          # a tied embedding appears on the first and last stage
     return merged
+
+
+def load_local_experts(model, cfg, groups: ParallelGroups, weights_file: str) -> None:
+    """Copy into `model` this rank's part of every expert tensor from a full (Forge names, all
+    experts) safetensors file: its ep slice along dim 0, then its tp shard, as `_build` cuts
+    them. Reads only those slices, so no rank loads the whole model."""
+    from safetensors import safe_open
+    from forge.models.layers.moe import expert_params
+    dims = getattr(model, "forge_partition_dims", None) or partition_dims(model)
+    with safe_open(weights_file, framework="pt") as f, torch.no_grad():
+        for name, p in expert_params(model).items():
+            full = _forge_name(name, model, cfg)
+            per_rank = f.get_slice(full).get_shape()[0] // groups.ep
+            part = f.get_slice(full)[groups.ep_rank * per_rank:(groups.ep_rank + 1) * per_rank]
+            part = shard_state_dict({full: part}, dims, groups.tp_group)[full]
+            if part.shape != p.shape:
+                raise ValueError(f"expert tensor {full!r} in {weights_file}: this rank's part has shape "
+                                 f"{tuple(part.shape)}, the model's parameter {tuple(p.shape)}")
+            p.copy_(part)
 
 
 def global_grad_norm(params, groups: ParallelGroups) -> torch.Tensor:

@@ -8,6 +8,11 @@ holds a copy of the embedding whose gradient DeepSpeed sums with the first stage
 Parameter names map to Forge's: "{i}.rest" is "layers.{i-1}.rest" for a block and "rest" for
 the others; "tied_modules.embed.rest" is "rest". Used only when pp > 1 (pp = 1 trains the plain
 module, with no pipeline-engine overhead).
+
+Mixture of experts: a BlockPipe's MoE holds this rank's E/ep experts (all-to-all over the
+stage's expert-parallel group, which lies inside one stage's data-parallel ranks). Its auxiliary
+losses need nothing from the pipeline: `attach_aux_loss` hangs them on the block's output, so the
+stage's backward (driven by the gradient received from the next stage) also backpropagates them.
 """
 from __future__ import annotations
 
@@ -45,8 +50,8 @@ def tied_head(module: EmbedPipe, x):  # (B, T, D) -> (B, T, V/tp)
 
 
 class BlockPipe(Block):
-    def __init__(self, cfg, layer_idx, tp_group=None, sequence_parallel=False):
-        super().__init__(cfg, layer_idx, tp_group, sequence_parallel)
+    def __init__(self, cfg, layer_idx, tp_group=None, sequence_parallel=False, ep_group=None):
+        super().__init__(cfg, layer_idx, tp_group, sequence_parallel, ep_group)
         self.tp_group, self.sp = tp_group, sequence_parallel
 
     def forward(self, x):
@@ -71,7 +76,7 @@ class HeadPipe(nn.Module):
         return self.head(x)
 
 
-def pipeline_specs(cfg, tp_group=None, sequence_parallel=False) -> list:
+def pipeline_specs(cfg, tp_group=None, sequence_parallel=False, ep_group=None) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
     sp = sequence_parallel and group_size(tp_group) > 1
     args = (cfg, tp_group, sp)
@@ -79,7 +84,7 @@ def pipeline_specs(cfg, tp_group=None, sequence_parallel=False) -> list:
     first = TiedLayerSpec("embed", EmbedPipe, *args, **tie) if cfg.tie_embeddings else LayerSpec(EmbedPipe, *args)
     last = (TiedLayerSpec("embed", EmbedPipe, *args, forward_fn=tied_head, **tie) if cfg.tie_embeddings
             else LayerSpec(HeadPipe, *args))
-    blocks = [LayerSpec(BlockPipe, cfg, i, tp_group, sp) for i in range(cfg.n_layers)]
+    blocks = [LayerSpec(BlockPipe, cfg, i, tp_group, sp, ep_group) for i in range(cfg.n_layers)]
     return [first, *blocks, LayerSpec(NormPipe, *args), last]
 
 
@@ -92,7 +97,8 @@ def build_pipeline(cfg, groups, sequence_parallel=False, partition="parameters",
     def loss_fn(logits, labels):
         return lm_loss(logits, labels, tp_group)
 
-    return PipelineModule(layers=pipeline_specs(cfg, tp_group, sequence_parallel), topology=groups.topology,
+    return PipelineModule(layers=pipeline_specs(cfg, tp_group, sequence_parallel, groups.ep_group),
+                          topology=groups.topology,
                           loss_fn=loss_fn, partition_method=partition,
                           activation_checkpoint_interval=checkpoint_interval,
                           activation_checkpoint_func=lambda f, *a: checkpoint(f, *a, use_reentrant=False))

@@ -253,7 +253,7 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
     return path
 
 
-def load_checkpoint(engine, path: str, groups=None) -> dict:
+def load_checkpoint(engine, path: str, groups=None, cfg=None) -> dict:
     """Load engine state (weights, optimizer, lr schedule) from checkpoint `path`; returns its
     trainer state (with the RNG state of this rank under "rng", to be applied by the caller).
     Under expert parallelism (`groups.ep > 1`) each rank's experts are then restored from the
@@ -268,7 +268,7 @@ def load_checkpoint(engine, path: str, groups=None) -> dict:
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the engine state under {os.path.join(path, DS_TAG)!r}")
     if groups is not None and groups.ep > 1:
-        _restore_experts(engine.module, path, groups)
+        _restore_experts(engine.module, cfg.model, path, groups)
     rng_file = _rng_file(path, dist.rank())
     if not os.path.isfile(rng_file):
         rng_file = _rng_file(path, 0)
@@ -276,18 +276,13 @@ def load_checkpoint(engine, path: str, groups=None) -> dict:
     return state
 
 
-def _restore_experts(model, path: str, groups) -> None:
-    """Copy this rank's slice of every expert tensor from the checkpoint's model folder (all
-    experts, gathered over ep when saved) into `model`. DeepSpeed writes the module weights from
-    data-parallel rank 0 only and recognises experts only in its own MoE layer class, so its
-    load gives every expert-parallel rank the experts of ep rank 0. Under ZeRO 1/2 the fp32
-    master partitions, which each rank saves and loads itself, are right already; this puts the
-    module's copies (what the next forward uses) in line with them."""
-    from safetensors import safe_open
+def _restore_experts(model, cfg, path: str, groups) -> None:
+    """Put this rank's experts back from the checkpoint's model folder (all experts, gathered over
+    ep, tp and pp when saved). DeepSpeed writes the module weights from data-parallel rank 0 only
+    and recognises experts only in its own MoE layer class, so its load gives every
+    expert-parallel rank the experts of ep rank 0. Under ZeRO 1/2 the fp32 master partitions,
+    which each rank saves and loads itself, are right already; this puts the module's copies
+    (what the next forward uses) in line with them."""
     from forge.models.io import WEIGHTS_FILE
-    from forge.models.layers.moe import expert_params
-    experts = expert_params(model)
-    with safe_open(os.path.join(path, MODEL_DIR, WEIGHTS_FILE), framework="pt") as f, torch.no_grad():
-        for name, p in experts.items():
-            n = p.shape[0]
-            p.copy_(f.get_slice(name)[groups.ep_rank * n:(groups.ep_rank + 1) * n])
+    from forge.parallel.build import load_local_experts
+    load_local_experts(model, cfg, groups, os.path.join(path, MODEL_DIR, WEIGHTS_FILE))

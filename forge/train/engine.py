@@ -59,10 +59,10 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
     if p.zero_stage == 3 and p.tp > 1:
         raise ConfigError("parallel.zero_stage=3 with parallel.tp > 1 is not supported; use ZeRO 1 or 2 with tensor "
                           "parallelism, or ZeRO 3 with data parallelism alone")
-    if cfg.model.moe.n_experts and (p.tp > 1 or p.pp > 1):
-        raise ConfigError("forge train runs mixture-of-experts models with data and expert parallelism "
-                          "(parallel.ep) for now; the MoE layers support tp at the model level, the engine "
-                          "wiring for tp/pp with MoE comes next: set parallel.tp=1 and parallel.pp=1")
+    if p.ep > 1 and p.zero_stage > 0 and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(f"parallel.ep={p.ep} with parallel.tp={p.tp}, parallel.pp={p.pp} runs under "
+                          f"parallel.zero_stage=0 for now (ZeRO 1/2 with experts is tested with data and expert "
+                          f"parallelism alone); set parallel.zero_stage=0")
     if cfg.train.precision == "fp16" and p.zero_stage == 0 and p.pp > 1:
         raise ConfigError("train.precision=fp16 with parallel.zero_stage=0 and parallel.pp > 1: DeepSpeed's pipeline "
                           "engine does not scale the fp16 loss at ZeRO 0; use parallel.zero_stage=1 (or bf16)")
@@ -223,11 +223,20 @@ def _is_zero(optimizer) -> bool:
 
 def _expert_parallel_for_deepspeed(params, groups):
     """Let DeepSpeed reduce expert gradients over the expert-data-parallel group (summed, divided
-    by the data-parallel size) and dense ones over the data-parallel group. Its engine recognises
-    only its own MoE layer class, so: register its expert groups (the consecutive layout that
-    forge.parallel.groups also uses at tp = pp = 1), give experts their own optimizer param groups,
-    and mark the engine as holding MoE layers while it configures itself. Expert parameters carry
+    by the data-parallel size) and dense ones over the data-parallel group, also on pipeline
+    stages (its PipelineEngine reduces through the same buffered_allreduce_fallback). Its engine
+    recognises only its own MoE layer class, so: let DeepSpeed build its expert groups, check they
+    are Forge's (forge.parallel.groups: ep consecutive ranks of each data-parallel group, i.e. of
+    one pipeline stage and one tp rank), give experts their own optimizer param groups, and mark
+    the engine as holding MoE layers while it configures itself. Expert parameters carry
     allreduce=False and group_name="ep_size_{ep}" (forge.models.layers.moe).
+
+    Groups: at tp = pp = 1 DeepSpeed's consecutive layout (_create_expert_and_data_parallel). With
+    tp or pp its "expert tensor parallel" construction (_create_expert_data_and_model_parallel,
+    with Forge's groups as the mpu) splits each (stage, tp rank)'s data-parallel ranks the same
+    way, and records expert tp = tp, so that DeepSpeed's own norms (bf16 optimizer) sum the
+    tp-sharded expert gradients over tp (and pp) and then over ep. Its plain call would instead
+    take every stage's ranks as one data axis, which is not Forge's layout.
 
     ZeRO 0: the engine's allreduce_gradients splits expert and dense gradients itself.
     ZeRO 1/2: the optimizer (stage_1_and_2.py) partitions each expert param group over its
@@ -250,7 +259,10 @@ def _expert_parallel_for_deepspeed(params, groups):
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.utils import groups as ds_groups
     if f"ep_size_{groups.ep}" not in ds_groups._get_expert_parallel_group_dict():
-        ds_groups._create_expert_and_data_parallel(groups.ep)
+        if groups.tp == 1 and groups.pp == 1:
+            ds_groups._create_expert_and_data_parallel(groups.ep)
+        else:
+            ds_groups._create_expert_data_and_model_parallel(groups.ep, mpu=groups)
     for name, mine in (("expert", groups.ep_group), ("expert data", groups.edp_group)):
         getter = ds_groups._get_expert_parallel_group if name == "expert" else ds_groups._get_expert_data_parallel_group
         theirs = torch.distributed.get_process_group_ranks(getter(f"ep_size_{groups.ep}"))

@@ -271,7 +271,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     start_step, consumed, tokens = 0, 0, 0
     rng = None
     if resume_path:
-        state = ckpt.load_checkpoint(engine, resume_path, groups)
+        state = ckpt.load_checkpoint(engine, resume_path, groups, cfg)
         start_step, consumed = int(state["step"]), int(state["consumed_samples"])
         tokens, rng = int(state.get("tokens", consumed * T)), state.get("rng")
         sched = getattr(engine, "lr_scheduler", None)
@@ -327,9 +327,10 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
         logger.write(f"saved checkpoint {path}")
         return path
 
-    from forge.models.layers.moe import moe_layers, moe_metrics, update_moe_biases
+    from forge.models.layers.moe import moe_metrics, update_moe_biases
     from forge.models.layers.moe_router import set_aux_loss_scale
-    has_moe = bool(moe_layers(engine.module))
+    # every rank, also a pipeline stage without MoE layers: the metrics are gathered over pp
+    has_moe = bool(cfg.model.moe.n_experts)
     set_aux_loss_scale(1.0 / GA)       # the engine scales each micro batch's loss by 1/GA as well
 
     engine.train()
@@ -374,7 +375,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                     logger.log({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
                                 "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_t, 1e-9),
                                 "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3),
-                                **(moe_metrics(engine.module) if has_moe else {})})
+                                **(moe_metrics(engine.module, group=groups.pp_group) if has_moe else {})})
                     window_t, window_tokens, window_losses = 0.0, 0, []
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps):
                     val = evaluate(engine, bundle.valid, cfg, dp_rank, dp_size)

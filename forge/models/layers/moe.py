@@ -39,7 +39,8 @@ What a trainer calls:
     set_aux_loss_scale(s)            s = the factor the main loss is multiplied by before backward
                                      (1/grad_accum; times the loss scale when scaling fp16 losses by hand)
     update_moe_biases(model, dp)     after each optimizer step (aux-loss-free balancing; no-op otherwise)
-    moe_metrics(model)               at logging time: averages since the last call (then reset)
+    moe_metrics(model, group=pp)     at logging time: averages since the last call (then reset),
+                                     over the layers of every pipeline stage
     expert_params / shard_experts / gather_experts   expert tensors across the ep group (checkpoints)
 """
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Experts(nn.Module):
                 p.group_name = f"ep_size_{ep}"
             if tp > 1 and not name.startswith("w_out.bias"):
                 p.partition_dim = 2 if name.startswith("w_out") else 1
+                p.tensor_model_parallel = True    # DeepSpeed counts it on every tp rank in the grad norm
 
     def forward(self, x, sizes: list[int]):  # (M, D) grouped by local expert -> (M, D), partial over tp
         out_bias = self.w_out.bias
@@ -220,13 +222,21 @@ class MoE(nn.Module):
         return out
 
 
-def moe_metrics(model, reset: bool = True) -> dict:
+def moe_metrics(model, reset: bool = True, group=None) -> dict:
     """Averages over MoE layers (and forwards since the last call) of
     moe/aux_loss (E sum f P, 1 = balanced, no coefficient), moe/z_loss, moe/dropped_frac (share of
     this rank's assignments dropped by the capacity), moe/load_max_over_mean (max expert load /
-    mean, per forward, over the expert-parallel group), moe/tokens_per_expert_max and _mean."""
+    mean, per forward, over the expert-parallel group), moe/tokens_per_expert_max and _mean.
+    `group`: the pipeline group, whose stages hold the other layers; the per-layer values are
+    gathered over it (a collective: every rank of the group calls it, MoE layers or not), so
+    every stage returns the averages over all the model's MoE layers."""
     per_layer = [m.metrics(reset) for m in moe_layers(model)]
     per_layer = [d for d in per_layer if d]
+    if group is not None and group_size(group) > 1:
+        import torch.distributed as dist
+        stages = [None] * group_size(group)
+        dist.all_gather_object(stages, per_layer, group=group)
+        per_layer = [d for stage in stages for d in stage]
     if not per_layer:
         return {}
     return {f"moe/{k}": sum(d[k] for d in per_layer) / len(per_layer) for k in per_layer[0]}
@@ -245,9 +255,16 @@ def expert_params(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if getattr(p, "expert", False)}
 
 
+def _expert_names(model_or_names) -> set[str]:
+    if isinstance(model_or_names, nn.Module):
+        return set(expert_params(model_or_names))
+    return set(model_or_names)
+
+
 def shard_experts(full: dict[str, torch.Tensor], model, ep_group) -> dict[str, torch.Tensor]:
-    """This rank's slice (dim 0) of every expert tensor of a state dict holding all experts."""
-    ep, rank, experts = group_size(ep_group), group_rank(ep_group), expert_params(model)
+    """This rank's slice (dim 0) of every expert tensor of a state dict holding all experts.
+    `model`: the model whose expert parameter names key `full`, or those names themselves."""
+    ep, rank, experts = group_size(ep_group), group_rank(ep_group), _expert_names(model)
     out = {}
     for name, t in full.items():
         out[name] = t.chunk(ep, dim=0)[rank].clone() if name in experts and ep > 1 else t
@@ -255,9 +272,10 @@ def shard_experts(full: dict[str, torch.Tensor], model, ep_group) -> dict[str, t
 
 
 def gather_experts(local: dict[str, torch.Tensor], model, ep_group) -> dict[str, torch.Tensor]:
-    """All experts (concatenated over the ep group along dim 0) from every rank's slices."""
+    """All experts (concatenated over the ep group along dim 0) from every rank's slices.
+    `model`: the model whose expert parameter names key `local`, or those names themselves."""
     import torch.distributed as dist
-    ep, experts = group_size(ep_group), expert_params(model)
+    ep, experts = group_size(ep_group), _expert_names(model)
     out = {}
     for name, t in local.items():
         if name not in experts or ep == 1:
