@@ -69,3 +69,26 @@ def test_fp16_pipeline_at_zero0_refused():
     cfg = load_config(None, ["train.precision=fp16", "parallel.pp=2", "parallel.zero_stage=0"])
     with pytest.raises(ConfigError, match="parallel.zero_stage=1"):
         check_supported(cfg)
+
+
+@pytest.mark.parametrize("zero_stage, pp, autocast", [(0, 1, True), (1, 1, False), (0, 2, False)])
+def test_bf16_runs_as_autocast_at_zero0_without_a_pipeline(zero_stage, pp, autocast):
+    """bf16 at ZeRO 0 (no pipeline): fp32 weights under DeepSpeed's torch_autocast, no DeepSpeed
+    bf16 optimizer wrapper; elsewhere DeepSpeed's bf16 optimizer."""
+    from forge.config import load_config
+    from forge.train.engine import build_ds_config, manual_clipping
+    cfg = load_config(None, ["train.precision=bf16", f"parallel.zero_stage={zero_stage}", f"parallel.pp={pp}"])
+    ds = build_ds_config(cfg, dp_size=1)
+    assert ds["torch_autocast"]["enabled"] is autocast
+    assert ds["bf16"]["enabled"] is not autocast
+    assert manual_clipping(cfg) is autocast
+
+
+def test_bf16_autocast_engine_steps_fp32_weights_with_plain_adamw(tmp_path, one_thread, monkeypatch):
+    from forge.train import trainer
+    engines = []
+    create = trainer.create_engine
+    monkeypatch.setattr(trainer, "create_engine", lambda *a, **k: engines.append(create(*a, **k)) or engines[-1])
+    _run(tmp_path, "bf16", 0)
+    assert isinstance(engines[0].optimizer, torch.optim.AdamW)
+    assert all(p.dtype == torch.float32 for p in engines[0].module.parameters())

@@ -135,15 +135,24 @@ def test_layout_matches_one_process(tmp_path_factory, cache_dir, preset, world, 
         assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
 
 
-@pytest.mark.parametrize("world, parallel", [(2, dict(ep=2, zero_stage=1)), (4, dict(ep=2, tp=2))],
-                         ids=["ep2-zero1", "ep2-tp2"])
-def test_expert_parallel_resume_matches_one_process(tmp_path_factory, cache_dir, world, parallel):
-    """ep=2 (under ZeRO 1; with tp=2), stopped after step 2 and resumed: every rank gets its own
-    experts back (DeepSpeed's module file holds ep rank 0's; with tp, each expert's tp shard), so
-    steps 3-4 and the final weights still equal one process."""
-    ref_losses, ref_weights, _ = reference(tmp_path_factory, cache_dir, "tiny-mixtral", 4)
-    out = str(tmp_path_factory.mktemp("ep-resume"))
-    over = job(out, cache_dir, "tiny-mixtral", 2, **parallel)
+RESUMED = [  # (preset, world, dp, parallel settings)
+    ("tiny-llama", 2, 1, dict(tp=2)),
+    ("tiny-llama", 2, 1, dict(pp=2)),
+    ("tiny-llama", 2, 2, dict(zero_stage=3)),
+    ("tiny-mixtral", 2, 2, dict(ep=2, zero_stage=1)),
+    ("tiny-mixtral", 4, 2, dict(ep=2, tp=2)),
+]
+
+
+@pytest.mark.parametrize("preset, world, dp, parallel", RESUMED, ids=[_layout_id(*layout) for layout in RESUMED])
+def test_resume_matches_one_process(tmp_path_factory, cache_dir, preset, world, dp, parallel):
+    """Stopped after step 2 with a checkpoint and resumed, a layout still equals one process:
+    steps 3-4 and the final weights. Under ep every rank gets its own experts back (DeepSpeed's
+    module file holds ep rank 0's; with tp, each expert's tp shard)."""
+    ref_micro = 2 * parallel["ep"] if "ep" in parallel else 2
+    ref_losses, ref_weights, _ = reference(tmp_path_factory, cache_dir, preset, ref_micro)
+    out = str(tmp_path_factory.mktemp("resume"))
+    over = job(out, cache_dir, preset, dp, **parallel)
     run_distributed(_train, world, over, 2)                # stops after step 2 with a checkpoint
     losses, weights, _ = run(over + ["train.resume=auto"], world)
     assert len(losses) == STEPS
