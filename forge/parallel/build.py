@@ -141,12 +141,15 @@ def global_grad_norm(params, groups: ParallelGroups) -> torch.Tensor:
     over the tp and pp groups."""
     params = list(params)
     device = params[0].device if params else torch.device("cpu")   # NCCL reduces device tensors
-    sq = torch.zeros(2, dtype=torch.float64, device=device)        # (dense, experts)
+    counted = ([], [])                                             # (dense, experts) gradients
     for p in params:
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue
         if getattr(p, "partition_dim", None) is not None or groups.tp_rank == 0:
-            sq[int(getattr(p, "expert", False))] += p.grad.detach().double().pow(2).sum()
+            counted[int(getattr(p, "expert", False))].append(p.grad.detach())
+    # per-tensor norms accumulated in fp64 by fused kernels (torch._foreach_norm), then summed
+    sq = torch.stack([torch.stack(torch._foreach_norm(g, 2, dtype=torch.float64)).pow(2).sum() if g else
+                      torch.zeros((), dtype=torch.float64, device=device) for g in counted])
     if groups.ep > 1:                  # each expert-parallel rank holds other experts
         dist.all_reduce(sq[1:], group=groups.ep_group)
     sq = sq.sum()
@@ -162,6 +165,7 @@ def clip_global_grad_norm(params, max_norm: float, groups: ParallelGroups) -> to
     params = [p for p in params if p.grad is not None]
     norm = global_grad_norm(params, groups)
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(coef.to(p.grad.dtype))
+    grads = [p.grad for p in params]
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return norm
