@@ -36,7 +36,7 @@ def test_moe_training_logs_router_metrics(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["parallel.ep=2", "parallel.zero_stage=3"], "parallel.zero_stage 0, 1 or 2"),   # JobConfig.validate
-    (["parallel.ep=2", "parallel.pp=2", "parallel.zero_stage=1"], "parallel.zero_stage=0"),
+    (["parallel.ep=2", "parallel.pp=2", "parallel.zero_stage=2"], "ZeRO stages 0 and 1"),
 ])
 def test_unsupported_moe_layouts_are_refused_before_work(overrides, fragment):
     from forge.config import ConfigError

@@ -73,10 +73,6 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
     if p.zero_stage == 3 and p.tp > 1:
         raise ConfigError("parallel.zero_stage=3 with parallel.tp > 1 is not supported; use ZeRO 1 or 2 with tensor "
                           "parallelism, or ZeRO 3 with data parallelism alone")
-    if p.ep > 1 and p.zero_stage > 0 and (p.tp > 1 or p.pp > 1):
-        raise ConfigError(f"parallel.ep={p.ep} with parallel.tp={p.tp}, parallel.pp={p.pp} runs under "
-                          f"parallel.zero_stage=0 for now (ZeRO 1/2 with experts is tested with data and expert "
-                          f"parallelism alone); set parallel.zero_stage=0")
     if cfg.train.precision == "fp16" and p.zero_stage == 0 and p.pp > 1:
         raise ConfigError("train.precision=fp16 with parallel.zero_stage=0 and parallel.pp > 1: DeepSpeed's pipeline "
                           "engine does not scale the fp16 loss at ZeRO 0; use parallel.zero_stage=1 (or bf16)")
