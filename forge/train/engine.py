@@ -70,9 +70,6 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's pipeline engine "
                           "supports ZeRO stages 0 and 1 only; use parallel.zero_stage=1 (or parallel.pp=1 for ZeRO 2/3)")
-    if p.zero_stage == 3 and p.tp > 1:
-        raise ConfigError("parallel.zero_stage=3 with parallel.tp > 1 is not supported; use ZeRO 1 or 2 with tensor "
-                          "parallelism, or ZeRO 3 with data parallelism alone")
     if cfg.train.precision == "fp16" and p.zero_stage == 0 and p.pp > 1:
         raise ConfigError("train.precision=fp16 with parallel.zero_stage=0 and parallel.pp > 1: DeepSpeed's pipeline "
                           "engine does not scale the fp16 loss at ZeRO 0; use parallel.zero_stage=1 (or bf16)")
