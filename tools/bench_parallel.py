@@ -1,7 +1,8 @@
 """Measurements for parallel training (a tool that prints figures; not a test).
 
 1. Model-state bytes per parameter per rank under ZeRO 0-3 at dp=2 (gloo, CPU, bf16 mixed
-   precision as in the ZeRO paper), next to the paper's 16, 4 + 12/N, 2 + 14/N and 16/N. Measured
+   precision as in the ZeRO paper; at ZeRO 0 Forge runs bf16 as autocast over fp32 weights, 4 + 4 + 8
+   bytes), next to the paper's 16, 4 + 12/N, 2 + 14/N and 16/N. Measured
    as the unique storage of every tensor reachable from the DeepSpeed engine (module parameters
    and their gradients or partitions, optimizer master weights and moments, and any buffers the
    engine keeps) after a backward pass that follows one optimizer step, per parameter.
