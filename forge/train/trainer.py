@@ -41,8 +41,8 @@ from forge.config import ConfigError, JobConfig, save_config
 from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
-from forge.train.engine import backward, check_supported, create_engine, manual_clipping
-from forge.train.engine import grad_norm as engine_grad_norm
+from forge.train.engine import check_supported, create_engine, manual_clipping
+from forge.train.precision import backward, grad_norm as engine_grad_norm
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
 
