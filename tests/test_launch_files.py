@@ -65,3 +65,8 @@ def test_templates_merge_with_a_matching_config_and_refuse_a_contradicting_one(n
     with pytest.raises(ConfigError, match="zero_optimization.stage"):
         build_ds_config(load_config(None, [f"parallel.ds_config={name}", f"parallel.zero_stage={(stage + 1) % 4}"]
                                     + offload), 2)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "tools").glob("*.sh")))
+def test_tool_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(ROOT / "tools" / script)], check=True)
