@@ -14,11 +14,11 @@ import torch
 STEPS = 4
 
 
-def _run(tmp_path, precision, zero_stage):
+def _run(tmp_path, precision, zero_stage, preset="tiny-llama"):
     from forge.config import load_config
     from forge.train.trainer import train
     cfg = load_config(None, [
-        "model.preset=tiny-llama", "model.max_seq_len=32", "model.dropout=0.0", "data.seq_len=32",
+        f"model.preset={preset}", "model.max_seq_len=32", "model.dropout=0.0", "data.seq_len=32",
         f"data.cache_dir={tmp_path / 'data'}", f"train.max_steps={STEPS}", "train.micro_batch_size=4",
         "train.grad_accum=2", "train.eval_interval=0", "train.save_interval=0", "train.log_interval=1",
         f"train.precision={precision}", "optim.lr=2e-3", "optim.warmup_steps=1", "optim.schedule=constant",
@@ -39,10 +39,12 @@ def fp16_on_cpu(monkeypatch):
     monkeypatch.setattr(acc, "supported_dtypes", lambda self: [torch.float, torch.half, torch.bfloat16])
 
 
-@pytest.mark.parametrize("precision, zero_stage", [("fp16", 0), ("fp16", 1), ("bf16", 0)])
-def test_low_precision_matches_fp32(tmp_path, fp16_on_cpu, one_thread, precision, zero_stage):
-    ref_losses, ref_norms, ref_weights = _run(tmp_path, "fp32", zero_stage)
-    losses, norms, weights = _run(tmp_path, precision, zero_stage)
+@pytest.mark.parametrize("precision, zero_stage, preset", [
+    ("fp16", 0, "tiny-llama"), ("fp16", 1, "tiny-llama"), ("bf16", 0, "tiny-llama"),
+    ("fp16", 0, "tiny-mixtral"), ("fp16", 1, "tiny-mixtral")])    # aux losses scaled with the loss
+def test_low_precision_matches_fp32(tmp_path, fp16_on_cpu, one_thread, precision, zero_stage, preset):
+    ref_losses, ref_norms, ref_weights = _run(tmp_path, "fp32", zero_stage, preset)
+    losses, norms, weights = _run(tmp_path, precision, zero_stage, preset)
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-3 * b, (losses, ref_losses)
     for a, b in zip(norms, ref_norms):        # reported unscaled, like fp32's

@@ -94,3 +94,10 @@ def backward(engine, loss: torch.Tensor, check: bool = False) -> None:
             raise RuntimeError(f"fp16 loss scaling: the loss received gradient {seen[0] if seen else None}, expected "
                                f"loss_scale / grad_accum = {expected}; this DeepSpeed scales the ZeRO-0 fp16 loss "
                                "itself, so forge.train.engine.backward must stop scaling it")
+
+
+def loss_scale(engine) -> float:
+    """The factor the loss is multiplied by before backward in fp16 (DeepSpeed's current dynamic
+    loss scale, which its optimizers divide the gradients by again); 1 otherwise. Whatever else
+    sends gradient into backward by hand (the MoE auxiliary losses) must be scaled by it too."""
+    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0

@@ -42,7 +42,7 @@ from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
 from forge.train.engine import check_supported, create_engine, manual_clipping
-from forge.train.precision import backward, grad_norm as engine_grad_norm
+from forge.train.precision import backward, grad_norm as engine_grad_norm, loss_scale
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
 
@@ -331,7 +331,6 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     from forge.models.layers.moe_router import set_aux_loss_scale
     # every rank, also a pipeline stage without MoE layers: the metrics are gathered over pp
     has_moe = bool(cfg.model.moe.n_experts)
-    set_aux_loss_scale(1.0 / GA)       # the engine scales each micro batch's loss by 1/GA as well
 
     engine.train()
     window_t, window_tokens, window_losses, train_time = 0.0, 0, [], 0.0
@@ -343,6 +342,9 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                 step += 1
                 micro_losses = []
                 grad_norm = None
+                # aux losses get the gradient the engine gives each micro batch's loss: 1/GA,
+                # times the fp16 loss scale (which changes between steps)
+                set_aux_loss_scale(loss_scale(engine) / GA)
                 if groups.pp > 1:                       # one pipeline schedule over GA micro batches
                     micro_losses.append(_batch_loss(engine, it, GA, train=True) * GA)
                 for micro in range(GA if groups.pp == 1 else 0):
