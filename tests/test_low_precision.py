@@ -1,13 +1,14 @@
 """bf16 and fp16 (dynamic loss scaling) train like fp32, at ZeRO 0 and ZeRO 1.
 
-DeepSpeed's CPU accelerator declines fp16, but its FP16 optimizers run on CPU tensors; the tests
-declare fp16 supported so that the loss-scaling paths (forge.train.engine.backward at ZeRO 0,
-DeepSpeed's ZeRO optimizer at stage 1) run here. The losses of the first steps must stay within
-low-precision roundoff (1e-3 relative) of an fp32 run, and the weights within a small fraction
-of the total update lr * steps. Two DeepSpeed 0.19 faults each break this by far more:
-the ZeRO-0 fp16 loss left unscaled while step() divides by the scale (updates 65536x too small
-before Adam's epsilon), and the zero-gradient AdamW step that primes the ZeRO-0 low-precision
-optimizer (bias corrections one step off: step-2 loss 7.5e-3 relative behind fp32)."""
+DeepSpeed's CPU accelerator declines fp16, but autocast, the GradScaler and DeepSpeed's ZeRO fp16
+optimizer run on CPU tensors; the tests declare fp16 supported so that the loss-scaling paths
+(autocast + GradScaler at ZeRO 0, DeepSpeed's ZeRO optimizer at stage 1) run here. The losses of
+the first steps must stay within low-precision roundoff (1e-3 relative) of an fp32 run, the
+reported grad norms within 2%, and the weights within a small fraction of the total update
+lr * steps. DeepSpeed 0.19's own ZeRO-0 fp16 optimizer failed this by far (its engine never
+scaled the loss that its step() unscaled: updates 65536x too small; its zero-gradient priming
+step put the bias corrections one step off: step-2 loss 7.5e-3 relative behind fp32), and so
+did MoE auxiliary losses left out of the loss scale."""
 import pytest
 import torch
 
@@ -73,24 +74,30 @@ def test_fp16_pipeline_at_zero0_refused():
         check_supported(cfg)
 
 
-@pytest.mark.parametrize("zero_stage, pp, autocast", [(0, 1, True), (1, 1, False), (0, 2, False)])
-def test_bf16_runs_as_autocast_at_zero0_without_a_pipeline(zero_stage, pp, autocast):
-    """bf16 at ZeRO 0 (no pipeline): fp32 weights under DeepSpeed's torch_autocast, no DeepSpeed
-    bf16 optimizer wrapper; elsewhere DeepSpeed's bf16 optimizer."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("zero_stage, pp, autocast", [(0, 1, True), (1, 1, False), (1, 2, False)])
+def test_low_precision_runs_as_autocast_at_zero0_without_a_pipeline(precision, zero_stage, pp, autocast):
+    """bf16/fp16 at ZeRO 0 (no pipeline): fp32 weights under DeepSpeed's torch_autocast, no
+    DeepSpeed low-precision optimizer; elsewhere DeepSpeed's bf16/fp16 optimizers."""
     from forge.config import load_config
     from forge.train.engine import build_ds_config, manual_clipping
-    cfg = load_config(None, ["train.precision=bf16", f"parallel.zero_stage={zero_stage}", f"parallel.pp={pp}"])
+    cfg = load_config(None, [f"train.precision={precision}", f"parallel.zero_stage={zero_stage}", f"parallel.pp={pp}"])
     ds = build_ds_config(cfg, dp_size=1)
     assert ds["torch_autocast"]["enabled"] is autocast
-    assert ds["bf16"]["enabled"] is not autocast
+    if autocast:
+        assert ds["torch_autocast"]["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    assert ds[precision]["enabled"] is not autocast
     assert manual_clipping(cfg) is autocast
 
 
-def test_bf16_autocast_engine_steps_fp32_weights_with_plain_adamw(tmp_path, one_thread, monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_engine_steps_fp32_weights_with_plain_adamw(tmp_path, fp16_on_cpu, one_thread, monkeypatch,
+                                                            precision):
     from forge.train import trainer
     engines = []
     create = trainer.create_engine
     monkeypatch.setattr(trainer, "create_engine", lambda *a, **k: engines.append(create(*a, **k)) or engines[-1])
-    _run(tmp_path, "bf16", 0)
+    _run(tmp_path, precision, 0)
     assert isinstance(engines[0].optimizer, torch.optim.AdamW)
     assert all(p.dtype == torch.float32 for p in engines[0].module.parameters())
+    assert (engines[0].torch_autocast_z0_gradscaler is not None) is (precision == "fp16")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from forge.config import ConfigError, JobConfig, flatten_dict, merge_dicts
-from forge.train.precision import accelerator_supports_fp16, bf16_autocast, unprime_low_precision_optimizer
+from forge.train.precision import accelerator_supports_fp16, forget_deepspeed_autocast, zero0_autocast
 from forge.train.schedule import ForgeLRScheduler
 
 
@@ -40,11 +40,11 @@ def load_template(path: str) -> dict:
 
 
 def manual_clipping(cfg: JobConfig) -> bool:
-    """True where Forge clips (and measures) the global gradient norm itself: ZeRO stage 0 with
-    fp32 weights (fp32, or bf16 autocast) without a pipeline, where DeepSpeed clips without
-    reporting the norm. Elsewhere DeepSpeed's optimizer (or pipeline engine) does both, over the
-    tp/pp groups it is given."""
-    return cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1 and (cfg.train.precision == "fp32" or bf16_autocast(cfg))
+    """True where Forge clips (and measures) the global gradient norm itself: ZeRO stage 0 without
+    a pipeline (fp32 weights, also under autocast), where DeepSpeed clips without reporting the
+    norm. Elsewhere DeepSpeed's optimizer (or pipeline engine) does both, over the tp/pp groups
+    it is given."""
+    return cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1
 
 
 def check_supported(cfg: JobConfig, world: int | None = None) -> None:
@@ -105,6 +105,7 @@ def check_template(template: dict, derived: dict, name: str | None) -> None:
 
 def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
     t, o, p = cfg.train, cfg.optim, cfg.parallel
+    autocast = zero0_autocast(cfg)
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage > 0:
         # no side streams on CPU; contiguous buffers and overlap only pay off on GPUs
@@ -125,10 +126,11 @@ def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
         "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
         "gradient_clipping": 0.0 if manual_clipping(cfg) else o.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16" and not bf16_autocast(cfg)},
-        "fp16": {"enabled": t.precision == "fp16"},
-        # fp32 weights, bf16 matmuls; no module's gradients are reduced in bf16
-        "torch_autocast": {"enabled": bf16_autocast(cfg), "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "bf16": {"enabled": t.precision == "bf16" and not autocast},
+        "fp16": {"enabled": t.precision == "fp16" and not autocast},
+        # fp32 weights, low-precision matmuls (forge.train.precision); gradients reduced in fp32
+        "torch_autocast": {"enabled": bool(autocast), "dtype": autocast or "bfloat16",
+                           "lower_precision_safe_modules": []},
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 31 - 1,
@@ -160,6 +162,8 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
     ds_config = build_ds_config(cfg, groups.dp)
     mpu = groups if groups.pp == 1 and groups.tp * groups.dp > 1 else None
     params = param_groups(model, cfg.optim.weight_decay)
+    if not zero0_autocast(cfg):
+        forget_deepspeed_autocast()
     moe = contextlib.nullcontext()
     if groups.ep > 1:
         params, moe = _expert_parallel_for_deepspeed(params, groups)
@@ -173,7 +177,6 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
         )
     if groups.pp > 1 and cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and cfg.optim.grad_clip > 0:
         _clip_pipeline_globally(engine, cfg.optim.grad_clip, groups)
-    unprime_low_precision_optimizer(engine)
     if cfg.train.compile:
         engine.compile()
     return engine

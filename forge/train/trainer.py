@@ -42,7 +42,7 @@ from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
 from forge.train.engine import check_supported, create_engine, manual_clipping
-from forge.train.precision import backward, grad_norm as engine_grad_norm, loss_scale
+from forge.train.precision import loss_scale, unscale_gradients
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
 
@@ -349,13 +349,15 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                     micro_losses.append(_batch_loss(engine, it, GA, train=True) * GA)
                 for micro in range(GA if groups.pp == 1 else 0):
                     loss = _micro_loss(engine, next(it))
-                    backward(engine, loss, check=step == start_step + 1 and micro == 0)
+                    engine.backward(loss)
                     if clip_here and micro == GA - 1:
+                        unscale_gradients(engine)       # fp16: the norm of the true gradients
                         grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
                     engine.step()
                     micro_losses.append(loss.detach().float().item())
                 if grad_norm is None:
-                    grad_norm = engine_grad_norm(engine)
+                    g = engine.get_global_grad_norm()
+                    grad_norm = float(g) if g is not None else None
                 if has_moe:
                     update_moe_biases(engine.module, groups.dp_group)
                 consumed += samples_per_step
