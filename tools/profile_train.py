@@ -47,6 +47,9 @@ def main(argv: list[str]) -> None:
     device_key = "self_device_time_total" if torch.cuda.is_available() else "cpu_time_total"
     with open(out, "w") as f:
         f.write(f"tokens/s over the run: {result.tokens_per_s:,.0f}\n")
+        counts = {e.key: e.count for e in prof.key_averages()}
+        for op in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "aten::copy_"):
+            f.write(f"{op} per profiled step: {counts.get(op, 0) / 5:g}\n")   # .item()/float() = a host sync
         for key in ("self_cpu_time_total", device_key):
             f.write(prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
     print(open(out).read())

@@ -354,7 +354,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                         unscale_gradients(engine)       # fp16: the norm of the true gradients
                         grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
                     engine.step()
-                    micro_losses.append(loss.detach().float().item())
+                    micro_losses.append(loss.detach().float())      # read once per step: one host sync
                 if grad_norm is None:
                     g = engine.get_global_grad_norm()
                     grad_norm = float(g) if g is not None else None
@@ -362,7 +362,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                     update_moe_biases(engine.module, groups.dp_group)
                 consumed += samples_per_step
                 tokens += samples_per_step * T
-                step_loss = sum(micro_losses) / GA
+                step_loss = float(sum(micro_losses)) / GA
                 if dp_size > 1:
                     step_loss = dist.all_reduce_mean([step_loss])[0]
                 dt = time.perf_counter() - t0
