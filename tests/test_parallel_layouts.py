@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from tests.distributed import run_distributed

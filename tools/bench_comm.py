@@ -23,7 +23,6 @@ import sys
 import tempfile
 from collections import Counter
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

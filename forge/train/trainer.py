@@ -21,7 +21,6 @@ SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train`
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import logging
@@ -42,7 +41,7 @@ from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
 from forge.train.engine import check_supported, create_engine, manual_clipping
-from forge.train.precision import loss_scale, unscale_gradients
+from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
 
@@ -68,16 +67,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Leave the python / numpy / torch RNG streams as they were (evaluation must not shift them)."""
-    state = ckpt.rng_state()
-    try:
-        yield
-    finally:
-        ckpt.set_rng_state(state)
 
 
 class SignalGuard:
@@ -135,27 +124,6 @@ def _build_data(cfg: JobConfig, rank: int, world: int):
         raise ConfigError(f"data: {e}") from e
 
 
-def _micro_loss(engine, batch: torch.Tensor) -> torch.Tensor:
-    batch = batch.to(engine.device, non_blocking=True)
-    logits = engine(batch[:, :-1])
-    return engine.module.loss(logits, batch[:, 1:])
-
-
-def _pipe_batches(it, n: int):
-    """n micro batches as the (inputs, labels) pairs DeepSpeed's pipeline engine consumes."""
-    for _ in range(n):
-        b = next(it)
-        yield b[:, :-1], b[:, 1:]
-
-
-def _batch_loss(engine, it, n: int, train: bool) -> float:
-    """Mean loss of n micro batches: one pipeline schedule (pp > 1) or n forward passes."""
-    if hasattr(engine, "train_batch"):               # PipelineEngine
-        run = engine.train_batch if train else engine.eval_batch
-        return float(run(data_iter=_pipe_batches(it, n)))
-    return sum(_micro_loss(engine, next(it)).item() for _ in range(n)) / n
-
-
 def check_same_config(cfg: JobConfig) -> None:
     """Every rank must run the same resolved config: compare hashes (an error, not a hang)."""
     if dist.world_size() == 1:
@@ -166,26 +134,6 @@ def check_same_config(cfg: JobConfig) -> None:
         bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
         raise ConfigError(f"ranks {bad} resolved a different config than rank 0 (hashes {sorted(set(hashes))}); "
                           "start every rank with the same config file and overrides")
-
-
-def evaluate(engine, valid, cfg: JobConfig, dp_rank: int, dp_size: int) -> Optional[float]:
-    """Mean validation loss over the first `train.eval_steps` global batches of the valid split
-    (the same sequences at every evaluation); None when there is no validation data."""
-    from forge.data import batch_iterator
-    B = cfg.train.micro_batch_size
-    if valid is None or len(valid) == 0 or cfg.train.eval_steps <= 0:
-        return None
-    n = min(cfg.train.eval_steps, max(1, math.ceil(len(valid) / (B * dp_size))))
-    if hasattr(engine, "eval_batch"):                 # a pipeline evaluates grad_accum micro batches at once
-        n = max(1, n // cfg.train.grad_accum) * cfg.train.grad_accum
-    was_training = engine.training
-    with preserved_rng(), torch.no_grad():
-        engine.eval()
-        it = batch_iterator(valid, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=0)
-        per = cfg.train.grad_accum if hasattr(engine, "eval_batch") else n
-        mean = sum(_batch_loss(engine, it, per, train=False) for _ in range(n // per)) / (n // per)
-        engine.train(was_training)
-    return dist.all_reduce_mean([mean])[0]
 
 
 # ---------------------------------------------------------------- train
@@ -262,8 +210,7 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
 
 def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups) -> TrainResult:
     from forge.data import batch_iterator
-    from forge.parallel.build import clip_global_grad_norm
-    rank, main = dist.rank(), dist.is_main()
+    main = dist.is_main()
     dp_rank, dp_size = groups.dp_rank, groups.dp
     B, GA, T = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.seq_len
     samples_per_step = B * GA * dp_size
@@ -314,7 +261,6 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     it = batch_iterator(bundle.train, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size,
                         consumed_samples=consumed)
     clip_here = manual_clipping(cfg)
-    params = [p for p in engine.module.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
     def save(step: int) -> str:
@@ -327,8 +273,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
         logger.write(f"saved checkpoint {path}")
         return path
 
-    from forge.models.layers.moe import moe_metrics, update_moe_biases
-    from forge.models.layers.moe_router import set_aux_loss_scale
+    from forge.models.layers.moe import moe_metrics
     # every rank, also a pipeline stage without MoE layers: the metrics are gathered over pp
     has_moe = bool(cfg.model.moe.n_experts)
 
@@ -340,29 +285,9 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
             while step < end_step:
                 t0 = time.perf_counter()
                 step += 1
-                micro_losses = []
-                grad_norm = None
-                # aux losses get the gradient the engine gives each micro batch's loss: 1/GA,
-                # times the fp16 loss scale (which changes between steps)
-                set_aux_loss_scale(loss_scale(engine) / GA)
-                if groups.pp > 1:                       # one pipeline schedule over GA micro batches
-                    micro_losses.append(_batch_loss(engine, it, GA, train=True) * GA)
-                for micro in range(GA if groups.pp == 1 else 0):
-                    loss = _micro_loss(engine, next(it))
-                    engine.backward(loss)
-                    if clip_here and micro == GA - 1:
-                        unscale_gradients(engine)       # fp16: the norm of the true gradients
-                        grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
-                    engine.step()
-                    micro_losses.append(loss.detach().float())      # read once per step: one host sync
-                if grad_norm is None:
-                    g = engine.get_global_grad_norm()
-                    grad_norm = float(g) if g is not None else None
-                if has_moe:
-                    update_moe_biases(engine.module, groups.dp_group)
+                step_loss, grad_norm = train_step(engine, it, GA, groups, clip_here, max_norm, has_moe)
                 consumed += samples_per_step
                 tokens += samples_per_step * T
-                step_loss = float(sum(micro_losses)) / GA
                 if dp_size > 1:
                     step_loss = dist.all_reduce_mean([step_loss])[0]
                 dt = time.perf_counter() - t0

@@ -7,7 +7,6 @@ same rank: rank i holds columns i of both gate and up.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
