@@ -9,6 +9,8 @@ lr * steps. DeepSpeed 0.19's own ZeRO-0 fp16 optimizer failed this by far (its e
 scaled the loss that its step() unscaled: updates 65536x too small; its zero-gradient priming
 step put the bias corrections one step off: step-2 loss 7.5e-3 relative behind fp32), and so
 did MoE auxiliary losses left out of the loss scale."""
+import json
+
 import pytest
 import torch
 
@@ -101,3 +103,26 @@ def test_autocast_engine_steps_fp32_weights_with_plain_adamw(tmp_path, fp16_on_c
     assert isinstance(engines[0].optimizer, torch.optim.AdamW)
     assert all(p.dtype == torch.float32 for p in engines[0].module.parameters())
     assert (engines[0].torch_autocast_z0_gradscaler is not None) is (precision == "fp16")
+
+
+@pytest.mark.parametrize("world, dp, parallel", [(2, 1, dict(tp=2)), (2, 2, dict(zero_stage=0))],
+                         ids=["tp2", "dp2"])
+def test_bf16_autocast_layouts_match_one_process(tmp_path, world, dp, parallel):
+    """bf16 autocast at ZeRO 0 under tensor and data parallelism (gloo) against one bf16 process:
+    the first losses within bf16 roundoff of the differently split matmuls."""
+    from tests.distributed import run_distributed
+    from tests.test_parallel_layouts import _train, job
+
+    def losses(out, world, dp, **par):
+        over = [o.replace("train.precision=fp32", "train.precision=bf16")
+                for o in job(str(out), str(tmp_path / "data"), "tiny-llama", dp, **par)]
+        if world > 1:
+            run_distributed(_train, world, over)
+        else:
+            _train(0, 1, over)
+        return [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    ref = losses(tmp_path / "ref", 1, 1)
+    mine = losses(tmp_path / "layout", world, dp, **parallel)
+    assert len(mine) == len(ref)
+    for a, b in zip(mine, ref):
+        assert abs(a - b) <= 2e-3 * b, (mine, ref)
