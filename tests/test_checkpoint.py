@@ -37,10 +37,12 @@ def snapshot(path):
     return out
 
 
-@pytest.mark.parametrize("stage,grad_accum", [(0, 1), (1, 2), (2, 1)])
-def test_resume_is_bit_exact(tmp_path, data_cache, stage, grad_accum):
-    """Steps 1..8 uninterrupted == steps 1..4, stop, resume=auto, steps 5..8 (fp32, dropout on)."""
-    extra = (f"parallel.zero_stage={stage}", f"train.grad_accum={grad_accum}")
+@pytest.mark.parametrize("stage,grad_accum,precision", [(0, 1, "fp32"), (1, 2, "fp32"), (2, 1, "fp32"),
+                                                       (0, 2, "bf16"), (1, 1, "bf16")])
+def test_resume_is_bit_exact(tmp_path, data_cache, stage, grad_accum, precision):
+    """Steps 1..8 uninterrupted == steps 1..4, stop, resume=auto, steps 5..8 (dropout on; bf16
+    under autocast at ZeRO 0, DeepSpeed's bf16 optimizer at ZeRO 1)."""
+    extra = (f"parallel.zero_stage={stage}", f"train.grad_accum={grad_accum}", f"train.precision={precision}")
     full = train(tiny(tmp_path / "full", data_cache, *extra))
     first = train(tiny(tmp_path / "split", data_cache, *extra), stop_at=4)
     assert first.checkpoint.endswith("step_00000004") and first.interrupted is None

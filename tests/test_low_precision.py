@@ -126,3 +126,18 @@ def test_bf16_autocast_layouts_match_one_process(tmp_path, world, dp, parallel):
     assert len(mine) == len(ref)
     for a, b in zip(mine, ref):
         assert abs(a - b) <= 2e-3 * b, (mine, ref)
+
+
+def test_checkpoint_of_deepspeeds_zero0_bf16_optimizer_is_refused_with_a_clear_error():
+    """A checkpoint written when bf16 at ZeRO 0 used DeepSpeed's bf16 optimizer (no
+    optimizer_layout in its state) cannot resume under autocast: a CheckpointError that says so,
+    not a KeyError from deep inside DeepSpeed."""
+    from forge.config import load_config
+    from forge.train.checkpoint import CheckpointError, check_compatible
+    cfg = load_config(None, ["train.precision=bf16"])
+    old = {"config": cfg.to_dict(), "dp_size": 1}
+    with pytest.raises(CheckpointError, match="deepspeed-bf16.*fp32-weights"):
+        check_compatible(old, cfg, 1, "ckpt")
+    assert check_compatible({**old, "optimizer_layout": "fp32-weights"}, cfg, 1, "ckpt") == []
+    z1 = load_config(None, ["train.precision=bf16", "parallel.zero_stage=1"])
+    assert check_compatible({"config": z1.to_dict(), "dp_size": 1}, z1, 1, "ckpt") == []

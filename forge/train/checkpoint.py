@@ -137,6 +137,14 @@ def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> li
             a, b = diff[key]
             raise CheckpointError(f"checkpoint {path!r} was written with {key}={a!r}, the config has {b!r}; "
                                   "the optimizer state does not carry over between them")
+    from forge.train.precision import optimizer_layout
+    precision = (old.get("train") or {}).get("precision", cfg.train.precision)
+    then = state.get("optimizer_layout", "fp32-weights" if precision == "fp32" else f"deepspeed-{precision}")
+    if then != optimizer_layout(cfg):
+        raise CheckpointError(f"checkpoint {path!r} holds optimizer state of kind {then!r} (written before Forge ran "
+                              f"train.precision={cfg.train.precision} at ZeRO 0 as fp32 weights under autocast); this "
+                              f"run needs {optimizer_layout(cfg)!r}: start a new train.out_dir (the checkpoint's "
+                              "model/ folder holds its weights)")
     if cfg.parallel.zero_stage > 0 and state.get("dp_size", dp_size) != dp_size:
         raise CheckpointError(f"checkpoint {path!r} holds ZeRO-{cfg.parallel.zero_stage} optimizer partitions for "
                               f"{state.get('dp_size')} data-parallel ranks; this run has {dp_size}")

@@ -33,6 +33,15 @@ def zero0_autocast(cfg: JobConfig) -> Optional[str]:
     return None
 
 
+def optimizer_layout(cfg: JobConfig) -> str:
+    """What a checkpoint's DeepSpeed optimizer state holds: "fp32-weights" (plain AdamW over fp32
+    weights: fp32, or low precision under autocast) or "deepspeed-bf16" / "deepspeed-fp16"
+    (DeepSpeed's low-precision optimizer with its fp32 master copy). One cannot load the other."""
+    if cfg.train.precision == "fp32" or zero0_autocast(cfg):
+        return "fp32-weights"
+    return f"deepspeed-{cfg.train.precision}"
+
+
 def accelerator_supports_fp16() -> bool:
     from deepspeed.accelerator import get_accelerator
     return bool(get_accelerator().is_fp16_supported())

@@ -41,6 +41,7 @@ from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
 from forge.train.engine import check_supported, create_engine, manual_clipping
+from forge.train.precision import optimizer_layout
 from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
@@ -268,6 +269,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
             engine, cfg, out_dir, step, groups,
             {"consumed_samples": consumed, "tokens": tokens, "world_size": dist.world_size(), "dp_size": dp_size,
              "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision,
+             "optimizer_layout": optimizer_layout(cfg),
              "forge_version": _forge_version()},
             tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
         logger.write(f"saved checkpoint {path}")
