@@ -33,16 +33,15 @@ def _build(cfg, groups, sequence_parallel, partition, checkpoint_interval):
     full = build_model(cfg)
     if groups.tp == 1 and groups.pp == 1 and groups.ep == 1:
         return full
+    from forge.models.layers.moe import shard_experts
     sd = unique_state_dict(full)
     del full
     if groups.pp == 1:
-        from forge.models.layers.moe import shard_experts
         model = build_model(cfg, tp_group=groups.tp_group, sequence_parallel=sequence_parallel,
                             ep_group=groups.ep_group)
         local = shard_experts(shard_state_dict(sd, model, groups.tp_group), model, groups.ep_group)
         load_state_dict_strict(model, local, "initial weights")
         return model
-    from forge.models.layers.moe import shard_experts
     from forge.parallel.pipeline import build_pipeline, pipeline_state_dict
     with torch.device("meta"):               # parameter names and partition dims of the tp layout
         dims = partition_dims(Transformer(cfg, groups.tp_group, sequence_parallel))
@@ -78,6 +77,7 @@ def universal_checkpoint_info(model, cfg, tp: int) -> dict:
 
 
 def _forge_name(name: str, model, cfg) -> str:
+    """Forge's name for a parameter of `model` (a pipeline stage's names differ)."""
     if not hasattr(model, "forge_partition_dims"):
         return name
     from forge.parallel.pipeline import forge_name
@@ -88,8 +88,7 @@ def stage_state_dict(model, cfg) -> dict[str, torch.Tensor]:
     """This rank's tensors under Forge names (a pipeline stage's part, or the whole model)."""
     if not hasattr(model, "forge_partition_dims"):
         return unique_state_dict(model)
-    from forge.parallel.pipeline import forge_name
-    return {forge_name(n, cfg.n_layers): t.detach() for n, t in model.state_dict().items()}
+    return {_forge_name(n, model, cfg): t.detach() for n, t in model.state_dict().items()}
 
 
 def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tensor] | None:

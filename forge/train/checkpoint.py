@@ -138,7 +138,8 @@ def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> li
             raise CheckpointError(f"checkpoint {path!r} was written with {key}={a!r}, the config has {b!r}; "
                                   "the optimizer state does not carry over between them")
     from forge.train.precision import optimizer_layout
-    precision = (old.get("train") or {}).get("precision", cfg.train.precision)
+    precision = cfg.train.precision             # equal to the checkpoint's (checked above)
+    # checkpoints from before optimizer_layout was recorded ran DeepSpeed's optimizer in bf16/fp16
     then = state.get("optimizer_layout", "fp32-weights" if precision == "fp32" else f"deepspeed-{precision}")
     if then != optimizer_layout(cfg):
         raise CheckpointError(f"checkpoint {path!r} holds optimizer state of kind {then!r} (written before Forge ran "

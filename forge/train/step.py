@@ -51,10 +51,11 @@ def batch_loss(engine, it, n: int, train: bool) -> float:
     return sum(micro_loss(engine, next(it)).item() for _ in range(n)) / n
 
 
-def train_step(engine, it, grad_accum: int, groups, clip: bool, max_norm: float, moe: bool):
+def train_step(engine, it, grad_accum: int, groups, clip_params: Optional[list], max_norm: float, moe: bool):
     """One optimizer step; returns (this rank's mean loss over its micro batches, the global
-    gradient norm or None). `clip`: Forge measures and clips the norm itself (ZeRO 0, no
-    pipeline: forge.train.engine.manual_clipping) before the step; otherwise DeepSpeed does.
+    gradient norm or None). `clip_params`: the trainable parameters where Forge measures and
+    clips the norm itself before the step (ZeRO 0, no pipeline:
+    forge.train.engine.manual_clipping), None where DeepSpeed does.
     `moe`: set the auxiliary losses' gradient scale first and update the aux-loss-free biases
     after the step."""
     from forge.models.layers.moe import update_moe_biases
@@ -70,10 +71,9 @@ def train_step(engine, it, grad_accum: int, groups, clip: bool, max_norm: float,
         for micro in range(grad_accum):
             out = micro_loss(engine, next(it))
             engine.backward(out)
-            if clip and micro == grad_accum - 1:
+            if clip_params is not None and micro == grad_accum - 1:
                 unscale_gradients(engine)       # fp16: the norm of the true gradients
-                params = [p for p in engine.module.parameters() if p.requires_grad]
-                grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
+                grad_norm = float(clip_global_grad_norm(clip_params, max_norm, groups))
             engine.step()
             losses.append(out.detach().float())  # read once per step: one host sync
         loss = float(sum(losses)) / grad_accum

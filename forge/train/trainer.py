@@ -261,7 +261,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
         tp_stream.seed(cfg.train.seed + 2718 + groups.tp_rank if groups.tp > 1 else None)
     it = batch_iterator(bundle.train, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size,
                         consumed_samples=consumed)
-    clip_here = manual_clipping(cfg)
+    clip_params = [p for p in engine.module.parameters() if p.requires_grad] if manual_clipping(cfg) else None
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
     def save(step: int) -> str:
@@ -287,7 +287,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
             while step < end_step:
                 t0 = time.perf_counter()
                 step += 1
-                step_loss, grad_norm = train_step(engine, it, GA, groups, clip_here, max_norm, has_moe)
+                step_loss, grad_norm = train_step(engine, it, GA, groups, clip_params, max_norm, has_moe)
                 consumed += samples_per_step
                 tokens += samples_per_step * T
                 if dp_size > 1:
