@@ -188,14 +188,15 @@ def model_figures(size: str) -> dict:
 
 
 def estimate_gib(size: str, layout: str, full_bytes: int) -> float:
-    """Rough peak of all processes with today's build (the full fp32 model on every rank, plus its
-    shard, plus ZeRO 3's partitions), for refusing what the machine cannot hold."""
+    """Rough peak of all processes with the build of 692981b, whose measured per-rank growth is
+    the full fp32 model plus 2 shards (tp, pp) or, with ZeRO 3's engine, ~2.3 full models at dp=2;
+    for refusing what the machine cannot hold (an overestimate once ranks build only their shard)."""
     world, par = LAYOUTS[layout]
     shards = par.get("tp", 1) * par.get("pp", 1)
-    extra = 1 / shards if shards > 1 else 0
+    extra = 2 / shards if shards > 1 else 0.1
     if par.get("zero_stage") == 3:
-        extra = 2 / world
-    return world * (0.7 * 2 ** 30 + full_bytes * (1 + extra)) / 2 ** 30
+        extra = 3 / world
+    return world * (0.3 * 2 ** 30 + full_bytes * (1 + extra)) / 2 ** 30
 
 
 def run_one(size: str, layout: str) -> tuple[list[dict], float]:
