@@ -91,7 +91,7 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32):
     if not is_forge_folder(path):
         raise FileNotFoundError(f"{path!r} is not a Forge model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg = read_model_config(path)
-    model = build_model(cfg)
+    model = build_model(cfg, init=False)          # every tensor comes from the file
     load_state_dict_strict(model, load_file(os.path.join(path, WEIGHTS_FILE)), path)
     return model.to(dtype).eval(), cfg
 

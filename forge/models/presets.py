@@ -36,6 +36,8 @@ PRESETS: dict[str, ModelConfig] = {
                     max_seq_len=4096, norm_eps=1e-5),
     "llama3-8b": _p(**_LLAMA, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                     d_ff=14336, max_seq_len=8192, rope_theta=500000.0),
+    "llama3-70b": _p(**_LLAMA, vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                     d_ff=28672, max_seq_len=8192, rope_theta=500000.0),
     "llama3.2-1b": _p(**_LLAMA, vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                       d_ff=8192, max_seq_len=131072, rope_theta=500000.0, rope_scaling="llama3",
                       rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,

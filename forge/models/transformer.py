@@ -57,9 +57,13 @@ class Head(nn.Module):
                                          sequence_parallel=sequence_parallel, skip_weight=not own_weight)
         self.softcap = cfg.logit_softcap
         local = padded_vocab(cfg, tp) // tp
-        start = group_rank(tp_group) * local
-        self.padded = start + local > cfg.vocab_size
-        self.register_buffer("pad_mask", start + torch.arange(local) >= cfg.vocab_size, persistent=False)
+        self.vocab = (group_rank(tp_group) * local, local, cfg.vocab_size)    # (start, local, vocab)
+        self.padded = self.vocab[0] + local > cfg.vocab_size
+        self.init_buffers()
+
+    def init_buffers(self):
+        start, local, vocab = self.vocab
+        self.register_buffer("pad_mask", start + torch.arange(local) >= vocab, persistent=False)
 
     def forward(self, x, weight=None):  # (B, T, D) -> (B, T, V/tp); weight: a tied embedding
         logits = self.proj(x, weight)
@@ -83,25 +87,12 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
         self.activation_checkpointing = "none"       # none | full | attention
-        self.reset_parameters()
 
     def set_activation_checkpointing(self, mode: str) -> None:
         if mode not in ("none", "full", "attention"):
             raise ValueError(f"train.activation_checkpointing={mode!r} is not one of ['attention', 'full', 'none']")
         self.activation_checkpointing = mode
         set_attention_checkpointing(self, mode == "attention")
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """N(0, init_std) for matrices and embeddings, the output projections of each residual
-        branch scaled by 1/sqrt(2 L) (GPT-2), zeros for biases; norms keep their own init."""
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() >= 2:
-                scaled = name.endswith(("wo.weight", "w_out.weight"))
-                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
 
     def forward(self, ids, cache: KVCache | None = None, pos_offset: int | None = None):
         """ids (B, T) -> logits (B, T, V) (vocab-parallel shard under tp). With a KVCache the
@@ -145,6 +136,21 @@ def lm_loss(logits, targets, tp_group=None, ignore_index: int = -100):
     return per_token.sum() / (targets != ignore_index).sum().clamp_min(1)
 
 
-def build_model(cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None) -> Transformer:
+def build_model(cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None, *,
+                device=None, seed: int | None = None, init: bool = True, partition=None) -> Transformer:
+    """This rank's decoder (its tp shards and ep experts), constructed on the meta device and then
+    materialised on `device` (default: torch's default device, CPU unless set; "meta", also from
+    a `with torch.device("meta")` block, returns it unmaterialised) one parameter at a time. init=True fills it from `seed` by Forge name (forge.models.init; seed None: drawn from
+    torch's global generator, so torch.manual_seed(s) still fixes the model); init=False leaves
+    the weights uninitialised for a caller that loads them. `partition`: see materialize (ZeRO 3)."""
+    from forge.models.init import WeightInit, materialize
     cfg.validate()
-    return Transformer(cfg, tp_group, sequence_parallel, ep_group)
+    with torch.device("meta"):
+        model = Transformer(cfg, tp_group, sequence_parallel, ep_group)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type == "meta":
+        return model
+    if init and seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    weights = WeightInit(cfg, seed, tp_group, ep_group) if init else None
+    return materialize(model, device, weights, partition=partition)

@@ -1,10 +1,12 @@
-"""Build the model for a parallel layout so that it starts from exactly the weights one process
-would have: the full model is initialised from the seed on every rank, then each rank keeps its
-tensor-parallel shards (and, with a pipeline, its stage's layers).
+"""Build this rank's part of a parallel layout, and only that part: its tp shards, its pipeline
+stage's layers and its E/ep experts are constructed on the meta device, then materialised on the
+training device one parameter at a time and initialised there from the seed by Forge name
+(forge.models.init), so every layout starts from the weights one process would have.
 
     pp == 1: a Transformer with tp-sharded layers (a plain Transformer at tp == 1)
     pp > 1:  a DeepSpeed PipelineModule of the same layers over the groups' topology
-With ep > 1 each rank then keeps its E/ep experts of every MoE layer (dim 0, by ep rank).
+    ZeRO 3:  each parameter is handed to DeepSpeed's zero.Init partitioning as soon as it holds
+             its value, so a rank holds its 1/dp partitions plus at most one full parameter.
 `full_state_dict` is the inverse: gather shards over tp, experts over ep and stages over pp to
 one full state dict (Forge names) on global rank 0, for Forge model folders and conversion.
 """
@@ -15,41 +17,49 @@ import re
 import torch
 import torch.distributed as dist
 
-from forge.models.io import load_state_dict_strict, unique_state_dict
+from forge.models.io import unique_state_dict
 from forge.models.transformer import Transformer, build_model
 from forge.parallel.groups import ParallelGroups
 from forge.parallel.sharding import gather_tensors, partition_dims, shard_state_dict
 
 
 def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, partition="parameters",
-                     checkpoint_interval=0):
-    """The model for this rank; the caller seeds the RNG identically on every rank first."""
-    model = _build(cfg, groups, sequence_parallel, partition, checkpoint_interval)
+                     checkpoint_interval=0, *, seed: int, device=None, zero3_config: dict | None = None):
+    """The model for this rank, initialised from `seed` on `device` (default CPU).
+    zero3_config: the DeepSpeed config when training under ZeRO 3 (parameters partitioned as built)."""
+    if groups.pp == 1:
+        part = zero3_partitioner(zero3_config, groups) if zero3_config else None
+        model = build_model(cfg, groups.tp_group, sequence_parallel, groups.ep_group, device=device or "cpu",
+                            seed=seed, partition=part)
+    else:
+        from forge.parallel.pipeline import build_pipeline
+        model = build_pipeline(cfg, groups, sequence_parallel, partition, checkpoint_interval, seed=seed,
+                               device=device)
+        with torch.device("meta"):           # parameter names and partition dims of the tp layout
+            model.forge_partition_dims = partition_dims(Transformer(cfg, groups.tp_group, sequence_parallel))
     model.universal_checkpoint_info = universal_checkpoint_info(model, cfg, groups.tp)
     return model
 
 
-def _build(cfg, groups, sequence_parallel, partition, checkpoint_interval):
-    full = build_model(cfg)
-    if groups.tp == 1 and groups.pp == 1 and groups.ep == 1:
-        return full
-    from forge.models.layers.moe import shard_experts
-    sd = unique_state_dict(full)
-    del full
-    if groups.pp == 1:
-        model = build_model(cfg, tp_group=groups.tp_group, sequence_parallel=sequence_parallel,
-                            ep_group=groups.ep_group)
-        local = shard_experts(shard_state_dict(sd, model, groups.tp_group), model, groups.ep_group)
-        load_state_dict_strict(model, local, "initial weights")
-        return model
-    from forge.parallel.pipeline import build_pipeline, pipeline_state_dict
-    with torch.device("meta"):               # parameter names and partition dims of the tp layout
-        dims = partition_dims(Transformer(cfg, groups.tp_group, sequence_parallel))
-    pipe = build_pipeline(cfg, groups, sequence_parallel, partition, checkpoint_interval)
-    stage = pipeline_state_dict(shard_state_dict(sd, dims, groups.tp_group), pipe, cfg.n_layers)
-    pipe.load_state_dict(shard_experts(stage, pipe, groups.ep_group))
-    pipe.forge_partition_dims = dims         # Forge name -> partition dim, for gathering
-    return pipe
+def zero3_partitioner(ds_config: dict, groups: ParallelGroups):
+    """A `partition` callback for forge.models.init.materialize: hands each parameter, once it
+    holds its value, to DeepSpeed's ZeRO 3 partitioning over the data-parallel group (what
+    `deepspeed.zero.Init` does to a module built inside it; the engine then finds the
+    parameters partitioned already). The first goes through zero.Init(module=...), the rest
+    through the converter it attaches to every partitioned parameter, as DeepSpeed's engine does."""
+    import deepspeed
+    first: list[torch.nn.Parameter] = []
+
+    def partition(p: torch.nn.Parameter) -> None:
+        if first:
+            first[0].convert_to_zero_parameters(param_list=[p])
+            return
+        holder = torch.nn.Module()
+        holder.register_parameter("p", p)
+        deepspeed.zero.Init(module=holder, data_parallel_group=groups.dp_group, config_dict_or_path=ds_config,
+                            mpu=groups if groups.tp > 1 or groups.dp > 1 else None)
+        first.append(p)
+    return partition
 
 
 def universal_checkpoint_info(model, cfg, tp: int) -> dict:

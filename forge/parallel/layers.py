@@ -4,6 +4,8 @@ ColumnParallelLinear:  Y = X A,   A = [A_1 ... A_p] split by output columns; ran
 RowParallelLinear:     Y = X A,   A = [A_1; ...; A_p] split by input rows, X = [X_1 ... X_p];
                        rank i computes X_i A_i and the partial products are summed (all-reduce,
                        or reduce-scatter along the sequence under sequence parallelism).
+                       residual_output=True marks the last projection of a residual branch,
+                       whose weight forge.models.init draws with std / sqrt(2 L).
 VocabParallelEmbedding: the vocabulary is split in contiguous ranges; each rank looks up the ids
                        in its range (zero elsewhere) and the partial embeddings are summed.
 Weights are stored (out_features, in_features) as in nn.Linear, holding only this rank's shard;
@@ -90,9 +92,10 @@ class RowParallelLinear(nn.Module):
     output (B, T, out) summed over ranks, or (B, T/tp, out) when sequence_parallel."""
 
     def __init__(self, in_features, out_features, bias=True, group=None, input_is_parallel=True,
-                 sequence_parallel=False):
+                 sequence_parallel=False, residual_output=False):
         super().__init__()
         self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self.residual_output = residual_output   # the output of a residual branch (scaled init)
         self.in_features, self.out_features = in_features, out_features
         local = _divide(in_features, group_size(group), "input features")
         self.weight = nn.Parameter(torch.empty(out_features, local))

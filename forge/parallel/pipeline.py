@@ -88,20 +88,41 @@ def pipeline_specs(cfg, tp_group=None, sequence_parallel=False, ep_group=None) -
     return [first, *blocks, LayerSpec(NormPipe, *args), last]
 
 
-def build_pipeline(cfg, groups, sequence_parallel=False, partition="parameters", checkpoint_interval=0):
-    """A PipelineModule over `groups.topology` (DeepSpeed wants the topology, not an mpu, here)."""
+def build_pipeline(cfg, groups, sequence_parallel=False, partition="parameters", checkpoint_interval=0, *,
+                   seed: int, device=None):
+    """This rank's stage as a PipelineModule over `groups.topology` (DeepSpeed wants the topology,
+    not an mpu, here): only the stage's layers are built, on the meta device, then materialised
+    on `device` (default CPU) and initialised from `seed` by Forge name (forge.models.init), so
+    every stage holds exactly the weights one process would."""
     from deepspeed.pipe import PipelineModule
     from torch.utils.checkpoint import checkpoint
+    from forge.models.init import WeightInit, materialize
     tp_group = groups.tp_group
 
     def loss_fn(logits, labels):
         return lm_loss(logits, labels, tp_group)
 
-    return PipelineModule(layers=pipeline_specs(cfg, tp_group, sequence_parallel, groups.ep_group),
-                          topology=groups.topology,
-                          loss_fn=loss_fn, partition_method=partition,
-                          activation_checkpoint_interval=checkpoint_interval,
-                          activation_checkpoint_func=lambda f, *a: checkpoint(f, *a, use_reentrant=False))
+    class StagePipeline(PipelineModule):
+        """DeepSpeed builds every layer of every stage to count parameters ("parameters"
+        partitioning) and then its stage's layers on the default device: both run on the meta
+        device here, and the stage is materialised before DeepSpeed moves it and syncs ties.
+        (Overrides DeepSpeed 0.19's private PipelineModule._count_layer_params and _build.)"""
+
+        def _count_layer_params(self):
+            with torch.device("meta"):
+                return super()._count_layer_params()
+
+        def _build(self):
+            with torch.device("meta"):
+                super()._build()
+            materialize(self, device or "cpu", WeightInit(cfg, seed, tp_group, groups.ep_group),
+                        name_of=lambda n: forge_name(n, cfg.n_layers))
+
+    return StagePipeline(layers=pipeline_specs(cfg, tp_group, sequence_parallel, groups.ep_group),
+                         topology=groups.topology,
+                         loss_fn=loss_fn, partition_method=partition,
+                         activation_checkpoint_interval=checkpoint_interval,
+                         activation_checkpoint_func=lambda f, *a: checkpoint(f, *a, use_reentrant=False))
 
 
 _LAYER = re.compile(r"^(\d+)\.(.*)$")
@@ -118,12 +139,3 @@ def forge_name(pipe_name: str, n_layers: int) -> str:
     return f"layers.{idx - 1}.{rest}" if 1 <= idx <= n_layers else rest
 
 
-def pipeline_state_dict(full: dict[str, torch.Tensor], pipe, n_layers: int) -> dict[str, torch.Tensor]:
-    """This stage's state dict, taken from a full Forge state dict (already tp-sharded)."""
-    out = {}
-    for name in pipe.state_dict():
-        src = forge_name(name, n_layers)
-        if src not in full:
-            raise KeyError(f"pipeline parameter {name!r} (Forge {src!r}) is missing from the state dict")
-        out[name] = full[src]
-    return out

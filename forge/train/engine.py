@@ -147,7 +147,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for _, prm in model.named_parameters():     # tied parameters appear once
         if not prm.requires_grad:
             continue
-        (decay if prm.dim() >= 2 else no_decay).append(prm)
+        shape = getattr(prm, "ds_shape", prm.shape)      # a ZeRO 3 partition keeps its full shape there
+        (decay if len(shape) >= 2 else no_decay).append(prm)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})

@@ -187,10 +187,15 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     # ---- model and engine
     from forge.kernels import set_linear_backend
     from forge.parallel.build import build_for_layout
+    from forge.train.engine import build_ds_config
     set_linear_backend(cfg.train.linear_backend)
-    seed_everything(cfg.train.seed)               # the same initial weights on every rank and layout
+    seed_everything(cfg.train.seed)
+    # each rank builds only its shard, on its device, with weights that depend on train.seed and
+    # the tensor names alone (the same initial weights on every layout)
     model = build_for_layout(cfg.model, groups, cfg.parallel.sequence_parallel, cfg.parallel.pp_partition,
-                             checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0)
+                             checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0,
+                             seed=cfg.train.seed, device=dist.device(),
+                             zero3_config=build_ds_config(cfg, groups.dp) if cfg.parallel.zero_stage == 3 else None)
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     else:                                       # a pipeline: "full" is its checkpoint interval of 1
@@ -244,8 +249,8 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
             bundle.tokenizer.save(tokenizer_dir)
     dist.barrier()
     logger = MetricsLogger(cfg, out_dir, start_step, enabled=main)
-    n_params = engine.module.num_params() if hasattr(engine.module, "num_params") else \
-        sum(p.numel() for p in engine.module.parameters())
+    from forge.models.transformer import build_model
+    n_params = build_model(cfg.model, device="meta").num_params()     # the whole model, not this rank's part
     if resume_path:
         logger.write(f"resuming from {resume_path} (step {start_step}, {consumed} samples consumed)")
         for w in warnings:

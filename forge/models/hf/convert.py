@@ -342,7 +342,7 @@ def from_pretrained(path, dtype=torch.float32):
     if kind == "forge":
         return load_model_folder(folder, dtype)[0]
     cfg, sd, _, _ = hf_folder_to_forge(folder, torch.float32)
-    model = build_model(cfg)
+    model = build_model(cfg, init=False)          # every tensor comes from the folder
     load_state_dict_strict(model, sd, folder)
     return model.to(dtype).eval()
 

@@ -134,7 +134,7 @@ class Attention(nn.Module):
         kv_cls = ReplicatedLinear if self.kv_replicated else ColumnParallelLinear
         self.wk = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True)
         self.wv = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True)
-        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, cfg.attn_out_bias, **sp)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, cfg.attn_out_bias, **sp, residual_output=True)
         self.qkv_clip = cfg.qkv_clip
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":      # one (hd,) norm shared by heads that live on different ranks

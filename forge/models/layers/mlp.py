@@ -27,7 +27,8 @@ class MLP(nn.Module):
         d_ff = d_ff or cfg.ff_dim
         self.act = ACTIVATION[cfg.activation]
         self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
-        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
+        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel,
+                                       residual_output=True)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
         return self.w_out(self.act(self.w_in(x)))
@@ -41,7 +42,8 @@ class GLU(nn.Module):
         col = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True)
         self.w_gate = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, **col)
         self.w_up = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, **col)
-        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
+        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel,
+                                       residual_output=True)
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)

@@ -76,11 +76,12 @@ def moe_layers(model) -> list["MoE"]:
 
 
 class _Stacked(nn.Module):
-    """E linear maps stacked: weight (E, out, in), bias (E, out) (names match nn.Linear's, so the
-    model's init rules — normal weights, scaled w_out, zero biases — apply unchanged)."""
+    """E linear maps stacked: weight (E, out, in), bias (E, out) (forge.models.init: normal
+    weights, drawn per expert; std / sqrt(2 L) when residual_output; zero biases)."""
 
-    def __init__(self, n, out_features, in_features, bias):
+    def __init__(self, n, out_features, in_features, bias, residual_output=False):
         super().__init__()
+        self.residual_output = residual_output
         self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(n, out_features)) if bias else None
 
@@ -99,7 +100,7 @@ class Experts(nn.Module):
         names = ("w_gate", "w_up") if self.glu else ("w_in",)
         for name in names:
             setattr(self, name, _Stacked(n_local, f, d, bias))
-        self.w_out = _Stacked(n_local, d, f, bias)
+        self.w_out = _Stacked(n_local, d, f, bias, residual_output=True)
         for name, p in self.named_parameters():
             p.expert = True
             if ep > 1:                            # at ep=1 experts are reduced like dense parameters

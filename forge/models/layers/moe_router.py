@@ -79,9 +79,12 @@ class Router(nn.Module):
         self.rate = moe.bias_update_rate
         self.grad_group = grad_group        # sequence parallel: each tp rank routes its own tokens
         self.weight = nn.Parameter(torch.empty(moe.n_experts, cfg.d_model))
+        self.init_buffers()
+
+    def init_buffers(self):
         if self.rate > 0:
-            self.register_buffer("expert_bias", torch.zeros(moe.n_experts))
-            self.register_buffer("load", torch.zeros(moe.n_experts), persistent=False)
+            self.register_buffer("expert_bias", torch.zeros(self.n_experts))
+            self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)
         else:
             self.expert_bias = self.load = None
 

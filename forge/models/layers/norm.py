@@ -4,7 +4,8 @@ layernorm:          y = (x - mean) / sqrt(var + eps) * w + b        (bias option
 nonparam_layernorm: y = (x - mean) / sqrt(var + eps)                (OLMo: no weight, no bias)
 rmsnorm:            y = x / sqrt(mean(x^2) + eps) * (offset + w)     (Gemma: offset 1, w init 0)
 scalenorm:          y = g * x / max(||x||, eps)                      (one learned scalar g)
-Statistics are computed in fp32 and the result cast back to the input dtype.
+Statistics are computed in fp32 and the result cast back to the input dtype. `init_constants`
+puts the learned gains back to their initial values (forge.models.init, after a meta build).
 Tensor parallelism: `grad_group` makes the weights enter through `copy_to`, so the partial
 gradients of a replicated norm that sees only part of the tokens or heads (sequence parallelism,
 per-head qk-norm) are summed over the group; `stat_group` (RMSNorm) computes mean(x^2) over a
@@ -31,6 +32,12 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if affine and bias else None
         self.grad_group = None
 
+    def init_constants(self):
+        if self.weight is not None:
+            self.weight.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
+
     def forward(self, x):
         w, b = _w(self.weight, self.grad_group), _w(self.bias, self.grad_group)
         return F.layer_norm(x.float(), (self.dim,), w, b, self.eps).to(x.dtype)
@@ -42,6 +49,9 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
         self.grad_group, self.stat_group, self.full_dim = None, None, dim
+
+    def init_constants(self):
+        self.weight.fill_(1.0 - self.offset)
 
     def forward(self, x):
         xf = x.float()
@@ -58,7 +68,10 @@ class ScaleNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.tensor(float(dim) ** 0.5))
-        self.grad_group = None
+        self.grad_group, self.dim = None, dim
+
+    def init_constants(self):
+        self.weight.fill_(float(self.dim) ** 0.5)
 
     def forward(self, x):
         xf = x.float()

@@ -7,6 +7,7 @@ rope:       rotate pairs of q/k channels by angle t * theta^(-2i/r) over the fir
             Scaling: linear (t / factor) or Llama 3 (wavelength-dependent inverse frequencies).
 alibi:      score(i, j) += -m_h * (i - j), slopes m_h = 2^(-8 h / H) (Press et al., 2022)
 none:       no position information (causal masking alone).
+Modules with derived buffers recompute them in `init_buffers` (after a meta-device build).
 """
 from __future__ import annotations
 
@@ -28,10 +29,14 @@ class LearnedPositions(nn.Module):
 class SinusoidalPositions(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        d = cfg.d_model
-        t = torch.arange(cfg.max_seq_len, dtype=torch.float32).unsqueeze(1)
+        self.d, self.max_seq_len = cfg.d_model, cfg.max_seq_len
+        self.init_buffers()
+
+    def init_buffers(self):
+        d = self.d
+        t = torch.arange(self.max_seq_len, dtype=torch.float32).unsqueeze(1)
         inv = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-        pe = torch.zeros(cfg.max_seq_len, d)
+        pe = torch.zeros(self.max_seq_len, d)
         pe[:, 0::2] = torch.sin(t * inv)
         pe[:, 1::2] = torch.cos(t * inv[: d // 2])
         self.register_buffer("pe", pe, persistent=False)
@@ -63,8 +68,11 @@ def rope_inv_freq(cfg) -> torch.Tensor:
 class Rotary(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.r, self.interleaved = cfg.rotary_dim, cfg.rope_interleaved
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.r, self.interleaved, self.cfg = cfg.rotary_dim, cfg.rope_interleaved, cfg
+        self.init_buffers()
+
+    def init_buffers(self):
+        self.register_buffer("inv_freq", rope_inv_freq(self.cfg), persistent=False)
 
     def _cos_sin(self, pos, dtype):
         freqs = pos.float().unsqueeze(-1) * self.inv_freq.float()          # (T, r/2)
@@ -104,8 +112,12 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 class Alibi(nn.Module):
     def __init__(self, cfg, head_start=0, n_local_heads=None):
         super().__init__()
-        slopes = alibi_slopes(cfg.n_heads)[head_start: head_start + (n_local_heads or cfg.n_heads)]
-        self.register_buffer("slopes", slopes, persistent=False)
+        self.heads = (cfg.n_heads, head_start, n_local_heads or cfg.n_heads)
+        self.init_buffers()
+
+    def init_buffers(self):
+        n_heads, start, n = self.heads
+        self.register_buffer("slopes", alibi_slopes(n_heads)[start: start + n], persistent=False)
 
     def bias(self, qpos, kpos):  # -> (H, Tq, Tk): -m_h * (i - j)
         dist = (qpos.unsqueeze(-1) - kpos.unsqueeze(0)).float()

@@ -1,0 +1,132 @@
+"""Rank-local materialisation and layout-independent initialisation.
+
+A model (or one pipeline stage) is constructed on the meta device holding only this rank's
+shards; `materialize` then gives it storage on the training device, one parameter at a time, and
+fills each parameter with a value that depends on (seed, Forge name) alone:
+
+    W ~ N(0, std)               matrices, embeddings, stacked experts (dim >= 2)
+    W ~ N(0, std / sqrt(2 L))   outputs of a residual branch: the layers built with
+                                residual_output=True (attention wo, MLP / expert w_out)
+    b = 0                       biases
+    norm gains                  their module's constants (`init_constants`: ones, 1 - offset, ...)
+
+A random tensor is drawn at its full (unsharded) shape from a generator seeded with
+hash(seed, name) and then cut to this rank's part: chunk `tp_rank` along `partition_dim` (the
+vocabulary tensors first padded with zero rows to the padded vocabulary). Expert e of a stacked
+expert tensor comes from its own generator, hash(seed, name, e), so an expert-parallel rank draws
+only its own experts. One process, tp, pp, ep and ZeRO 3 therefore start from bit-identical
+weights (on one device type: CUDA and CPU generators differ). At most one full parameter (one
+full expert for expert tensors) exists beyond the rank's own shards at any time.
+
+Derived buffers (rotary frequencies, ALiBi slopes, the vocabulary padding mask, MoE bias and
+load counters) are recomputed on the device by each module's `init_buffers`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from forge.parallel.mappings import group_rank, group_size
+from forge.parallel.sharding import VOCAB_TENSORS
+
+
+def tensor_seed(seed: int, name: str, index: Optional[int] = None) -> int:
+    """A 63-bit generator seed from the run seed and a tensor's Forge name (and expert index)."""
+    key = f"{seed}/{name}" if index is None else f"{seed}/{name}/{index}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class WeightInit:
+    """The initial value of each parameter of a rank-local model (see the module docstring).
+
+    std: model.init_std; n_layers: L of the residual scaling; vocab_size: rows of the unpadded
+    vocabulary tensors; tp_group / ep_group: the groups the model was built with."""
+
+    def __init__(self, cfg, seed: int, tp_group=None, ep_group=None):
+        self.std, self.n_layers, self.vocab = cfg.init_std, cfg.n_layers, cfg.vocab_size
+        self.seed = seed
+        self.tp, self.tp_rank = group_size(tp_group), group_rank(tp_group)
+        self.ep, self.ep_rank = group_size(ep_group), group_rank(ep_group)
+
+    def __call__(self, module: nn.Module, attr: str, name: str, p: torch.Tensor) -> None:
+        """Fill `p` (module.<attr>, Forge name `name`) in place."""
+        if attr == "bias":
+            p.zero_()
+        elif p.dim() >= 2:
+            std = self.std / math.sqrt(2 * self.n_layers) if getattr(module, "residual_output", False) else self.std
+            self._normal(p, name, std)
+        elif not hasattr(module, "init_constants"):
+            raise ValueError(f"no initialisation rule for parameter {name!r} of shape {tuple(p.shape)} "
+                             f"({type(module).__name__}): give the module an init_constants method")
+
+    def _normal(self, p, name, std):
+        if getattr(p, "expert", False):                 # (E/ep, ...): expert e from its own generator
+            n_local = p.shape[0]
+            for i in range(n_local):
+                e = self.ep_rank * n_local + i
+                shard_dim = getattr(p, "partition_dim", None)
+                p[i].copy_(self._draw(p[i].shape, None if shard_dim is None else shard_dim - 1,
+                                      name, std, p.device, tensor_seed(self.seed, name, e)))
+            return
+        p.copy_(self._draw(p.shape, getattr(p, "partition_dim", None), name, std, p.device,
+                           tensor_seed(self.seed, name), vocab=name.split(".", 1)[-1] in VOCAB_TENSORS
+                           or name in VOCAB_TENSORS))
+
+    def _draw(self, local_shape, dim, name, std, device, seed, vocab=False):
+        """N(0, std) at the full shape, cut to this rank's tp chunk along `dim` (None: whole)."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        if dim is None or self.tp == 1:
+            return torch.empty(local_shape, device=device).normal_(0.0, std, generator=gen)
+        full = list(local_shape)
+        full[dim] = self.vocab if vocab else full[dim] * self.tp
+        t = torch.empty(full, device=device).normal_(0.0, std, generator=gen)
+        if vocab:                                       # zero rows up to the padded vocabulary
+            pad = local_shape[dim] * self.tp - self.vocab
+            t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])], dim=0) if pad else t
+        return t.narrow(dim, self.tp_rank * local_shape[dim], local_shape[dim]).clone()
+
+
+def materialize(model: nn.Module, device, init: Optional[WeightInit] = None,
+                name_of: Callable[[str], str] = lambda n: n,
+                partition: Optional[Callable[[nn.Parameter], None]] = None) -> nn.Module:
+    """Give every meta parameter and buffer of `model` storage on `device`, one parameter at a time.
+
+    init: fills each new parameter (None: left uninitialised, for a model about to be loaded);
+    name_of: the Forge name of a parameter name of `model` (pipeline stages name them otherwise);
+    partition: called on each parameter once it holds its value (ZeRO 3 partitions it there, so
+    no rank ever holds more than one full parameter beyond its partitions).
+    Parameter attributes (partition_dim, expert, ...) and ties (a head sharing the embedding)
+    are kept."""
+    device = torch.device(device)
+    done: dict[int, nn.Parameter] = {}
+    for mname, module in model.named_modules():
+        fresh = []                                      # parameters materialised in this module
+        for attr, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) in done:                           # a tied parameter, materialised already
+                module._parameters[attr] = done[id(p)]
+                continue
+            new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+            new.__dict__.update(p.__dict__)
+            module._parameters[attr] = done[id(p)] = new
+            fresh.append(new)
+            if init is not None:
+                with torch.no_grad():
+                    init(module, attr, name_of(f"{mname}.{attr}" if mname else attr), new)
+        if hasattr(module, "init_constants") and init is not None:
+            with torch.no_grad():
+                module.init_constants()
+        if any(b is not None and b.is_meta for b in module._buffers.values()):
+            if not hasattr(module, "init_buffers"):
+                raise ValueError(f"module {mname!r} ({type(module).__name__}) has meta buffers and no init_buffers")
+            with torch.device(device):
+                module.init_buffers()
+        if partition is not None:
+            for p in fresh:
+                partition(p)
+    return model
