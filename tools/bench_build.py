@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import glob
-import inspect
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from forge.memory import maxrss_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 MiB = 2 ** 20
 # Llama-style (rope, rmsnorm, SwiGLU, untied 32000 vocabulary): d_model, n_layers, n_heads, d_ff
@@ -53,27 +52,9 @@ def overrides(size: str, layout: str) -> list[str]:
 
 
 def build_model_for_layout(cfg, groups):
-    """forge.parallel.build.build_for_layout(...) as the trainer calls it, with whichever of these
-    arguments its current signature takes: the one place to adapt when that signature changes."""
-    from forge.parallel.build import build_for_layout
-    from forge.train import distributed as fdist
-    known = {
-        "cfg": cfg.model,
-        "groups": groups,
-        "sequence_parallel": cfg.parallel.sequence_parallel,
-        "partition": cfg.parallel.pp_partition,
-        "checkpoint_interval": 1 if cfg.train.activation_checkpointing == "full" else 0,
-        "seed": cfg.train.seed,
-        "device": fdist.device(),
-    }
-    kwargs = {}
-    for name, p in inspect.signature(build_for_layout).parameters.items():
-        if name in known:
-            kwargs[name] = known[name]
-        elif p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise TypeError(f"build_for_layout takes a required argument {name!r} that "
-                            "tools/bench_build.py does not know: add it to build_model_for_layout")
-    return build_for_layout(**kwargs)
+    """This rank's model exactly as `forge train` builds it."""
+    from forge.train.trainer import build_rank_model
+    return build_rank_model(cfg, groups)
 
 
 def _import_everything():
@@ -92,28 +73,9 @@ def _import_everything():
             print(f"bench_build: could not import {mod}", file=sys.stderr)
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Lower the peak RSS (VmHWM) to the current RSS, so that a transient peak during the imports
-    does not hide part of the build's growth (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peaks_kb() -> tuple[int, int]:
-    """(VmHWM, ru_maxrss) in kB; VmHWM falls back to ru_maxrss where /proc lacks it."""
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with open("/proc/self/status") as f:
-        hwm = [int(line.split()[1]) for line in f if line.startswith("VmHWM:")]
-    return (hwm[0] if hwm else maxrss), maxrss
+    """(VmHWM, ru_maxrss) in kB."""
+    return peak_rss_bytes() // 1024, maxrss_bytes() // 1024
 
 
 def _param_bytes(model, zero3: bool) -> int:
@@ -147,8 +109,8 @@ def _worker(rank, world, port, size, layout, out_dir):
     gc.collect()
     fdist.barrier()
 
-    reset = _reset_peak_rss()
-    rss0 = _rss_kb()
+    reset = reset_peak_rss()
+    rss0 = rss_bytes() // 1024
     base, base_maxrss = _peaks_kb()
     t0 = time.perf_counter()
     model = build_model_for_layout(cfg, groups)

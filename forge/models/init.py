@@ -64,30 +64,30 @@ class WeightInit:
                              f"({type(module).__name__}): give the module an init_constants method")
 
     def _normal(self, p, name, std):
+        dim = getattr(p, "partition_dim", None)
         if getattr(p, "expert", False):                 # (E/ep, ...): expert e from its own generator
             n_local = p.shape[0]
             for i in range(n_local):
                 e = self.ep_rank * n_local + i
-                shard_dim = getattr(p, "partition_dim", None)
-                p[i].copy_(self._draw(p[i].shape, None if shard_dim is None else shard_dim - 1,
-                                      name, std, p.device, tensor_seed(self.seed, name, e)))
+                self._draw(p[i], None if dim is None else dim - 1, std, tensor_seed(self.seed, name, e))
             return
-        p.copy_(self._draw(p.shape, getattr(p, "partition_dim", None), name, std, p.device,
-                           tensor_seed(self.seed, name), vocab=name.split(".", 1)[-1] in VOCAB_TENSORS
-                           or name in VOCAB_TENSORS))
+        vocab = name in VOCAB_TENSORS or name.split(".", 1)[-1] in VOCAB_TENSORS
+        self._draw(p, dim, std, tensor_seed(self.seed, name), vocab)
 
-    def _draw(self, local_shape, dim, name, std, device, seed, vocab=False):
-        """N(0, std) at the full shape, cut to this rank's tp chunk along `dim` (None: whole)."""
-        gen = torch.Generator(device=device).manual_seed(seed)
+    def _draw(self, out, dim, std, seed, vocab=False):
+        """out <- this rank's tp chunk along `dim` (None: all) of N(0, std) drawn at the full shape."""
+        gen = torch.Generator(device=out.device).manual_seed(seed)
         if dim is None or self.tp == 1:
-            return torch.empty(local_shape, device=device).normal_(0.0, std, generator=gen)
-        full = list(local_shape)
-        full[dim] = self.vocab if vocab else full[dim] * self.tp
-        t = torch.empty(full, device=device).normal_(0.0, std, generator=gen)
-        if vocab:                                       # zero rows up to the padded vocabulary
-            pad = local_shape[dim] * self.tp - self.vocab
-            t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])], dim=0) if pad else t
-        return t.narrow(dim, self.tp_rank * local_shape[dim], local_shape[dim]).clone()
+            out.normal_(0.0, std, generator=gen)
+            return
+        n = out.shape[dim]
+        full = list(out.shape)
+        full[dim] = self.vocab if vocab else n * self.tp
+        t = torch.empty(full, device=out.device).normal_(0.0, std, generator=gen)
+        start = self.tp_rank * n                        # vocabulary rows past the end are padding: 0
+        rows = max(0, min(n, t.shape[dim] - start))
+        out.zero_()
+        out.narrow(dim, 0, rows).copy_(t.narrow(dim, start, rows))
 
 
 def materialize(model: nn.Module, device, init: Optional[WeightInit] = None,

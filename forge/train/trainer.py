@@ -186,21 +186,9 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
 
     # ---- model and engine
     from forge.kernels import set_linear_backend
-    from forge.parallel.build import build_for_layout
-    from forge.train.engine import build_ds_config
     set_linear_backend(cfg.train.linear_backend)
     seed_everything(cfg.train.seed)
-    # each rank builds only its shard, on its device, with weights that depend on train.seed and
-    # the tensor names alone (the same initial weights on every layout)
-    model = build_for_layout(cfg.model, groups, cfg.parallel.sequence_parallel, cfg.parallel.pp_partition,
-                             checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0,
-                             seed=cfg.train.seed, device=dist.device(),
-                             zero3_config=build_ds_config(cfg, groups.dp) if cfg.parallel.zero_stage == 3 else None)
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    else:                                       # a pipeline: "full" is its checkpoint interval of 1
-        from forge.models.block import set_attention_checkpointing
-        set_attention_checkpointing(model, cfg.train.activation_checkpointing == "attention")
+    model = build_rank_model(cfg, groups)
     engine = create_engine(cfg, model, groups)
     try:
         return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups)
@@ -212,6 +200,24 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
                 pass
         del engine, model
         gc.collect()
+
+
+def build_rank_model(cfg: JobConfig, groups):
+    """This rank's part of the model for the job's layout, on its training device: only its shard
+    is ever built, with weights that depend on train.seed and the tensor names alone (the same
+    initial weights on every layout); under ZeRO 3 partitioned while it is built."""
+    from forge.parallel.build import build_for_layout
+    from forge.train.engine import build_ds_config
+    model = build_for_layout(cfg.model, groups, cfg.parallel.sequence_parallel, cfg.parallel.pp_partition,
+                             checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0,
+                             seed=cfg.train.seed, device=dist.device(),
+                             zero3_config=build_ds_config(cfg, groups.dp) if cfg.parallel.zero_stage == 3 else None)
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    else:                                       # a pipeline: "full" is its checkpoint interval of 1
+        from forge.models.block import set_attention_checkpointing
+        set_attention_checkpointing(model, cfg.train.activation_checkpointing == "attention")
+    return model
 
 
 def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups) -> TrainResult:
