@@ -14,6 +14,7 @@ COMMANDS = {
     "prepare": ("forge.data.prepare", "tokenize text/jsonl/parquet/arrow into .bin/.idx shards"),
     "convert": ("forge.models.hf.convert", "convert checkpoints to and from Hugging Face folders"),
     "bench": ("forge.bench", "measure training-step throughput against Hugging Face transformers"),
+    "plan": ("forge.plan", "per-rank memory of a parallel layout, from its ranks built on the meta device"),
 }
 
 
