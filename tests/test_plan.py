@@ -266,11 +266,7 @@ def allocations():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", [
-    pytest.param(run, marks=pytest.mark.xfail(strict=True, reason=(
-        "forge train's rank-local ZeRO 3 build (forge.parallel.build.zero3_partitioner) leaves bf16 parameters "
-        "in fp32: 11.67 bytes/param measured against the 9.33 of bf16 weights")))
-    if run == ("train.precision=bf16", "parallel.zero_stage=3") else run for run in ALLOCATION_RUNS], ids=" ".join)
+@pytest.mark.parametrize("run", ALLOCATION_RUNS, ids=" ".join)
 def test_model_states_match_a_real_allocation(run, allocations):
     """dp=2, ZeRO 0-3 in bf16 and fp32, built as forge train builds: the plan's weights +
     grads + optimizer within 10% of what the engine holds (0.1% where the weights have the dtype)."""

@@ -49,8 +49,13 @@ def zero3_partitioner(ds_config: dict, groups: ParallelGroups):
     through the converter it attaches to every partitioned parameter, as DeepSpeed's engine does."""
     import deepspeed
     first: list[torch.nn.Parameter] = []
+    # the dtype DeepSpeed's ZeRO 3 keeps its parameters in (zero.Init casts what it creates, not
+    # what it is handed); the optimizer holds the fp32 master partitions
+    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else
+             torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
 
     def partition(p: torch.nn.Parameter) -> None:
+        p.data = p.data.to(dtype)
         if first:
             first[0].convert_to_zero_parameters(param_list=[p])
             return
@@ -94,6 +99,11 @@ def _forge_name(name: str, model, cfg) -> str:
     return forge_name(name, cfg.n_layers)
 
 
+def forge_name_of(model, cfg):
+    """name of `model` -> Forge name (the identity unless `model` is a pipeline stage)."""
+    return lambda name: _forge_name(name, model, cfg)
+
+
 def stage_state_dict(model, cfg) -> dict[str, torch.Tensor]:
     """This rank's tensors under Forge names (a pipeline stage's part, or the whole model)."""
     if not hasattr(model, "forge_partition_dims"):
@@ -122,25 +132,6 @@ def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tenso
         for k, v in (part or {}).items():
             merged.setdefault(k, v)          # a tied embedding appears on the first and last stage
     return merged
-
-
-def load_local_experts(model, cfg, groups: ParallelGroups, weights_file: str) -> None:
-    """Copy into `model` this rank's part of every expert tensor from a full (Forge names, all
-    experts) safetensors file: its ep slice along dim 0, then its tp shard, as `_build` cuts
-    them. Reads only those slices, so no rank loads the whole model."""
-    from safetensors import safe_open
-    from forge.models.layers.moe import expert_params
-    dims = getattr(model, "forge_partition_dims", None) or partition_dims(model)
-    with safe_open(weights_file, framework="pt") as f, torch.no_grad():
-        for name, p in expert_params(model).items():
-            full = _forge_name(name, model, cfg)
-            per_rank = f.get_slice(full).get_shape()[0] // groups.ep
-            part = f.get_slice(full)[groups.ep_rank * per_rank:(groups.ep_rank + 1) * per_rank]
-            part = shard_state_dict({full: part}, dims, groups.tp_group)[full]
-            if part.shape != p.shape:
-                raise ValueError(f"expert tensor {full!r} in {weights_file}: this rank's part has shape "
-                                 f"{tuple(part.shape)}, the model's parameter {tuple(p.shape)}")
-            p.copy_(part)
 
 
 def global_grad_norm(params, groups: ParallelGroups) -> torch.Tensor:
