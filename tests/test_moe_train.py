@@ -28,8 +28,8 @@ def test_moe_training_logs_router_metrics(tmp_path, cache_dir):
         assert line["moe/aux_loss"] >= 1.0 - 1e-6            # E * sum f P >= 1, with equality when balanced
         assert 0.0 <= line["moe/dropped_frac"] <= 1.0
         assert line["moe/load_max_over_mean"] >= 1.0
-    from safetensors.torch import load_file
-    sd = load_file(tmp_path / "run" / "checkpoints" / "step_00000006" / "model" / "model.safetensors")
+    from forge.models.io import read_weights
+    sd = read_weights(str(tmp_path / "run" / "checkpoints" / "step_00000006" / "model"))
     biases = [v for k, v in sd.items() if k.endswith("router.expert_bias")]
     assert biases and any(b.abs().sum() > 0 for b in biases)  # balancing moved them
 

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from safetensors.torch import load_file
+from forge.models.io import read_weights
 
 from tests.distributed import run_distributed
 
@@ -48,7 +48,7 @@ def run(overrides, world):
         records = [r for r in map(json.loads, f) if "loss" in r]
     losses = [r["loss"] for r in records]
     moe = [{k: v for k, v in r.items() if k.startswith("moe/")} for r in records]
-    weights = load_file(os.path.join(out, "checkpoints", f"step_{STEPS:08d}", "model", "model.safetensors"))
+    weights = read_weights(os.path.join(out, "checkpoints", f"step_{STEPS:08d}", "model"))
     return losses, weights, moe
 
 

@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from forge.config import ModelConfig, model_from_dict
 
@@ -20,7 +20,10 @@ CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 
 
 def is_forge_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+    """config.yaml with model.safetensors, or with a sharded checkpoint's forge_index.json."""
+    from forge.models.sharded import is_sharded_folder
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and (
+        os.path.isfile(os.path.join(path, WEIGHTS_FILE)) or is_sharded_folder(path))
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,14 +71,17 @@ def read_model_config(path: str) -> ModelConfig:
     return model_from_dict(model, prefix=f"{path}/{CONFIG_FILE}: model").validate()
 
 
-def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `sd` into `model`, naming any missing, unexpected or mis-shaped tensor."""
-    expected = unique_state_dict(model)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+def _check_names(expected: set, found: set, source: str) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
         raise ValueError(f"{source}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+
+
+def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `sd` into `model`, naming any missing, unexpected or mis-shaped tensor."""
+    expected = unique_state_dict(model)
+    _check_names(set(expected), set(sd), source)
     for name, t in sd.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, "
@@ -85,14 +91,33 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
             expected[name].copy_(t)
 
 
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a Forge model folder (one file or sharded), whole, by Forge name."""
+    from forge.models.sharded import WeightReader
+    with WeightReader(path) as reader:
+        return {name: reader.get(name) for name in reader.names()}
+
+
 def load_model_folder(path: str, dtype: torch.dtype = torch.float32):
-    """(model, ModelConfig) from a Forge model folder."""
+    """(model, ModelConfig) from a Forge model folder (one file or sharded), read tensor by
+    tensor into a model built without initialisation."""
+    from forge.models.sharded import WeightReader
     from forge.models.transformer import build_model
     if not is_forge_folder(path):
-        raise FileNotFoundError(f"{path!r} is not a Forge model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise FileNotFoundError(f"{path!r} is not a Forge model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                "or a sharded checkpoint's forge_index.json)")
     cfg = read_model_config(path)
-    model = build_model(cfg, init=False)          # every tensor comes from the file
-    load_state_dict_strict(model, load_file(os.path.join(path, WEIGHTS_FILE)), path)
+    model = build_model(cfg, init=False)          # every tensor comes from the folder
+    with WeightReader(path) as reader:
+        expected = unique_state_dict(model)
+        _check_names(set(expected), set(reader.names()), path)
+        with torch.no_grad():
+            for name, t in expected.items():
+                value = reader.get(name)
+                if tuple(value.shape) != tuple(t.shape):
+                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                     f"the model expects {tuple(t.shape)}")
+                t.copy_(value)
     return model.to(dtype).eval(), cfg
 
 

@@ -1,8 +1,11 @@
 """Training checkpoints: layout, atomic completion, discovery and resume.
 
     OUT/checkpoints/step_{step:08d}/
-        model/                      Forge model folder (forge.models.io.save_model_folder), for
-                                    `forge generate`, `forge convert`, `forge.from_pretrained`
+        model/                      Forge model folder, sharded (forge.models.sharded): config.yaml,
+                                    forge_index.json, shard-{rank}.safetensors written by each rank
+                                    (its own tensors, nothing gathered); read by `forge generate`,
+                                    `forge convert`, `forge.from_pretrained` (older checkpoints
+                                    hold one model.safetensors, still read)
         ds/                         DeepSpeed engine state (engine.save_checkpoint): weights,
                                     optimizer (ZeRO partitions), lr scheduler
         rng_state_rank{r:05d}.pt    python / numpy / torch (/ cuda) RNG states of rank r
@@ -213,23 +216,32 @@ def _fsync_tree(path: str) -> None:
         _fsync_dir(d)
 
 
-def _full_model_state(engine, cfg: JobConfig, groups) -> Optional[dict]:
-    """The full (unsharded) model state dict on rank 0, gathered over tp and pp (collective);
-    under ZeRO-3 the partitioned parameters are gathered first."""
-    from forge.parallel.build import full_state_dict
-    if cfg.parallel.zero_stage == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            sd = full_state_dict(engine.module, cfg.model, groups)
-            return {k: v.detach().clone() for k, v in sd.items()} if sd is not None else None
-    return full_state_dict(engine.module, cfg.model, groups)
+def _save_model_shards(engine, cfg: JobConfig, groups, folder: str, tokenizer_dir: Optional[str]) -> None:
+    """Each rank writes the weights it owns to `folder/shard-{rank}.safetensors`
+    (forge.layout.weights); rank 0 writes the index from every rank's part list (metadata
+    only: no tensor leaves its rank), the config and the tokenizer. Collective."""
+    import yaml
+    from forge.layout.weights import rank_parts
+    from forge.models.io import CONFIG_FILE
+    from forge.models.sharded import merge_index, write_index, write_parts
+    from forge.parallel.build import forge_name_of
+    rank = dist.rank()
+    entries = write_parts(folder, rank, rank_parts(engine.module, cfg.model, groups,
+                                                   forge_name_of(engine.module, cfg.model)))
+    every = dist.gather_object(entries)
+    if rank == 0:
+        write_index(folder, merge_index(every))
+        with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        if tokenizer_dir and os.path.isdir(tokenizer_dir):
+            for name in os.listdir(tokenizer_dir):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(folder, name))
 
 
 def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, state: dict,
                     tokenizer_dir: Optional[str] = None) -> str:
     """Write checkpoint `step` (collective: every rank calls it); returns its path. COMPLETE is
     written only after every rank's files are on disk."""
-    from forge.models.io import save_state_folder
     path = step_dir(out_dir, step)
     rank = dist.rank()
     if rank == 0:
@@ -238,11 +250,9 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
             if os.path.exists(marker):
                 os.remove(marker)
             shutil.rmtree(path)
-        os.makedirs(path)
+        os.makedirs(os.path.join(path, MODEL_DIR))
     dist.barrier()
-    model_state = _full_model_state(engine, cfg, groups)
-    if rank == 0:
-        save_state_folder(model_state, cfg.to_dict(), os.path.join(path, MODEL_DIR), tokenizer_dir=tokenizer_dir)
+    _save_model_shards(engine, cfg, groups, os.path.join(path, MODEL_DIR), tokenizer_dir)
     engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
     torch.save(rng_state(), _rng_file(path, rank))
     dist.barrier()
@@ -292,6 +302,9 @@ def _restore_experts(model, cfg, path: str, groups) -> None:
     expert-parallel rank the experts of ep rank 0. Under ZeRO 1/2 the fp32 master partitions,
     which each rank saves and loads itself, are right already; this puts the module's copies
     (what the next forward uses) in line with them."""
-    from forge.models.io import WEIGHTS_FILE
-    from forge.parallel.build import load_local_experts
-    load_local_experts(model, cfg, groups, os.path.join(path, MODEL_DIR, WEIGHTS_FILE))
+    from forge.layout.weights import load_rank_weights
+    from forge.models.layers.moe import expert_params
+    from forge.parallel.build import forge_name_of
+    name_of = forge_name_of(model, cfg)
+    load_rank_weights(model, cfg, groups, os.path.join(path, MODEL_DIR), name_of,
+                      names={name_of(n) for n in expert_params(model)})

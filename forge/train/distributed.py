@@ -130,6 +130,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_object(obj, dst: int = 0) -> list | None:
+    """Every rank's (small, picklable) `obj` on rank `dst`, in rank order; None elsewhere."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if rank() == dst else None
+    torch.distributed.gather_object(obj, out, dst=dst)
+    return out
+
+
 def shutdown() -> None:
     """Destroy the process group (through DeepSpeed, so its cached groups go too)."""
     if torch.distributed.is_initialized():

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from forge.config import ModelConfig
 from forge.models.hf.families import FAMILIES, FamilySpec, Transform, UnsupportedModelError, representation_errors
 from forge.models.io import (CONFIG_FILE, WEIGHTS_FILE, is_forge_folder, load_model_folder, load_state_dict_strict,
+                             read_weights,
                              model_config_dict, read_model_config, unique_state_dict)
 
 HF_CONFIG = "config.json"
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind != "forge":
                 raise ValueError(f"{args.input!r} is a Hugging Face folder, not a Forge one (use --from hf)")
             cfg = read_model_config(folder)
-            sd = load_file(os.path.join(folder, WEIGHTS_FILE))
+            sd = read_weights(folder)
             spec = write_hf_folder(args.output, cfg, sd, dtype, args.arch, folder, args.force)
             print(f"wrote Hugging Face folder {args.output} ({spec.architecture}, {args.dtype})")
     except (ValueError, OSError, RuntimeError) as e:
