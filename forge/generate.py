@@ -5,8 +5,8 @@
     forge generate --checkpoint OUT --interactive
 
 `--checkpoint` is a training run directory (the newest `checkpoints/step_*/` holding a COMPLETE
-marker is used), one checkpoint step directory, or a Forge model folder (config.yaml +
-model.safetensors + tokenizer files).
+marker is used), one checkpoint step directory, or a Forge model folder (config.yaml + tokenizer
+files + model.safetensors, or a checkpoint's sharded forge_index.json + shard-*.safetensors).
 
 Decoding: the prompt is run once through the model filling a KVCache, then each new token is
 fed alone, attending to the cached keys/values (O(T) per token instead of re-running the whole
@@ -159,7 +159,7 @@ def resolve_model_folder(path: str) -> str:
     """The Forge model folder behind `path`: a model folder itself, a checkpoint step directory
     (its `model/`; it must hold the COMPLETE marker), or a training run directory (the newest
     `checkpoints/step_*/` with a COMPLETE marker and a model folder)."""
-    from forge.models.io import CONFIG_FILE, WEIGHTS_FILE, is_forge_folder
+    from forge.models.io import FOLDER_CONTENTS, is_forge_folder
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
@@ -176,9 +176,9 @@ def resolve_model_folder(path: str) -> str:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from forge.models.hf.convert import newest_checkpoint_model
         return newest_checkpoint_model(path)
-    raise FileNotFoundError(f"--checkpoint {path!r} is neither a Forge model folder ({CONFIG_FILE} + "
-                            f"{WEIGHTS_FILE}), a checkpoint step directory (model/ + COMPLETE) nor a training "
-                            f"run directory (checkpoints/)")
+    raise FileNotFoundError(f"--checkpoint {path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a "
+                            f"checkpoint step directory (model/ + COMPLETE) nor a training run directory "
+                            f"(checkpoints/)")
 
 
 def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

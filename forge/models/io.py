@@ -6,6 +6,7 @@ crash never leaves a half-written folder under the final name.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -15,8 +16,14 @@ import yaml
 from safetensors.torch import save_file
 
 from forge.config import ModelConfig, model_from_dict
+from forge.models.sharded import INDEX_FILE
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
+FOLDER_CONTENTS = f"{CONFIG_FILE} + {WEIGHTS_FILE}, or {CONFIG_FILE} + a sharded checkpoint's {INDEX_FILE}"
+# safetensors' dtype names (its header's "dtype" field)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def is_forge_folder(path: str) -> bool:
@@ -91,6 +98,19 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
             expected[name].copy_(t)
 
 
+def weight_dtypes(path: str) -> dict[str, torch.dtype]:
+    """The stored dtype of every tensor of a Forge model folder (one file or sharded), read from
+    the index or the safetensors header alone (no tensor data)."""
+    from safetensors import safe_open
+
+    from forge.models.sharded import is_sharded_folder
+    if is_sharded_folder(path):
+        with open(os.path.join(path, INDEX_FILE)) as f:
+            return {k: getattr(torch, e["dtype"]) for k, e in json.load(f)["tensors"].items()}
+    with safe_open(os.path.join(path, WEIGHTS_FILE), framework="pt") as f:
+        return {k: SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()] for k in f.keys()}
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a Forge model folder (one file or sharded), whole, by Forge name."""
     from forge.models.sharded import WeightReader
@@ -104,8 +124,7 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32):
     from forge.models.sharded import WeightReader
     from forge.models.transformer import build_model
     if not is_forge_folder(path):
-        raise FileNotFoundError(f"{path!r} is not a Forge model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-                                "or a sharded checkpoint's forge_index.json)")
+        raise FileNotFoundError(f"{path!r} is not a Forge model folder (needs {FOLDER_CONTENTS})")
     cfg = read_model_config(path)
     model = build_model(cfg, init=False)          # every tensor comes from the folder
     with WeightReader(path) as reader:
@@ -118,6 +137,8 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32):
                     raise ValueError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, "
                                      f"the model expects {tuple(t.shape)}")
                 t.copy_(value)
+                del value
+                reader.close()      # unmap the files read so far: their pages would stay resident
     return model.to(dtype).eval(), cfg
 
 

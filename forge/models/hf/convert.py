@@ -1,27 +1,41 @@
 """Hugging Face <-> Forge conversion, driven by the family specs in `families.py`.
 
     forge convert --from hf --input HF_DIR|ORG/NAME --output FORGE_DIR [--dtype fp32] [--force]
-    forge convert --to hf   --input FORGE_DIR|RUN_DIR --output HF_DIR [--dtype fp32] [--arch X] [--force]
+    forge convert --to hf   --input FORGE_DIR|RUN_DIR|STEP_DIR --output HF_DIR [--max-shard-size 5GB]
+                            [--dtype bf16] [--arch X] [--force]
     forge.from_pretrained(path, dtype=torch.float32) -> Transformer   (ids (B, T) -> logits (B, T, V))
 
-`path` may be a Forge model folder (config.yaml + model.safetensors), a training run directory
-(the newest `checkpoints/step_*/` holding a COMPLETE marker and a `model/` Forge folder), a
-Hugging Face folder (config.json + weights) or a hub repo id (downloaded unless offline).
+`path` may be a Forge model folder (config.yaml + model.safetensors, or a checkpoint's sharded
+config.yaml + forge_index.json + shard-*.safetensors), a training run directory (the newest
+`checkpoints/step_*/` holding a COMPLETE marker and a `model/` Forge folder), a checkpoint step
+directory, a Hugging Face folder (config.json + model.safetensors or sharded safetensors with
+model.safetensors.index.json) or a hub repo id (downloaded unless offline).
 Every HF tensor must be consumed and every Forge tensor produced; anything else is an error that
 names the tensors (and both shapes on a shape mismatch). Outputs are written to a temporary
 sibling folder and renamed into place.
+
+`--to hf` streams: the Forge weights are read tensor by tensor (WeightReader), each rule of the
+family (a rename or a Transform) turns the Forge tensors it needs into its HF tensors, and those
+go straight to disk into safetensors shards of at most --max-shard-size (HF's file names and
+model.safetensors.index.json; one model.safetensors when everything fits). The process holds
+one rule's inputs and outputs at a time, never the model.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -30,9 +44,9 @@ from safetensors.torch import load_file, save_file
 
 from forge.config import ModelConfig
 from forge.models.hf.families import FAMILIES, FamilySpec, Transform, UnsupportedModelError, representation_errors
-from forge.models.io import (CONFIG_FILE, WEIGHTS_FILE, is_forge_folder, load_model_folder, load_state_dict_strict,
-                             read_weights,
-                             model_config_dict, read_model_config, unique_state_dict)
+from forge.models.io import (CONFIG_FILE, FOLDER_CONTENTS, SAFETENSORS_DTYPES, WEIGHTS_FILE, is_forge_folder,
+                             load_model_folder, load_state_dict_strict, model_config_dict, read_model_config,
+                             unique_state_dict, weight_dtypes)
 
 HF_CONFIG = "config.json"
 HF_SOURCE = "hf_source.json"          # sidecar in a Forge folder converted from HF: architecture + token ids
@@ -73,15 +87,22 @@ def _all_rules(spec: FamilySpec) -> list[Transform]:
 def forge_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """Names and shapes of the Forge state dict for `cfg` (built on the meta device: no memory)."""
     from forge.models.transformer import build_model
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_model(cfg, device="meta")
     return {k: tuple(v.shape) for k, v in unique_state_dict(model).items()}
 
 
-def plan(spec: FamilySpec, cfg: ModelConfig):
-    """Active rules [(transform, hf_keys, forge_keys)], Forge shapes, the HF shapes they imply and
-    which Forge tensors each HF tensor feeds."""
+class Plan(NamedTuple):
+    rules: list          # active rules [(transform, hf_keys, forge_keys)], in order
+    shapes: dict         # Forge name -> shape
+    hf: dict             # HF name -> (shape, dtype), in the order the rules produce them
+    owner: dict          # HF name -> the Forge names it feeds
+
+
+def plan(spec: FamilySpec, cfg: ModelConfig, dtypes: dict | None = None) -> Plan:
+    """Active rules, Forge shapes, the HF shapes and dtypes they imply (from Forge tensors of the
+    dtypes in `dtypes`, by Forge name, default float32) and which Forge tensors each HF one feeds."""
     shapes = forge_shapes(cfg)
+    dtypes = dtypes or {}
     rules, produced = [], set()
     for t in _all_rules(spec):
         for hk, fk in _expand(t, cfg):
@@ -99,14 +120,14 @@ def plan(spec: FamilySpec, cfg: ModelConfig):
     unmapped = sorted(set(shapes) - produced)
     if unmapped:
         raise UnsupportedModelError(f"{spec.architecture}: no Hugging Face tensor maps to the Forge tensors {unmapped}")
-    hf_shapes, owner = {}, {}
+    hf, owner = {}, {}
     for t, hk, fk in rules:
-        outs = t.to_hf([torch.empty(shapes[k], device="meta") for k in fk], cfg)
+        outs = t.to_hf([torch.empty(shapes[k], dtype=dtypes.get(k, torch.float32), device="meta") for k in fk], cfg)
         for k, o in zip(hk, outs):
-            if k in hf_shapes:
+            if k in hf:
                 raise RuntimeError(f"{spec.architecture}: HF tensor {k!r} is consumed by two rules")
-            hf_shapes[k], owner[k] = tuple(o.shape), fk
-    return rules, shapes, hf_shapes, owner
+            hf[k], owner[k] = (tuple(o.shape), o.dtype), fk
+    return Plan(rules, shapes, hf, owner)
 
 
 # ---------------------------------------------------------------- state dicts
@@ -122,7 +143,8 @@ def _add_base_prefix(spec: FamilySpec, sd: dict, hf_shapes: dict) -> dict:
 def hf_to_forge_state_dict(spec: FamilySpec, cfg: ModelConfig, hf_sd: dict, dtype=torch.float32,
                            source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Forge state dict from an HF one; errors name every missing / unexpected / mis-shaped tensor."""
-    rules, _, hf_shapes, owner = plan(spec, cfg)
+    rules, _, hf, owner = plan(spec, cfg)
+    hf_shapes = {k: shape for k, (shape, _) in hf.items()}
     hf_sd = _add_base_prefix(spec, hf_sd, hf_shapes)
     for alt, key in spec.aliases.items():
         if alt in hf_sd and key not in hf_sd:
@@ -153,21 +175,86 @@ def hf_to_forge_state_dict(spec: FamilySpec, cfg: ModelConfig, hf_sd: dict, dtyp
     return out
 
 
-def forge_to_hf_state_dict(spec: FamilySpec, cfg: ModelConfig, sd: dict, dtype=None,
-                           source: str = "model") -> dict[str, torch.Tensor]:
-    """HF state dict (tied head omitted, as transformers saves it) from a Forge one."""
-    rules, shapes, _, _ = plan(spec, cfg)
-    missing, unexpected = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
+class StateDictWeights:
+    """A Forge state dict behind the reading interface of FolderWeights (names, shape, dtype, get)."""
+
+    def __init__(self, sd: Mapping):
+        self.sd = sd
+
+    def names(self) -> list[str]:
+        return list(self.sd)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.sd[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.sd[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.sd[name]
+
+
+class FolderWeights:
+    """The tensors of a Forge model folder (one file or sharded), read one at a time through
+    WeightReader. Its files are closed after every read: safetensors memory-maps them, and the
+    pages of every tensor read would otherwise stay in this process's resident set."""
+
+    def __init__(self, folder: str):
+        from forge.models.sharded import WeightReader
+        self.reader = WeightReader(folder)
+        self.dtypes = weight_dtypes(folder)
+
+    def names(self) -> list[str]:
+        return self.reader.names()
+
+    def shape(self, name: str) -> tuple:
+        return self.reader.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.dtypes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.reader.get(name)
+        finally:
+            self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.reader.close()
+
+
+def forge_to_hf_stream(spec: FamilySpec, cfg: ModelConfig, weights, dtype=None, source: str = "model"):
+    """The HF tensors of Forge `weights` (FolderWeights or StateDictWeights), rule by rule:
+    ([(HF name, shape, dtype)] in the order they come, an iterator of (HF name, tensor)). Names
+    and shapes are checked first, before any tensor is read. The iterator reads only the Forge
+    tensors the next rule needs, so it holds one rule's inputs and outputs at a time (less the
+    outputs already handed out). dtype None keeps each tensor's own dtype. The tied head is
+    omitted, as transformers saves it."""
+    dtype = None if dtype is None else _dtype(dtype)
+    names = weights.names()
+    rules, shapes, hf, _ = plan(spec, cfg, {k: dtype or weights.dtype(k) for k in names})
+    missing, unexpected = sorted(set(shapes) - set(names)), sorted(set(names) - set(shapes))
     if missing or unexpected:
         raise ValueError(f"{source}: missing tensors {_names(missing)}, unexpected tensors {_names(unexpected)}")
     for k, shape in shapes.items():
-        if tuple(sd[k].shape) != shape:
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, the config implies {shape}")
-    out = {}
-    for t, hk, fk in rules:
-        for k, o in zip(hk, t.to_hf([sd[k] for k in fk], cfg)):
-            out[k] = (o if dtype is None else o.to(dtype)).contiguous()
-    return out
+        if tuple(weights.shape(k)) != shape:
+            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(weights.shape(k))}, the config implies {shape}")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for t, hk, fk in rules:
+            outs = t.to_hf([weights.get(k) if dtype is None else weights.get(k).to(dtype) for k in fk], cfg)
+            for k in hk:
+                yield k, outs.pop(0).contiguous()      # handed out, no longer held here
+    return [(k, *hf[k]) for _, hk, _ in rules for k in hk], tensors()
+
+
+def forge_to_hf_state_dict(spec: FamilySpec, cfg: ModelConfig, sd: dict, dtype=None,
+                           source: str = "model") -> dict[str, torch.Tensor]:
+    """HF state dict (tied head omitted, as transformers saves it) from a Forge one."""
+    return dict(forge_to_hf_stream(spec, cfg, StateDictWeights(sd), dtype, source)[1])
 
 
 def _names(keys, n: int = 8) -> str:
@@ -264,7 +351,7 @@ def newest_checkpoint_model(run_dir: str) -> str:
             return os.path.join(d, MODEL_DIR)
     found = [os.path.basename(d) for _, d in list_checkpoints(run_dir, complete_only=False)]
     raise FileNotFoundError(f"{checkpoints_dir(run_dir)!r} holds no complete checkpoint (a step_* folder with a "
-                            f"COMPLETE marker and a model/ folder with {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                            f"COMPLETE marker and a model/ folder with {FOLDER_CONTENTS}); "
                             f"found {found[-8:] or 'no step dirs'}")
 
 
@@ -328,8 +415,9 @@ def resolve(path: str) -> tuple[str, str]:
             return "forge", newest_checkpoint_model(path)
         if is_forge_folder(os.path.join(path, "model")):
             return "forge", os.path.join(path, "model")
-        raise FileNotFoundError(f"{path!r} is neither a Forge model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), a "
-                                f"training run directory (checkpoints/) nor a Hugging Face folder ({HF_CONFIG})")
+        raise FileNotFoundError(f"{path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a checkpoint "
+                                f"step directory (model/), a training run directory (checkpoints/) nor a Hugging "
+                                f"Face folder ({HF_CONFIG})")
     if not os.path.exists(path) and _REPO_ID.fullmatch(path) and not path.startswith((".", "/")):
         return "hf", download(path)
     raise FileNotFoundError(f"{path!r} does not exist (and is not a hub repo id of the form org/name)")
@@ -435,11 +523,155 @@ def hf_config_for(spec: FamilySpec, cfg: ModelConfig, dtype: torch.dtype, token_
     return conf
 
 
-def write_hf_folder(out: str, cfg: ModelConfig, sd: dict, dtype=torch.float32, arch: str | None = None,
-                    src_dir: str | None = None, force: bool = False) -> FamilySpec:
-    """Write a Forge state dict as an HF folder loadable by AutoModelForCausalLM.from_pretrained."""
+# ---------------------------------------------------------------- streaming safetensors shards
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([KMGT]i?B)?", re.IGNORECASE)
+_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def parse_size(size) -> int:
+    """Bytes from a size as save_pretrained(max_shard_size=...) takes it: an int or digits (bytes),
+    "5GB" / "500MB" / "100KB" (powers of ten: 1GB = 10**9, as transformers) or "2GiB" (powers of two)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = _SIZE.fullmatch(str(size).strip())
+        if not m:
+            raise ValueError(f"size {size!r} is not a number of bytes or a number with a unit "
+                             f"(KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 5GB")
+        n = int(float(m[1]) * _UNITS[m[2].upper()]) if m[2] else int(float(m[1]))
+    if n <= 0:
+        raise ValueError(f"size {size!r} must be positive")
+    return n
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def shard_layout(layout: list, max_bytes: int) -> list[list]:
+    """[(name, shape, dtype)] in order, cut into shards of at most max_bytes: a shard is closed when
+    the next tensor would take it past the limit, and a tensor larger than the limit gets a shard
+    of its own (as transformers' save_pretrained, which keeps no order)."""
+    shards, current, size = [], [], 0
+    for entry in layout:
+        n = _nbytes(*entry[1:])
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += n
+        if size > max_bytes:               # an oversized tensor, alone
+            shards.append(current)
+            current, size = [], 0
+    return shards + [current] if current else shards
+
+
+class _SafetensorsFile:
+    """One safetensors file written tensor by tensor: the header (each tensor's name, dtype, shape
+    and byte range) first, from the declared entries, then each tensor's bytes as it is added, in
+    the declared order. Nothing is buffered."""
+
+    def __init__(self, path: str, entries: list, metadata: dict | None = None):
+        header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+        for name, shape, dtype in entries:
+            n = _nbytes(shape, dtype)
+            header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)          # the header is padded to 8 bytes, as safetensors pads it
+        self.path, self.todo = path, list(reversed(entries))
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> bool:
+        """Append `tensor` (it must be the next declared entry); True once the file is complete."""
+        want = self.todo.pop()
+        got = (name, tuple(tensor.shape), tensor.dtype)
+        if got != (want[0], tuple(want[1]), want[2]):
+            raise RuntimeError(f"{self.path}: expected tensor {want[0]!r} {tuple(want[1])} {want[2]} next, "
+                               f"got {name!r} {got[1]} {got[2]}")
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            self.f.write(flat.view(torch.uint8).numpy())
+        if not self.todo:
+            self.f.close()
+        return not self.todo
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class HFShardWriter:
+    """Hugging Face safetensors shards written as tensors arrive, in the order declared by `layout`
+    ([(HF name, shape, dtype)]): at most max_bytes each (see shard_layout), named as transformers
+    names them (model-00001-of-00003.safetensors, ...) with model.safetensors.index.json, or a
+    single model.safetensors (no index) when everything fits in one. One file is open at a time.
+
+        with HFShardWriter(folder, layout, parse_size("5GB")) as w:
+            for name, tensor in tensors:
+                w.add(name, tensor)
+    """
+
+    def __init__(self, folder: str, layout: list, max_bytes: int, metadata: dict | None = None):
+        self.folder, self.metadata = folder, {"format": "pt"} if metadata is None else metadata
+        self.shards = shard_layout(layout, max_bytes)
+        n = len(self.shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.weight_map = {e[0]: f for f, shard in zip(self.files, self.shards) for e in shard}
+        self.total_size = sum(_nbytes(*e[1:]) for e in layout)
+        self.total_parameters = sum(math.prod(e[1]) for e in layout)
+        self.done, self.current = 0, None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.current is None:
+            if self.done == len(self.shards):
+                raise RuntimeError(f"{self.folder}: tensor {name!r} comes after every declared tensor")
+            self.current = _SafetensorsFile(os.path.join(self.folder, self.files[self.done]),
+                                            self.shards[self.done], self.metadata)
+        if self.current.write(name, tensor):
+            self.current, self.done = None, self.done + 1
+
+    def finish(self) -> None:
+        """Check every declared tensor was written; write the index when there are several shards."""
+        if self.current is not None or self.done != len(self.shards):
+            raise RuntimeError(f"{self.folder}: {len(self.shards) - self.done} shard(s) were not completed")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_parameters": self.total_parameters, "total_size": self.total_size},
+                     "weight_map": self.weight_map}
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.finish()
+        elif self.current is not None:
+            self.current.close()
+
+
+def _main_dtype(layout: list) -> torch.dtype:
+    """The dtype holding most of the bytes (the config's `dtype` when no single dtype was asked for)."""
+    size = Counter()
+    for _, shape, dtype in layout:
+        size[dtype] += _nbytes(shape, dtype)
+    return size.most_common(1)[0][0]
+
+
+def write_hf_folder(out: str, cfg: ModelConfig, weights, dtype=None, arch: str | None = None,
+                    src_dir: str | None = None, force: bool = False,
+                    max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> FamilySpec:
+    """Write Forge weights (a state dict, or FolderWeights to stream a folder) as an HF folder
+    loadable by AutoModelForCausalLM.from_pretrained: safetensors shards of at most
+    max_shard_size, each HF tensor written as soon as it is made (see forge_to_hf_stream).
+    dtype None keeps the dtype each tensor is stored in."""
     from transformers import GenerationConfig
-    dtype = _dtype(dtype)
+    weights = StateDictWeights(weights) if isinstance(weights, Mapping) else weights
+    max_bytes = parse_size(max_shard_size)
     prefer, strict, ids = arch, True, {}
     if src_dir:
         ids = _token_ids(src_dir)
@@ -447,10 +679,13 @@ def write_hf_folder(out: str, cfg: ModelConfig, sd: dict, dtype=torch.float32, a
             with open(os.path.join(src_dir, HF_SOURCE)) as f:
                 prefer, strict = json.load(f).get("architecture"), False
     spec = pick_family(cfg, prefer, strict)
-    hf_sd = forge_to_hf_state_dict(spec, cfg, sd, dtype)
+    layout, tensors = forge_to_hf_stream(spec, cfg, weights, dtype, source=src_dir or "model")
     with atomic_dir(out, force) as tmp:
-        hf_config_for(spec, cfg, dtype, ids).save_pretrained(tmp)
-        save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        hf_config_for(spec, cfg, _main_dtype(layout), ids).save_pretrained(tmp)
+        with HFShardWriter(tmp, layout, max_bytes) as shards:
+            for name, tensor in tensors:
+                shards.add(name, tensor)
+                del tensor                 # not held while the next rule reads its tensors
         if src_dir:
             _copy_tokenizer(src_dir, tmp)
         if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
@@ -467,18 +702,32 @@ def _parser() -> argparse.ArgumentParser:
     way.add_argument("--to", choices=["hf"], help="convert a Forge folder / training run to Hugging Face")
     p.add_argument("--input", required=True, help="source folder (or hub repo id with --from hf)")
     p.add_argument("--output", required=True, help="destination folder (written atomically)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights (default: "
+                   "--to hf the dtype the weights are stored in, --from hf fp32)")
+    p.add_argument("--max-shard-size", type=_size_arg, help="--to hf: the largest safetensors file to write, "
+                   f"e.g. 5GB, 500MB, 100KB (1GB = 10**9 bytes, as transformers) (default {DEFAULT_MAX_SHARD_SIZE}; "
+                   "a larger tensor gets a file of its own)")
     p.add_argument("--arch", choices=sorted(FAMILIES), help="--to hf: the HF architecture to write "
                    "(default: the source's, else the first that represents the model exactly)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --output")
     return p
 
 
+def _size_arg(text: str) -> str:
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    dtype = DTYPES[args.dtype]
     try:
         if args.from_ == "hf":
+            if args.max_shard_size:
+                raise ValueError("--max-shard-size applies to --to hf (a Forge folder is one model.safetensors)")
+            dtype = DTYPES[args.dtype or "fp32"]
             kind, folder = resolve(args.input)
             if kind != "hf":
                 raise ValueError(f"{args.input!r} is a Forge model folder, not a Hugging Face one (use --to hf)")
@@ -494,15 +743,19 @@ def main(argv: list[str] | None = None) -> int:
                 if v is not None:
                     source[k] = v
             write_forge_folder(args.output, cfg, sd, folder, source, args.force)
-            print(f"wrote Forge model folder {args.output} ({spec.architecture}, {len(sd)} tensors, {args.dtype})")
+            print(f"wrote Forge model folder {args.output} ({spec.architecture}, {len(sd)} tensors, "
+                  f"{args.dtype or 'fp32'})")
         else:
             kind, folder = resolve(args.input)
             if kind != "forge":
                 raise ValueError(f"{args.input!r} is a Hugging Face folder, not a Forge one (use --from hf)")
             cfg = read_model_config(folder)
-            sd = read_weights(folder)
-            spec = write_hf_folder(args.output, cfg, sd, dtype, args.arch, folder, args.force)
-            print(f"wrote Hugging Face folder {args.output} ({spec.architecture}, {args.dtype})")
+            with FolderWeights(folder) as weights:
+                spec = write_hf_folder(args.output, cfg, weights, args.dtype and DTYPES[args.dtype], args.arch,
+                                       folder, args.force, args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+            files = sorted(n for n in os.listdir(args.output) if n.endswith(".safetensors"))
+            print(f"wrote Hugging Face folder {args.output} ({spec.architecture}, {len(files)} safetensors "
+                  f"file{'s' if len(files) > 1 else ''}, {args.dtype or 'stored dtype'})")
     except (ValueError, OSError, RuntimeError) as e:
         print(f"forge convert: error: {e}", file=sys.stderr)
         return 1

@@ -75,8 +75,8 @@ def _conv1d_qkv_to_forge(ts, cfg):           # c_attn (D, 3D) Conv1D -> wq, wk, 
     return [t.contiguous() for t in ts[0].t().chunk(3, dim=0)]
 
 
-def _conv1d_qkv_to_hf(ts, cfg):
-    return [torch.cat(ts, dim=0).t().contiguous()]
+def _conv1d_qkv_to_hf(ts, cfg):                # cat of the transposes: no (3D, D) intermediate
+    return [torch.cat([t.t() for t in ts], dim=1).contiguous()]
 
 
 def _chunk3_to_forge(ts, cfg):               # fused bias (3D,) = [q | k | v]
