@@ -9,7 +9,7 @@ allocated), under a fake process group of N ranks (torch's "fake" backend) whose
 expert-parallel groups give each module its real shapes: vocabulary padding, kv heads replicated
 when n_kv_heads < tp, E/ep experts. Layers of one kind (embedding, a dense or MoE block of one
 attention kind, final norm, head) have one shape, so each kind is built once per (tp rank, ep
-rank). The pipeline's layer list is forge.parallel.pipeline.pipeline_specs's
+rank). The pipeline's layer list is forge.layout.pipeline.pipeline_specs's
 [embed, block_0 .. block_{L-1}, norm, head], cut into stages as DeepSpeed's
 PipelineModule._partition_layers cuts it (parallel.pp_partition: "parameters" =
 partition_balanced over each layer's trainable parameter count, "uniform" = partition_uniform,
@@ -146,13 +146,13 @@ def _build_layers(cfg: JobConfig, groups) -> list[_Layer]:
     """The pipeline layer list of one (tp rank, ep rank), each kind built once on meta."""
     from deepspeed.pipe import TiedLayerSpec
     from forge.models.layers.moe import is_moe_layer
-    from forge.parallel.pipeline import BlockPipe, pipeline_specs
+    from forge.layout.pipeline import BlockPipe, pipeline_specs
     m = cfg.model
-    specs = pipeline_specs(m, groups.tp_group, cfg.parallel.sequence_parallel, groups.ep_group)
+    specs = pipeline_specs(m, groups.context(cfg.parallel.sequence_parallel))
     built: dict[tuple, tuple] = {}
     layers = []
     for spec in specs:
-        block = spec.module_args[1] if spec.typename is BlockPipe else None
+        block = spec.module_args[0].index if spec.typename is BlockPipe else None
         kind = (spec.typename, None if block is None else (m.layer_attention(block), is_moe_layer(m, block)))
         if kind not in built:
             try:

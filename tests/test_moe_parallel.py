@@ -50,7 +50,7 @@ def _ep_check(rank, world):
     torch.manual_seed(0)
     full = build_model(cfg)
     _init(full)
-    model = build_model(cfg, ep_group=g.ep_group)
+    model = build_model(cfg, g.context())
     load_state_dict_strict(model, shard_experts(unique_state_dict(full), model, g.ep_group), "ep")
     assert model.layers["1"].mlp.experts.w_gate.weight.shape[0] == 2
     experts = expert_params(model)
@@ -103,7 +103,7 @@ def _ep_check(rank, world):
     with torch.no_grad():
         for p in layer_full.parameters():
             p.normal_(0, 0.3)
-    layer = MoE(cfg, ep_group=g.ep_group)
+    layer = MoE(cfg, g.context())
     sd = shard_experts(layer_full.state_dict(), layer_full, g.ep_group)
     layer.load_state_dict({k: v for k, v in sd.items()})
     x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(4))
@@ -133,7 +133,7 @@ def _tp_check(rank, world):
         torch.manual_seed(0)
         full = build_model(cfg)
         _init(full)
-        model = build_model(cfg, tp_group=g.tp_group, sequence_parallel=sp)
+        model = build_model(cfg, g.context(sp))
         load_state_dict_strict(model, shard_state_dict(unique_state_dict(full), model, g.tp_group), name)
         full.train()
         model.train()

@@ -94,7 +94,7 @@ def test_llama70b_shards_sum_to_the_model(llama70b):
 def test_layers_built_once_per_kind_match_every_layer_built():
     """Blocks of one kind (attention kind, dense / MoE) are built once: their counts equal every layer's."""
     from forge.parallel.groups import ParallelGroups
-    from forge.parallel.pipeline import pipeline_specs
+    from forge.layout.pipeline import pipeline_specs
     for overrides in (["model.preset=tiny-gemma2", "model.n_layers=4"],
                       ["model.preset=tiny-mixtral", "model.n_layers=5", "model.moe.first_dense=1",
                        "model.moe.every=2"]):
@@ -202,7 +202,7 @@ def test_cli_reports_config_errors(capsys):
 def _pipeline_worker(rank, world, cfg, out):
     from deepspeed.pipe import PipelineModule
     from forge.parallel.groups import build_groups
-    from forge.parallel.pipeline import pipeline_specs
+    from forge.layout.pipeline import pipeline_specs
     from forge.train.distributed import init_distributed
     init_distributed()
     groups = build_groups(pp=world)

@@ -1,4 +1,4 @@
-"""Rank-local construction (forge.models.init, forge.parallel.build).
+"""Rank-local construction (forge.models.init, forge.layout.build).
 
 1. The init scheme: N(0, init_std) matrices, std / sqrt(2 L) for the layers flagged
    residual_output (and only those), zero biases, norm gains at their constants; each tensor a
@@ -120,7 +120,7 @@ def _same_weights_worker(rank, world):
     import deepspeed
 
     from forge.models.io import unique_state_dict
-    from forge.parallel.build import full_state_dict
+    from forge.layout.build import full_state_dict
     from forge.parallel.groups import build_groups
     from forge.train import distributed as fdist
     from forge.train.trainer import build_rank_model

@@ -3,10 +3,11 @@
 The byte layout: parts written by several ranks, boxes and ZeRO-3 flat ranges, read back exactly
 (whole tensors and arbitrary boxes); an index whose parts miss or repeat elements is refused.
 A tp=2 and a ZeRO 3 dp=2 run save with no collective that moves tensors (all-gathers, broadcasts
-patched to fail during Forge's save): each rank's file holds only its shards, the weights are
-stored once (the model folder's size is the model's bytes plus headers), and they read back
-equal to the weights the run trained (tests/test_parallel_layouts.py compares every layout's
-saved weights with one process's).
+patched to fail while a rank collects its weights and optimizer state): each rank's file holds only
+its shards, the weights are stored once (the model folder's size is the model's bytes plus
+headers), and they read back equal to the weights the run trained (tests/test_parallel_layouts.py
+compares every layout's saved weights with one process's; tests/test_resume_relayout.py reads the
+optimizer state back under other layouts).
 """
 import glob
 import os
@@ -64,20 +65,22 @@ def _no_gather_worker(rank, world, overrides):
 
         def call(*a, **k):
             if inside:
-                raise AssertionError(f"{name} called while saving the model's shards")
+                raise AssertionError(f"{name} called while collecting a rank's parts of the checkpoint")
             return real(*a, **k)
         return call
     for name in ("all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "broadcast_object_list"):
         setattr(tdist, name, forbid(name))
-    save = checkpoint._save_model_shards
+    from forge.layout import optim, weights
+    for module, name in ((weights, "rank_parts"), (optim, "rank_optimizer_parts")):   # what each rank writes
+        real = getattr(module, name)
 
-    def guarded(*a, **k):
-        inside.append(1)
-        try:
-            return save(*a, **k)
-        finally:
-            inside.pop()
-    checkpoint._save_model_shards = guarded
+        def guarded(*a, _real=real, **k):
+            inside.append(1)
+            try:
+                return _real(*a, **k)
+            finally:
+                inside.pop()
+        setattr(module, name, guarded)
     train(load_config(None, overrides))
 
 

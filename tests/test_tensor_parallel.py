@@ -31,7 +31,7 @@ def _check(rank, world, sequence_parallel):
             for n, p in full.named_parameters():
                 if p.dim() == 1:
                     p.add_(0.1 * torch.randn_like(p))
-        model = build_model(cfg, tp_group=groups.tp_group, sequence_parallel=sequence_parallel)
+        model = build_model(cfg, groups.context(sequence_parallel))
         load_state_dict_strict(model, shard_state_dict(unique_state_dict(full), model, groups.tp_group), name)
         ids = torch.randint(0, 255, (2, 17), generator=torch.Generator().manual_seed(1))
         x, y = ids[:, :-1], ids[:, 1:]
@@ -47,7 +47,7 @@ def _check(rank, world, sequence_parallel):
         grads = gather_tensors({n: p.grad for n, p in model.named_parameters()}, model, groups.tp_group, 255)
         if name == "tiny-llama" and not sequence_parallel:     # what DeepSpeed's universal checkpoint reads
             import re
-            from forge.parallel.build import universal_checkpoint_info
+            from forge.layout.build import universal_checkpoint_info
             info = universal_checkpoint_info(model, cfg, world)
             rows = [n for n, _ in model.named_parameters()
                     if any(re.match(p, n) for p in info["parameter_with_row_parallelism_patterns"])]
@@ -74,7 +74,7 @@ def _dropout_streams(rank, world):
     groups = build_groups(tp=world)
     cfg = dataclasses.replace(PRESETS["tiny-llama"], dropout=0.2, attn_dropout=0.2)
     torch.manual_seed(0)                               # the default stream: equal on every tp rank
-    model = build_model(cfg, tp_group=groups.tp_group).train()
+    model = build_model(cfg, groups.context()).train()
     tp_stream.seed(1234 + 2718 + groups.tp_rank)       # the tensor-parallel stream: one per rank
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     loss = model.loss(model(ids[:, :-1]), ids[:, 1:])
@@ -83,7 +83,7 @@ def _dropout_streams(rank, world):
     assert torch.equal(losses[0], losses[1]), losses
     # attention dropout draws from the tp stream: the same default stream with another tp seed differs
     torch.manual_seed(0)
-    build_model(cfg, tp_group=groups.tp_group)          # advance the default stream as above
+    build_model(cfg, groups.context())          # advance the default stream as above
     tp_stream.seed(99 + groups.tp_rank)
     again = model.loss(model(ids[:, :-1]), ids[:, 1:])
     assert not torch.equal(again.detach(), loss.detach())

@@ -63,8 +63,8 @@ def _import_everything():
     for mod in ("deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.pipe.engine",
                 "deepspeed.runtime.pipe.module", "deepspeed.runtime.zero.stage3",
                 "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.partition_parameters",
-                "deepspeed.checkpoint.constants", "deepspeed.moe.utils", "forge.parallel.build",
-                "forge.parallel.pipeline", "forge.parallel.sharding", "forge.models.io",
+                "deepspeed.checkpoint.constants", "deepspeed.moe.utils", "forge.layout.build",
+                "forge.layout.pipeline", "forge.parallel.sharding", "forge.models.io",
                 "forge.models.layers.moe", "forge.models.block", "forge.kernels", "forge.train.engine",
                 "forge.train.trainer"):
         try:

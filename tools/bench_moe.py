@@ -91,7 +91,7 @@ def _comm_worker(rank, world, a):
     g = build_groups(ep=world)
     torch.manual_seed(0)
     cfg = layer_cfg(a, capacity_factor=a.capacity_factor)
-    layer = _init(MoE(cfg, ep_group=g.ep_group))
+    layer = _init(MoE(cfg, g.context()))
     layer.train()
     x = torch.randn(1, a.tokens, a.d_model, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     moe_dispatch.COMM_STATS.update(all_to_all_bytes=0, all_to_all_calls=0)

@@ -67,37 +67,57 @@ def _non_persistent(model, buffer_name: str) -> set:
     return owner._non_persistent_buffers_set
 
 
-def rank_parts(model, cfg, groups: ParallelGroups, name_of, zero3: bool = False) -> list[Part]:
+def box_part(b: Box, value: torch.Tensor, name: str | None = None) -> Part:
+    """The rank's whole tensor `value` (shaped like b.tensor) as a part of the global tensor."""
+    if tuple(value.shape) != b.box:                            # vocabulary padding rows dropped
+        value = value.narrow(b.tensor.partition_dim, 0, b.box[b.tensor.partition_dim])
+    return Part(name or b.name, value, b.global_shape, b.start, b.box)
+
+
+def flat_part(b: Box, flat: torch.Tensor, start: int, name: str | None = None) -> Part:
+    """Elements start .. start + len(flat) of the rank's flattened tensor as a part."""
+    return Part(name or b.name, flat, b.global_shape, b.start, b.local, (start, start + flat.numel()))
+
+
+def zero3_range(t, groups: ParallelGroups) -> tuple[int, int]:
+    """The elements [a, b) of the flattened tensor that this rank's ZeRO 3 partition holds."""
+    n = t.ds_tensor.numel()
+    a = min(groups.dp_rank * n, t.ds_numel)
+    return a, min(a + n, t.ds_numel)
+
+
+def writes_whole(t, groups: ParallelGroups) -> bool:
+    """Whether this rank writes a tensor that it holds whole (not partitioned over data parallelism):
+    tp-replicated ones only on tp rank 0, dense ones on data-parallel rank 0, experts on the first
+    replica of each expert slice, a pipeline's tied copy never."""
+    if getattr(t, "ds_pipe_replicated", False):
+        return False
+    if getattr(t, "partition_dim", None) is None and groups.tp_rank != 0:
+        return False
+    return groups.dp_rank < groups.ep if getattr(t, "expert", False) else groups.dp_rank == 0
+
+
+def rank_parts(model, cfg, groups: ParallelGroups, name_of) -> list[Part]:
     """The parts this rank writes (see the module docstring for who writes what)."""
     parts = []
     for b in rank_boxes(model, cfg, groups, name_of):
         t = b.tensor
-        if getattr(t, "ds_pipe_replicated", False) or 0 in b.box:
+        if 0 in b.box:
             continue
-        if getattr(t, "partition_dim", None) is None and groups.tp_rank != 0:
-            continue
-        expert = getattr(t, "expert", False)
         if hasattr(t, "ds_tensor"):                            # ZeRO 3: this rank's flat partition
-            numel, n = t.ds_numel, t.ds_tensor.numel()
-            a = groups.dp_rank * n
-            if a < numel:
-                flat = t.ds_tensor.detach()[:min(n, numel - a)]
-                parts.append(Part(b.name, flat, b.global_shape, b.start, b.local, (a, a + flat.numel())))
-            continue
-        if (groups.dp_rank >= groups.ep) if expert else groups.dp_rank != 0:
-            continue
-        value = t.detach()
-        if value.shape != b.box:                               # vocabulary padding rows dropped
-            value = value.narrow(t.partition_dim, 0, b.box[t.partition_dim])
-        parts.append(Part(b.name, value, b.global_shape, b.start, b.box))
+            a, e = zero3_range(t, groups)
+            if a < e and (getattr(t, "partition_dim", None) is not None or groups.tp_rank == 0):
+                parts.append(flat_part(b, t.ds_tensor.detach()[:e - a], a))
+        elif writes_whole(t, groups):
+            parts.append(box_part(b, t.detach()))
     return parts
 
 
 @torch.no_grad()
 def load_rank_weights(model, cfg, groups: ParallelGroups, folder: str, name_of, names=None) -> None:
     """Copy this rank's boxes of every tensor (or of `names`, Forge names) from a Forge model
-    folder of any layout (sharded or single file), reading only those boxes. The model must not
-    be ZeRO-3 partitioned."""
+    folder of any layout (sharded or single file), reading only those boxes (under ZeRO 3 the
+    rank's tp box, of which it keeps its partition)."""
     with WeightReader(folder) as reader:
         for b in rank_boxes(model, cfg, groups, name_of):
             if names is not None and b.name not in names:
@@ -107,6 +127,12 @@ def load_rank_weights(model, cfg, groups: ParallelGroups, folder: str, name_of, 
                 raise ValueError(f"{folder}: tensor {b.name!r} has shape {tuple(have)}, this model's is "
                                  f"{b.global_shape}")
             part = reader.get_box(b.name, b.start, b.box)
+            if hasattr(b.tensor, "ds_tensor"):                 # ZeRO 3: this rank's flat partition
+                whole = torch.zeros(b.local, dtype=part.dtype)
+                whole[tuple(slice(0, n) for n in b.box)] = part
+                a, e = zero3_range(b.tensor, groups)
+                b.tensor.ds_tensor[:e - a].copy_(whole.view(-1)[a:e])
+                continue
             dst = b.tensor
             if tuple(dst.shape) != b.box:                      # vocabulary padding rows stay as they are
                 dst = dst.narrow(b.tensor.partition_dim, 0, b.box[b.tensor.partition_dim])

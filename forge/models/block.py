@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from forge.models.layers.attention import Attention
 from forge.models.layers.mlp import MLP_REGISTRY
 from forge.models.layers.norm import build_norm
+from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.random import tp_stream
 
 
@@ -55,12 +56,11 @@ BLOCK = {
 }
 
 
-def build_mlp(cfg, layer_idx, tp_group=None, sequence_parallel=False, ep_group=None):
-    moe = cfg.moe
-    if moe.n_experts and layer_idx >= moe.first_dense and (layer_idx - moe.first_dense) % moe.every == 0:
-        from forge.models.layers.moe import MoE
-        return MoE(cfg, tp_group=tp_group, ep_group=ep_group, sequence_parallel=sequence_parallel)
-    return MLP_REGISTRY[cfg.mlp](cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
+def build_mlp(cfg, layer_idx, ctx: ParallelContext = SINGLE):
+    from forge.models.layers.moe import MoE, is_moe_layer
+    if is_moe_layer(cfg, layer_idx):
+        return MoE(cfg, ctx)
+    return MLP_REGISTRY[cfg.mlp](cfg, ctx)
 
 
 def set_attention_checkpointing(model: nn.Module, on: bool) -> None:
@@ -71,16 +71,17 @@ def set_attention_checkpointing(model: nn.Module, on: bool) -> None:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer_idx: int, tp_group=None, sequence_parallel=False, ep_group=None):
+    def __init__(self, cfg, layer_idx: int, ctx: ParallelContext = SINGLE):
         super().__init__()
+        tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         norms, self._wiring = BLOCK[cfg.block]
         for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"):
             shared = name == "mlp_norm" and cfg.block == "parallel" and cfg.parallel_shared_norm
             # under sequence parallelism a norm sees T/tp tokens: its gradients are summed over tp
             norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None)
             setattr(self, name, norm if name in norms and not shared else None)
-        self.attn = Attention(cfg, layer_idx, tp_group, sequence_parallel)
-        self.mlp = build_mlp(cfg, layer_idx, tp_group, sequence_parallel, ep_group)
+        self.attn = Attention(cfg, layer_idx, ctx)
+        self.mlp = build_mlp(cfg, layer_idx, ctx)
         self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
         self.checkpoint_attention = False   # selective activation checkpointing (attention only)
 

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from forge.parallel.mappings import group_rank, group_size
+from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.sharding import VOCAB_TENSORS
 
 
@@ -44,13 +44,12 @@ class WeightInit:
     """The initial value of each parameter of a rank-local model (see the module docstring).
 
     std: model.init_std; n_layers: L of the residual scaling; vocab_size: rows of the unpadded
-    vocabulary tensors; tp_group / ep_group: the groups the model was built with."""
+    vocabulary tensors; ctx: the ParallelContext the model was built with."""
 
-    def __init__(self, cfg, seed: int, tp_group=None, ep_group=None):
+    def __init__(self, cfg, seed: int, ctx: ParallelContext = SINGLE):
         self.std, self.n_layers, self.vocab = cfg.init_std, cfg.n_layers, cfg.vocab_size
         self.seed = seed
-        self.tp, self.tp_rank = group_size(tp_group), group_rank(tp_group)
-        self.ep, self.ep_rank = group_size(ep_group), group_rank(ep_group)
+        self.tp, self.tp_rank, self.ep, self.ep_rank = ctx.tp, ctx.tp_rank, ctx.ep, ctx.ep_rank
 
     def __call__(self, module: nn.Module, attr: str, name: str, p: torch.Tensor) -> None:
         """Fill `p` (module.<attr>, Forge name `name`) in place."""

@@ -3,12 +3,17 @@
     x_0 = D(embed_scale * E[ids] (+ P[pos]))        (B, T) -> (B, T, D)
     x_l = Block_l(x_{l-1})                          (B, T, D)
     logits = softcap(N(x_L) W_head + b)             (B, T, V)  (V/tp per rank under tensor parallelism)
-Embed, norm and head are separate modules so pipeline stages can be cut between any of them;
-with tied embeddings the head reuses E.
+`decoder_stages` lists these parts in order (Forge name, kind, constructor); `Transformer` and the
+pipeline (forge.layout.pipeline) are both assembled from that one list, so a pipeline stage holds
+exactly the modules one process would. With tied embeddings the head reuses E.
+Every constructor takes a ParallelContext (tp and ep groups, sequence parallelism).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -20,8 +25,9 @@ from forge.models.block import Block, set_attention_checkpointing
 from forge.models.layers.attention import KVCache
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION
+from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
-from forge.parallel.mappings import group_rank, group_size, scatter_to
+from forge.parallel.mappings import group_size, scatter_to
 
 
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
@@ -30,9 +36,9 @@ def padded_vocab(cfg: ModelConfig, tp: int) -> int:
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE):
         super().__init__()
-        self.tok = VocabParallelEmbedding(padded_vocab(cfg, group_size(tp_group)), cfg.d_model, tp_group)
+        self.tok = VocabParallelEmbedding(padded_vocab(cfg, ctx.tp), cfg.d_model, ctx.tp_group)
         pos_cls = POSITION[cfg.position].get("embed")
         self.pos = pos_cls(cfg) if pos_cls else None
         self.scale, self.dropout = cfg.embed_scale, cfg.dropout
@@ -50,14 +56,14 @@ class Head(nn.Module):
     """Vocab-parallel output layer; the columns of padding tokens (ids >= vocab_size, present when
     tp does not divide the vocabulary) get logit -inf so they never carry probability."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, own_weight=True):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE, own_weight=True):
         super().__init__()
-        tp = group_size(tp_group)
-        self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, tp), cfg.head_bias, tp_group,
-                                         sequence_parallel=sequence_parallel, skip_weight=not own_weight)
+        tp = ctx.tp
+        self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, tp), cfg.head_bias, ctx.tp_group,
+                                         sequence_parallel=ctx.sp, skip_weight=not own_weight)
         self.softcap = cfg.logit_softcap
         local = padded_vocab(cfg, tp) // tp
-        self.vocab = (group_rank(tp_group) * local, local, cfg.vocab_size)    # (start, local, vocab)
+        self.vocab = (ctx.tp_rank * local, local, cfg.vocab_size)    # (start, local, vocab)
         self.padded = self.vocab[0] + local > cfg.vocab_size
         self.init_buffers()
 
@@ -74,16 +80,42 @@ class Head(nn.Module):
         return logits
 
 
+def final_norm(cfg: ModelConfig, ctx: ParallelContext = SINGLE) -> nn.Module:
+    # under sequence parallelism the norm sees T/tp tokens: its gradients are summed over tp
+    return build_norm(cfg, grad_group=ctx.tp_group if ctx.sp else None) if cfg.final_norm else nn.Identity()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One part of the decoder: its Forge name, its kind (embed | block | norm | head), the
+    constructor of its module (build(**extra) -> nn.Module) and what that was given."""
+    name: str
+    kind: str
+    build: Callable[..., nn.Module]
+    cfg: ModelConfig
+    ctx: ParallelContext
+    index: int | None = None        # the layer index of a block
+
+
+def decoder_stages(cfg: ModelConfig, ctx: ParallelContext = SINGLE) -> list[Stage]:
+    """The decoder's parts in order: embed, layers.0 .. layers.{L-1}, norm, head. (With tied
+    embeddings the head's weight is the embedding's; the assembler ties them.)"""
+    return [Stage("embed", "embed", partial(Embedding, cfg, ctx), cfg, ctx),
+            *(Stage(f"layers.{i}", "block", partial(Block, cfg, i, ctx), cfg, ctx, i) for i in range(cfg.n_layers)),
+            Stage("norm", "norm", partial(final_norm, cfg, ctx), cfg, ctx),
+            Stage("head", "head", partial(Head, cfg, ctx), cfg, ctx)]
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE):
         super().__init__()
-        self.cfg, self.tp_group, self.sequence_parallel = cfg, tp_group, sequence_parallel and group_size(tp_group) > 1
-        self.embed = Embedding(cfg, tp_group)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, tp_group, self.sequence_parallel, ep_group)
-                                     for i in range(cfg.n_layers)})
-        self.norm = build_norm(cfg, grad_group=tp_group if self.sequence_parallel else None) \
-            if cfg.final_norm else nn.Identity()
-        self.head = Head(cfg, tp_group, self.sequence_parallel)
+        self.cfg, self.tp_group, self.sequence_parallel = cfg, ctx.tp_group, ctx.sp
+        self.layers = nn.ModuleDict()
+        for stage in decoder_stages(cfg, ctx):
+            if stage.kind == "block":
+                self.layers[str(stage.index)] = stage.build()
+            else:
+                setattr(self, stage.name, stage.build())
         if cfg.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
         self.activation_checkpointing = "none"       # none | full | attention
@@ -136,7 +168,7 @@ def lm_loss(logits, targets, tp_group=None, ignore_index: int = -100):
     return per_token.sum() / (targets != ignore_index).sum().clamp_min(1)
 
 
-def build_model(cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_group=None, *,
+def build_model(cfg: ModelConfig, ctx: ParallelContext = SINGLE, *,
                 device=None, seed: int | None = None, init: bool = True, partition=None) -> Transformer:
     """This rank's decoder (its tp shards and ep experts), constructed on the meta device and then
     materialised on `device` (default: torch's default device, CPU unless set; "meta", also from
@@ -146,11 +178,11 @@ def build_model(cfg: ModelConfig, tp_group=None, sequence_parallel=False, ep_gro
     from forge.models.init import WeightInit, materialize
     cfg.validate()
     with torch.device("meta"):
-        model = Transformer(cfg, tp_group, sequence_parallel, ep_group)
+        model = Transformer(cfg, ctx)
     device = torch.device(device) if device is not None else torch.get_default_device()
     if device.type == "meta":
         return model
     if init and seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    weights = WeightInit(cfg, seed, tp_group, ep_group) if init else None
+    weights = WeightInit(cfg, seed, ctx) if init else None
     return materialize(model, device, weights, partition=partition)

@@ -33,6 +33,11 @@ class ParallelGroups:
     edp_group: Optional[Any] = None
     topology: Optional[Any] = None
 
+    def context(self, sequence_parallel: bool = False):
+        """The ParallelContext model layers are built with (tp and ep groups)."""
+        from forge.parallel.context import ParallelContext
+        return ParallelContext(self.tp_group, self.ep_group, sequence_parallel)
+
     # ---- DeepSpeed mpu interface ----
     def get_model_parallel_rank(self): return self.tp_rank
     def get_model_parallel_world_size(self): return self.tp

@@ -6,8 +6,12 @@
                                     (its own tensors, nothing gathered); read by `forge generate`,
                                     `forge convert`, `forge.from_pretrained` (older checkpoints
                                     hold one model.safetensors, still read)
+        optim/                      the optimizer state, sharded like model/ (forge.layout.optim):
+                                    Adam's moments (and fp32 masters of bf16/fp16 weights) as parts
+                                    of global tensors, so any layout reads its own part back
         ds/                         DeepSpeed engine state (engine.save_checkpoint): weights,
-                                    optimizer (ZeRO partitions), lr scheduler
+                                    optimizer (ZeRO partitions), lr scheduler; resumed from when
+                                    the layout is unchanged (bit-exact)
         rng_state_rank{r:05d}.pt    python / numpy / torch (/ cuda) RNG states of rank r
         trainer_state.json          step, consumed_samples, tokens, config and its hash, ...
         COMPLETE                    empty marker, written last (after everything above is on disk)
@@ -24,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 from typing import Any, Optional
@@ -35,13 +38,13 @@ import torch
 from forge.config import ConfigError, JobConfig, flatten_dict
 from forge.train import distributed as dist
 
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
+from forge.models.discovery import (CHECKPOINTS, COMPLETE, MODEL_DIR, STEP_RE, checkpoints_dir,  # noqa: F401
+                                    is_complete, latest_checkpoint, list_checkpoints, step_dir)  # noqa: F401
+
 STATE_FILE = "trainer_state.json"
-MODEL_DIR = "model"
+OPTIM_DIR = "optim"
 DS_TAG = "ds"
 LATEST = "latest"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointError(ConfigError):
@@ -49,40 +52,8 @@ class CheckpointError(ConfigError):
 
 
 # ---------------------------------------------------------------- layout and discovery
-def checkpoints_dir(out_dir: str) -> str:
-    return os.path.join(out_dir, CHECKPOINTS)
-
-
-def step_dir(out_dir: str, step: int) -> str:
-    return os.path.join(checkpoints_dir(out_dir), f"step_{step:08d}")
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE))
-
-
-def list_checkpoints(out_dir: str, complete_only: bool = True) -> list[tuple[int, str]]:
-    """(step, path) of the step dirs under OUT/checkpoints, oldest first."""
-    root = checkpoints_dir(out_dir)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = _STEP_RE.match(name)
-        path = os.path.join(root, name)
-        if m and os.path.isdir(path) and (is_complete(path) or not complete_only):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str) -> Optional[str]:
-    """The newest complete checkpoint of a run dir, or None."""
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
 def _looks_like_step_dir(path: str) -> bool:
-    return bool(_STEP_RE.match(os.path.basename(os.path.normpath(path)))) or any(
+    return bool(STEP_RE.match(os.path.basename(os.path.normpath(path)))) or any(
         os.path.exists(os.path.join(path, n)) for n in (STATE_FILE, COMPLETE, DS_TAG))
 
 
@@ -135,11 +106,20 @@ def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> li
         lines = "\n".join(f"  {k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in model.items())
         raise CheckpointError(f"checkpoint {path!r} holds a different model than the config:\n{lines}\n"
                               "use another train.out_dir for a new model (nothing was written)")
-    for key in ("parallel.zero_stage", "train.precision", "parallel.tp", "parallel.pp", "parallel.ep"):
+    if "train.precision" in diff:
+        a, b = diff["train.precision"]
+        raise CheckpointError(f"checkpoint {path!r} was written with train.precision={a!r}, the config has {b!r}; "
+                              "resume with the checkpoint's precision")
+    ignored = {"train.resume", "train.out_dir", "log.progress"}
+    warnings = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items() if not k.startswith("model.") and k not in ignored]
+    if state.get("sharded_optimizer"):          # any layout reads it (load_checkpoint, relayout)
+        return warnings
+    for key in ("parallel.zero_stage", "parallel.tp", "parallel.pp", "parallel.ep"):
         if key in diff:
             a, b = diff[key]
-            raise CheckpointError(f"checkpoint {path!r} was written with {key}={a!r}, the config has {b!r}; "
-                                  "the optimizer state does not carry over between them")
+            raise CheckpointError(f"checkpoint {path!r} was written with {key}={a!r}, the config has {b!r}; it "
+                                  "predates per-rank optimizer files, so its optimizer state does not carry over: "
+                                  f"resume it with {key}={a!r} (the next checkpoint then resumes under any layout)")
     from forge.train.precision import optimizer_layout
     precision = cfg.train.precision             # equal to the checkpoint's (checked above)
     # checkpoints from before optimizer_layout was recorded ran DeepSpeed's optimizer in bf16/fp16
@@ -152,9 +132,21 @@ def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> li
     if cfg.parallel.zero_stage > 0 and state.get("dp_size", dp_size) != dp_size:
         raise CheckpointError(f"checkpoint {path!r} holds ZeRO-{cfg.parallel.zero_stage} optimizer partitions for "
                               f"{state.get('dp_size')} data-parallel ranks; this run has {dp_size}")
-    ignored = {"train.resume", "train.out_dir", "log.progress"}
-    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()
-            if not k.startswith("model.") and k not in ignored]
+    return warnings
+
+
+def layout_changed(state: dict, cfg: JobConfig, dp_size: int) -> bool:
+    """Whether `cfg` runs the checkpoint under another layout than it was written with (tp, pp, ep,
+    ZeRO stage, optimizer kind, or the data-parallel size under ZeRO): then DeepSpeed's own files
+    do not fit and the state is read from the sharded files (load_checkpoint(relayout=True))."""
+    from forge.train.precision import optimizer_layout
+    old = flatten_dict(state.get("config") or {})
+    new = flatten_dict(cfg.to_dict())
+    if any(old.get(k) != new.get(k) for k in ("parallel.zero_stage", "parallel.tp", "parallel.pp", "parallel.ep")):
+        return True
+    if state.get("optimizer_layout", optimizer_layout(cfg)) != optimizer_layout(cfg):
+        return True
+    return cfg.parallel.zero_stage > 0 and state.get("dp_size", dp_size) != dp_size
 
 
 # ---------------------------------------------------------------- RNG
@@ -216,21 +208,23 @@ def _fsync_tree(path: str) -> None:
         _fsync_dir(d)
 
 
+def _write_sharded(folder: str, parts) -> None:
+    """Each rank writes its parts to `folder/shard-{rank}.safetensors`; rank 0 writes the index
+    from every rank's part list (metadata only: no tensor leaves its rank). Collective."""
+    from forge.models.sharded import merge_index, write_index, write_parts
+    every = dist.gather_object(write_parts(folder, dist.rank(), parts))
+    if dist.rank() == 0:
+        write_index(folder, merge_index(every))
+
+
 def _save_model_shards(engine, cfg: JobConfig, groups, folder: str, tokenizer_dir: Optional[str]) -> None:
-    """Each rank writes the weights it owns to `folder/shard-{rank}.safetensors`
-    (forge.layout.weights); rank 0 writes the index from every rank's part list (metadata
-    only: no tensor leaves its rank), the config and the tokenizer. Collective."""
+    """The weights each rank owns (forge.layout.weights), the config and the tokenizer. Collective."""
     import yaml
+    from forge.layout.build import forge_name_of
     from forge.layout.weights import rank_parts
     from forge.models.io import CONFIG_FILE
-    from forge.models.sharded import merge_index, write_index, write_parts
-    from forge.parallel.build import forge_name_of
-    rank = dist.rank()
-    entries = write_parts(folder, rank, rank_parts(engine.module, cfg.model, groups,
-                                                   forge_name_of(engine.module, cfg.model)))
-    every = dist.gather_object(entries)
-    if rank == 0:
-        write_index(folder, merge_index(every))
+    _write_sharded(folder, rank_parts(engine.module, cfg.model, groups, forge_name_of(engine.module, cfg.model)))
+    if dist.rank() == 0:
         with open(os.path.join(folder, CONFIG_FILE), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         if tokenizer_dir and os.path.isdir(tokenizer_dir):
@@ -242,6 +236,8 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
                     tokenizer_dir: Optional[str] = None) -> str:
     """Write checkpoint `step` (collective: every rank calls it); returns its path. COMPLETE is
     written only after every rank's files are on disk."""
+    from forge.layout.build import forge_name_of
+    from forge.layout.optim import low_precision, optimizer_step, rank_optimizer_parts
     path = step_dir(out_dir, step)
     rank = dist.rank()
     if rank == 0:
@@ -251,8 +247,12 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
                 os.remove(marker)
             shutil.rmtree(path)
         os.makedirs(os.path.join(path, MODEL_DIR))
+        os.makedirs(os.path.join(path, OPTIM_DIR))
     dist.barrier()
     _save_model_shards(engine, cfg, groups, os.path.join(path, MODEL_DIR), tokenizer_dir)
+    _write_sharded(os.path.join(path, OPTIM_DIR), rank_optimizer_parts(
+        engine, cfg.model, groups, forge_name_of(engine.module, cfg.model), low_precision(engine)))
+    state = dict(state, optimizer_step=optimizer_step(engine), sharded_optimizer=True)
     engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
     torch.save(rng_state(), _rng_file(path, rank))
     dist.barrier()
@@ -272,14 +272,30 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
     return path
 
 
-def load_checkpoint(engine, path: str, groups=None, cfg=None) -> dict:
+def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = False) -> dict:
     """Load engine state (weights, optimizer, lr schedule) from checkpoint `path`; returns its
     trainer state (with the RNG state of this rank under "rng", to be applied by the caller).
-    Under expert parallelism (`groups.ep > 1`) each rank's experts are then restored from the
-    checkpoint's model folder (`_restore_experts`)."""
+    Same layout: DeepSpeed's own files, then under expert parallelism (`groups.ep > 1`) each
+    rank's experts from the checkpoint's model folder (`_restore_experts`). Another layout
+    (`relayout`, see layout_changed): every rank reads its boxes of the weights and of the
+    optimizer state from the sharded model/ and optim/ folders (forge.layout)."""
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path!r} is incomplete (no {COMPLETE} marker)")
     state = read_state(path)
+    if relayout:
+        from forge.layout.build import forge_name_of
+        from forge.layout.optim import load_rank_optimizer
+        from forge.layout.weights import load_rank_weights
+        name_of = forge_name_of(engine.module, cfg.model)
+        model_dir, optim_dir = os.path.join(path, MODEL_DIR), os.path.join(path, OPTIM_DIR)
+        try:
+            load_rank_weights(engine.module, cfg.model, groups, model_dir, name_of)
+            load_rank_optimizer(engine, cfg.model, groups, optim_dir, model_dir, name_of,
+                                int(state.get("optimizer_step", state["step"])))
+        except (OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path!r}: cannot read it under this layout: {e}") from None
+        state["rng"] = None                  # per-rank streams of another layout do not carry over
+        return state
     if not os.path.isdir(os.path.join(path, DS_TAG)):
         raise CheckpointError(f"checkpoint {path!r} has no DeepSpeed state ({DS_TAG}/)")
     load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
@@ -304,7 +320,7 @@ def _restore_experts(model, cfg, path: str, groups) -> None:
     (what the next forward uses) in line with them."""
     from forge.layout.weights import load_rank_weights
     from forge.models.layers.moe import expert_params
-    from forge.parallel.build import forge_name_of
+    from forge.layout.build import forge_name_of
     name_of = forge_name_of(model, cfg)
     load_rank_weights(model, cfg, groups, os.path.join(path, MODEL_DIR), name_of,
                       names={name_of(n) for n in expert_params(model)})

@@ -248,8 +248,8 @@ def _expert_parallel_for_deepspeed(params, groups):
 
 def _clip_pipeline_globally(engine, max_norm: float, groups) -> None:
     """DeepSpeed's fp32 pipeline clipping counts only the first stage's replicated parameters in
-    the norm; clip over every stage and tp rank instead (forge.parallel.build.global_grad_norm)."""
-    from forge.parallel.build import clip_global_grad_norm
+    the norm; clip over every stage and tp rank instead (forge.parallel.grad_norm.global_grad_norm)."""
+    from forge.parallel.grad_norm import clip_global_grad_norm
     params = [p for p in engine.module.parameters() if p.requires_grad]
 
     def clip():

@@ -60,7 +60,7 @@ def train_step(engine, it, grad_accum: int, groups, clip_params: Optional[list],
     after the step."""
     from forge.models.layers.moe import update_moe_biases
     from forge.models.layers.moe_router import set_aux_loss_scale
-    from forge.parallel.build import clip_global_grad_norm
+    from forge.parallel.grad_norm import clip_global_grad_norm
     if moe:     # the gradient the engine gives each micro batch's loss: 1/GA x the fp16 loss scale
         set_aux_loss_scale(loss_scale(engine) / grad_accum)
     grad_norm = None

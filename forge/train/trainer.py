@@ -181,8 +181,9 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     resolve_vocab(cfg, bundle.tokenizer, explicit_vocab)          # re-validates the config
     if state0 is not None:
         warnings = ckpt.check_compatible(state0, cfg, groups.dp, resume_path)
+        relayout = ckpt.layout_changed(state0, cfg, groups.dp)
     else:
-        warnings = []
+        warnings, relayout = [], False
 
     # ---- model and engine
     from forge.kernels import set_linear_backend
@@ -191,7 +192,7 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     model = build_rank_model(cfg, groups)
     engine = create_engine(cfg, model, groups)
     try:
-        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups)
+        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout)
     finally:
         if hasattr(engine, "destroy"):
             try:
@@ -206,7 +207,7 @@ def build_rank_model(cfg: JobConfig, groups):
     """This rank's part of the model for the job's layout, on its training device: only its shard
     is ever built, with weights that depend on train.seed and the tensor names alone (the same
     initial weights on every layout); under ZeRO 3 partitioned while it is built."""
-    from forge.parallel.build import build_for_layout
+    from forge.layout.build import build_for_layout
     from forge.train.engine import build_ds_config
     model = build_for_layout(cfg.model, groups, cfg.parallel.sequence_parallel, cfg.parallel.pp_partition,
                              checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0,
@@ -220,7 +221,7 @@ def build_rank_model(cfg: JobConfig, groups):
     return model
 
 
-def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups) -> TrainResult:
+def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout=False) -> TrainResult:
     from forge.data import batch_iterator
     main = dist.is_main()
     dp_rank, dp_size = groups.dp_rank, groups.dp
@@ -230,7 +231,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     start_step, consumed, tokens = 0, 0, 0
     rng = None
     if resume_path:
-        state = ckpt.load_checkpoint(engine, resume_path, groups, cfg)
+        state = ckpt.load_checkpoint(engine, resume_path, groups, cfg, relayout=relayout)
         start_step, consumed = int(state["step"]), int(state["consumed_samples"])
         tokens, rng = int(state.get("tokens", consumed * T)), state.get("rng")
         sched = getattr(engine, "lr_scheduler", None)
@@ -259,6 +260,9 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     n_params = build_model(cfg.model, device="meta").num_params()     # the whole model, not this rank's part
     if resume_path:
         logger.write(f"resuming from {resume_path} (step {start_step}, {consumed} samples consumed)")
+        if relayout:
+            logger.write("  under another layout than it was written with: weights and optimizer state read per "
+                         "rank from its sharded model/ and optim/ files")
         for w in warnings:
             logger.write(f"  config changed since the checkpoint: {w}")
     logger.write(f"model: {n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}; "

@@ -344,8 +344,8 @@ def pick_family(cfg: ModelConfig, prefer: str | None = None, strict: bool = True
 # ---------------------------------------------------------------- locating inputs
 def newest_checkpoint_model(run_dir: str) -> str:
     """`run_dir/checkpoints/step_*/model` of the newest step with a COMPLETE marker (the
-    trainer's own checkpoint discovery, forge.train.checkpoint)."""
-    from forge.train.checkpoint import MODEL_DIR, checkpoints_dir, list_checkpoints
+    trainer's own checkpoint discovery, forge.models.discovery)."""
+    from forge.models.discovery import MODEL_DIR, checkpoints_dir, list_checkpoints
     for _, d in reversed(list_checkpoints(run_dir)):
         if is_forge_folder(os.path.join(d, MODEL_DIR)):
             return os.path.join(d, MODEL_DIR)

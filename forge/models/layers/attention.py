@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION, Rotary
+from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, enter_tp_region
 from forge.parallel.mappings import group_rank, group_size
 from forge.parallel.random import tp_stream
@@ -112,9 +113,10 @@ ATTENTION = {
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, layer_idx: int, tp_group=None, sequence_parallel=False):
+    def __init__(self, cfg, layer_idx: int, ctx: ParallelContext = SINGLE):
         super().__init__()
-        tp = group_size(tp_group)
+        tp_group, sequence_parallel = ctx.tp_group, ctx.sp
+        tp = ctx.tp
         hd = cfg.hd
         if cfg.n_heads % tp or (cfg.kv_heads % tp and tp % cfg.kv_heads):
             raise ValueError(f"parallel.tp={tp} must divide model.n_heads={cfg.n_heads}, and divide or be a "

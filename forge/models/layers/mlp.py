@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
+from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 
 ACTIVATION = {
@@ -22,8 +23,9 @@ ACTIVATION = {
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, d_ff=None, tp_group=None, sequence_parallel=False):
+    def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
         super().__init__()
+        tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         d_ff = d_ff or cfg.ff_dim
         self.act = ACTIVATION[cfg.activation]
         self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
@@ -35,8 +37,9 @@ class MLP(nn.Module):
 
 
 class GLU(nn.Module):
-    def __init__(self, cfg, d_ff=None, tp_group=None, sequence_parallel=False):
+    def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
         super().__init__()
+        tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         d_ff = d_ff or cfg.ff_dim
         self.act = ACTIVATION[cfg.activation]
         col = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True)

@@ -53,6 +53,7 @@ from forge.models.layers.mlp import ACTIVATION, MLP_REGISTRY
 from forge.models.layers.moe_dispatch import capacity_for, dispatch_combine
 from forge.models.layers.moe_router import (Router, attach_aux_loss, get_aux_loss_scale, load_balancing_loss,
                                             set_aux_loss_scale, z_loss)
+from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.mappings import (copy_to, gather_seq, group_rank, group_size, reduce_from,
                                      reduce_scatter_seq)
 
@@ -132,17 +133,17 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg, tp_group=None, ep_group=None, sequence_parallel=False):
+    def __init__(self, cfg, ctx: ParallelContext = SINGLE):
         super().__init__()
         moe = cfg.moe
-        ep, tp = group_size(ep_group), group_size(tp_group)
+        tp_group, ep_group, ep = ctx.tp_group, ctx.ep_group, ctx.ep
         if moe.n_experts % ep:
             raise ValueError(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
         if not 0 < moe.top_k <= moe.n_experts:
             raise ValueError(f"model.moe.top_k={moe.top_k} must be in [1, model.moe.n_experts={moe.n_experts}]")
         self.n_experts, self.top_k, self.ep_group, self.tp_group = moe.n_experts, moe.top_k, ep_group, tp_group
-        self.n_local, self.ep_rank = moe.n_experts // ep, group_rank(ep_group)
-        self.sp = sequence_parallel and tp > 1
+        self.n_local, self.ep_rank = moe.n_experts // ep, ctx.ep_rank
+        self.sp = ctx.sp
         self.capacity_factor = moe.capacity_factor
         self.aux_coef, self.z_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.router = Router(cfg, grad_group=tp_group if self.sp else None)
@@ -150,7 +151,7 @@ class MoE(nn.Module):
         self.shared = self.shared_gate = None
         if moe.n_shared_experts:
             d_ff = moe.n_shared_experts * (moe.shared_d_ff or moe.d_ff or cfg.ff_dim)
-            self.shared = MLP_REGISTRY[cfg.mlp](cfg, d_ff=d_ff, tp_group=tp_group, sequence_parallel=self.sp)
+            self.shared = MLP_REGISTRY[cfg.mlp](cfg, ctx, d_ff=d_ff)
             if moe.shared_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
         self._reset_stats()

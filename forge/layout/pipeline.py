@@ -1,4 +1,6 @@
-"""The decoder as a DeepSpeed PipelineModule: the same modules as `Transformer`, as a flat list
+"""The decoder as a DeepSpeed PipelineModule: the stage list of `Transformer`
+(forge.models.transformer.decoder_stages), each part in an adapter with a pipeline's one-tensor
+forward, as a flat list
 
     [EmbedPipe, BlockPipe x L, NormPipe, HeadPipe]      (B, T) ids -> ... -> (B, T, V/tp) logits
 
@@ -6,8 +8,8 @@ cut into stages by DeepSpeed (`parallel.pp_partition`: parameters | uniform | ty
 With tied embeddings the first and last entries are one TiedLayerSpec("embed"): the last stage
 holds a copy of the embedding whose gradient DeepSpeed sums with the first stage's.
 Parameter names map to Forge's: "{i}.rest" is "layers.{i-1}.rest" for a block and "rest" for
-the others; "tied_modules.embed.rest" is "rest". Used only when pp > 1 (pp = 1 trains the plain
-module, with no pipeline-engine overhead).
+the others (each adapter names its part by the part's Forge name); "tied_modules.embed.rest" is
+"rest". Used only when pp > 1 (pp = 1 trains the plain module, with no pipeline-engine overhead).
 
 Mixture of experts: a BlockPipe's MoE holds this rank's E/ep experts (all-to-all over the
 stage's expert-parallel group, which lies inside one stage's data-parallel ranks). Its auxiliary
@@ -22,23 +24,18 @@ import torch
 import torch.nn as nn
 
 from forge.models.block import Block
-from forge.models.layers.norm import build_norm
-from forge.models.transformer import Embedding, Head, lm_loss
-from forge.parallel.mappings import group_size, scatter_to
-
-
-def _positions(x, tp_group, sequence_parallel):
-    T = x.shape[1] * (group_size(tp_group) if sequence_parallel else 1)
-    return torch.arange(T, device=x.device)
+from forge.models.transformer import Stage, decoder_stages, lm_loss
+from forge.parallel.context import SINGLE, ParallelContext
+from forge.parallel.mappings import scatter_to
 
 
 class EmbedPipe(nn.Module):
-    def __init__(self, cfg, tp_group=None, sequence_parallel=False):
+    def __init__(self, stage: Stage, tied_head: Stage | None = None):
         super().__init__()
-        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-        self.embed = Embedding(cfg, tp_group)
+        self.embed = stage.build()
+        self.tp_group, self.sequence_parallel = stage.ctx.tp_group, stage.ctx.sp
         # with tied embeddings this module is also the head on the last stage (see tied_head)
-        self.head = Head(cfg, tp_group, sequence_parallel, own_weight=False) if cfg.tie_embeddings else None
+        self.head = tied_head.build(own_weight=False) if tied_head is not None else None
 
     def forward(self, ids):  # (B, T) -> (B, T, D) or (B, T/tp, D)
         x = self.embed(ids, torch.arange(ids.shape[1], device=ids.device))
@@ -50,42 +47,50 @@ def tied_head(module: EmbedPipe, x):  # (B, T, D) -> (B, T, V/tp)
 
 
 class BlockPipe(Block):
-    def __init__(self, cfg, layer_idx, tp_group=None, sequence_parallel=False, ep_group=None):
-        super().__init__(cfg, layer_idx, tp_group, sequence_parallel, ep_group)
-        self.tp_group, self.sp = tp_group, sequence_parallel
+    """A Block (the same class and arguments as the stage's) whose positions come from the input."""
 
-    def forward(self, x):
-        return super().forward(x, _positions(x, self.tp_group, self.sp))
+    def __init__(self, stage: Stage):
+        super().__init__(stage.cfg, stage.index, stage.ctx)
+        self.tp = stage.ctx.tp if stage.ctx.sp else 1
+
+    def forward(self, x):  # (B, T, D) or (B, T/tp, D) under sequence parallelism
+        return super().forward(x, torch.arange(x.shape[1] * self.tp, device=x.device))
 
 
 class NormPipe(nn.Module):
-    def __init__(self, cfg, tp_group=None, sequence_parallel=False):
+    def __init__(self, stage: Stage):
         super().__init__()
-        self.norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None) if cfg.final_norm else nn.Identity()
+        self.norm = stage.build()
 
     def forward(self, x):
         return self.norm(x)
 
 
 class HeadPipe(nn.Module):
-    def __init__(self, cfg, tp_group=None, sequence_parallel=False):
+    def __init__(self, stage: Stage):
         super().__init__()
-        self.head = Head(cfg, tp_group, sequence_parallel)
+        self.head = stage.build()
 
     def forward(self, x):
         return self.head(x)
 
 
-def pipeline_specs(cfg, tp_group=None, sequence_parallel=False, ep_group=None) -> list:
+def pipeline_specs(cfg, ctx: ParallelContext = SINGLE) -> list:
+    """decoder_stages(cfg, ctx) as DeepSpeed layer specs."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
-    sp = sequence_parallel and group_size(tp_group) > 1
-    args = (cfg, tp_group, sp)
-    tie = dict(tied_weight_attr=["embed.tok.weight"])
-    first = TiedLayerSpec("embed", EmbedPipe, *args, **tie) if cfg.tie_embeddings else LayerSpec(EmbedPipe, *args)
-    last = (TiedLayerSpec("embed", EmbedPipe, *args, forward_fn=tied_head, **tie) if cfg.tie_embeddings
-            else LayerSpec(HeadPipe, *args))
-    blocks = [LayerSpec(BlockPipe, cfg, i, tp_group, sp, ep_group) for i in range(cfg.n_layers)]
-    return [first, *blocks, LayerSpec(NormPipe, *args), last]
+    stages = decoder_stages(cfg, ctx)
+    embed, head = stages[0], stages[-1]
+    specs = []
+    for stage in stages:
+        if stage.kind == "embed" and cfg.tie_embeddings:
+            specs.append(TiedLayerSpec("embed", EmbedPipe, stage, head, tied_weight_attr=["embed.tok.weight"]))
+        elif stage.kind == "head" and cfg.tie_embeddings:
+            specs.append(TiedLayerSpec("embed", EmbedPipe, embed, head, forward_fn=tied_head,
+                                       tied_weight_attr=["embed.tok.weight"]))
+        else:
+            adapter = {"embed": EmbedPipe, "block": BlockPipe, "norm": NormPipe, "head": HeadPipe}[stage.kind]
+            specs.append(LayerSpec(adapter, stage))
+    return specs
 
 
 def build_pipeline(cfg, groups, sequence_parallel=False, partition="parameters", checkpoint_interval=0, *,
@@ -97,10 +102,10 @@ def build_pipeline(cfg, groups, sequence_parallel=False, partition="parameters",
     from deepspeed.pipe import PipelineModule
     from torch.utils.checkpoint import checkpoint
     from forge.models.init import WeightInit, materialize
-    tp_group = groups.tp_group
+    ctx = groups.context(sequence_parallel)
 
     def loss_fn(logits, labels):
-        return lm_loss(logits, labels, tp_group)
+        return lm_loss(logits, labels, ctx.tp_group)
 
     class StagePipeline(PipelineModule):
         """DeepSpeed builds every layer of every stage to count parameters ("parameters"
@@ -115,10 +120,10 @@ def build_pipeline(cfg, groups, sequence_parallel=False, partition="parameters",
         def _build(self):
             with torch.device("meta"):
                 super()._build()
-            materialize(self, device or "cpu", WeightInit(cfg, seed, tp_group, groups.ep_group),
+            materialize(self, device or "cpu", WeightInit(cfg, seed, ctx),
                         name_of=lambda n: forge_name(n, cfg.n_layers))
 
-    return StagePipeline(layers=pipeline_specs(cfg, tp_group, sequence_parallel, groups.ep_group),
+    return StagePipeline(layers=pipeline_specs(cfg, ctx),
                          topology=groups.topology,
                          loss_fn=loss_fn, partition_method=partition,
                          activation_checkpoint_interval=checkpoint_interval,

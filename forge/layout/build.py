@@ -20,7 +20,7 @@ import torch.distributed as dist
 from forge.models.io import unique_state_dict
 from forge.models.transformer import Transformer, build_model
 from forge.parallel.groups import ParallelGroups
-from forge.parallel.sharding import gather_tensors, partition_dims, shard_state_dict
+from forge.parallel.sharding import gather_tensors, partition_dims
 
 
 def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, partition="parameters",
@@ -29,14 +29,14 @@ def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, parti
     zero3_config: the DeepSpeed config when training under ZeRO 3 (parameters partitioned as built)."""
     if groups.pp == 1:
         part = zero3_partitioner(zero3_config, groups) if zero3_config else None
-        model = build_model(cfg, groups.tp_group, sequence_parallel, groups.ep_group, device=device or "cpu",
-                            seed=seed, partition=part)
+        model = build_model(cfg, groups.context(sequence_parallel), device=device or "cpu", seed=seed,
+                            partition=part)
     else:
-        from forge.parallel.pipeline import build_pipeline
+        from forge.layout.pipeline import build_pipeline
         model = build_pipeline(cfg, groups, sequence_parallel, partition, checkpoint_interval, seed=seed,
                                device=device)
         with torch.device("meta"):           # parameter names and partition dims of the tp layout
-            model.forge_partition_dims = partition_dims(Transformer(cfg, groups.tp_group, sequence_parallel))
+            model.forge_partition_dims = partition_dims(Transformer(cfg, groups.context(sequence_parallel)))
     model.universal_checkpoint_info = universal_checkpoint_info(model, cfg, groups.tp)
     return model
 
@@ -95,7 +95,7 @@ def _forge_name(name: str, model, cfg) -> str:
     """Forge's name for a parameter of `model` (a pipeline stage's names differ)."""
     if not hasattr(model, "forge_partition_dims"):
         return name
-    from forge.parallel.pipeline import forge_name
+    from forge.layout.pipeline import forge_name
     return forge_name(name, cfg.n_layers)
 
 
@@ -132,40 +132,3 @@ def full_state_dict(model, cfg, groups: ParallelGroups) -> dict[str, torch.Tenso
         for k, v in (part or {}).items():
             merged.setdefault(k, v)          # a tied embedding appears on the first and last stage
     return merged
-
-
-def global_grad_norm(params, groups: ParallelGroups) -> torch.Tensor:
-    """sqrt(sum of ||g||^2 over the distinct parameters of the whole model): a tp shard counts on
-    every tp rank, a replicated tensor on tp rank 0 only, a tied copy on a later pipeline stage
-    (DeepSpeed marks it ds_pipe_replicated) not at all, experts summed over the ep group; summed
-    over the tp and pp groups."""
-    params = list(params)
-    device = params[0].device if params else torch.device("cpu")   # NCCL reduces device tensors
-    counted = ([], [])                                             # (dense, experts) gradients
-    for p in params:
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        if getattr(p, "partition_dim", None) is not None or groups.tp_rank == 0:
-            counted[int(getattr(p, "expert", False))].append(p.grad.detach())
-    # per-tensor norms accumulated in fp64 by fused kernels (torch._foreach_norm), then summed
-    sq = torch.stack([torch.stack(torch._foreach_norm(g, 2, dtype=torch.float64)).pow(2).sum() if g else
-                      torch.zeros((), dtype=torch.float64, device=device) for g in counted])
-    if groups.ep > 1:                  # each expert-parallel rank holds other experts
-        dist.all_reduce(sq[1:], group=groups.ep_group)
-    sq = sq.sum()
-    for group, size in ((groups.tp_group, groups.tp), (groups.pp_group, groups.pp)):
-        if size > 1:
-            dist.all_reduce(sq, group=group)
-    return sq.sqrt()
-
-
-def clip_global_grad_norm(params, max_norm: float, groups: ParallelGroups) -> torch.Tensor:
-    """Scale every gradient by min(1, max_norm / (norm + 1e-6)) with the global norm (as
-    torch.nn.utils.clip_grad_norm_ does for one process); returns the norm before clipping."""
-    params = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(params, groups)
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    grads = [p.grad for p in params]
-    if grads:
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-    return norm

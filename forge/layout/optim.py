@@ -1,0 +1,179 @@
+"""This rank's optimizer state in a sharded checkpoint, readable by any layout.
+
+For each parameter, Adam's moments (and the fp32 master copy where the module's weights are
+bf16/fp16) are stored as parts of global tensors in the format of the weights
+(forge.models.sharded): `step_*/optim/forge_index.json` + `shard-{rank}.safetensors`, tensors
+"{name}::exp_avg", "{name}::exp_avg_sq", "{name}::fp32" (Forge names, global shapes). The part a
+rank holds depends on the engine's optimizer:
+
+    torch    Forge's AdamW itself (ZeRO 0, and a pipeline's fp32 ZeRO 0): the state of the rank's
+             whole tensor, a box (written by data-parallel rank 0, or the first replica of experts)
+    frag     DeepSpeed's ZeRO 1/2 and bf16 optimizers: the fragment [start, start + n) of the
+             flattened tp shard that this data-parallel rank updates (param._hp_mapping), a flat range
+    zero3    ZeRO 3: the rank's partition of the flattened tp shard, a flat range
+Every data-parallel rank writes its own fragment or partition: nothing is gathered. Reading
+(`load_rank_optimizer`) assembles the rank's whole tp box of each tensor from whatever parts the
+writing layout left, then keeps what its own optimizer holds (DeepSpeed's safe_set_* utilities
+for frag and zero3). The Adam step count is one number (`optimizer_step`).
+DeepSpeed internals used: `_hp_mapping.lp_fragment_address` / `get_hp_fragment`, the ZeRO 1/2
+optimizer's `_lazy_init_hp_params_optimizer_state` (its fragments link to the Adam state only
+after a step), and the flat fp32 partitions' state in its inner torch optimizer.
+"""
+from __future__ import annotations
+
+import torch
+
+from forge.layout.weights import box_part, flat_part, rank_boxes, writes_whole, zero3_range
+from forge.models.sharded import Part, WeightReader
+from forge.parallel.groups import ParallelGroups
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_kind(engine) -> str:
+    params = list(engine.module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        return "zero3"
+    if any(hasattr(p, "_hp_mapping") for p in params):
+        return "frag"
+    if isinstance(engine.optimizer, torch.optim.Optimizer):
+        return "torch"
+    raise TypeError(f"no sharded optimizer state for DeepSpeed's {type(engine.optimizer).__name__}")
+
+
+def _inner(engine):
+    """The torch optimizer under a DeepSpeed optimizer wrapper (or the optimizer itself)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def low_precision(engine) -> bool:
+    """Whether the module's weights are bf16/fp16 (the optimizer then holds fp32 masters)."""
+    return next(engine.module.parameters()).dtype != torch.float32
+
+
+def optimizer_step(engine) -> int:
+    """Adam's step count (the same for every parameter)."""
+    for state in _inner(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _link_fragments(engine) -> None:
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _ensure_state(engine, step: int) -> None:
+    """Adam creates its state at the first step: create it (zeros) so it can be filled (for
+    DeepSpeed's optimizers: the state of its flat fp32 partitions)."""
+    inner = _inner(engine)
+    # ZeRO 3 hands its flat fp32 groups to the inner optimizer only while it steps
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    for p in flat if flat is not None else [p for group in inner.param_groups for p in group["params"]]:
+        state = inner.state[p]
+        for key in MOMENTS:
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(step)) if not torch.is_tensor(state.get("step")) else \
+            state["step"].fill_(step)
+
+
+def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, low_precision: bool) -> list[Part]:
+    """The optimizer-state parts this rank writes (see the module docstring)."""
+    kind = optimizer_kind(engine)
+    if kind == "frag":
+        _link_fragments(engine)
+    inner = _inner(engine)
+    parts = []
+    for b in _trained(engine, cfg, groups, name_of):
+        p = b.tensor
+        for key in MOMENTS + (("fp32",) if low_precision else ()):
+            name = f"{b.name}::{key}"
+            if kind == "torch":
+                if writes_whole(p, groups):
+                    parts.append(box_part(b, (p.detach() if key == "fp32" else inner.state[p][key]).float(), name))
+            elif kind == "frag":
+                if p._hp_mapping is not None and writes_fragment(p, groups):
+                    value = p._hp_mapping.get_hp_fragment(None if key == "fp32" else key)
+                    parts.append(flat_part(b, value.detach().float().view(-1), p._hp_mapping.lp_fragment_address.start,
+                                           name))
+            else:
+                from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+                a, e = zero3_range(p, groups)
+                if a < e and writes_fragment(p, groups):
+                    value = safe_get_local_fp32_param(p) if key == "fp32" else safe_get_local_optimizer_state(p, key)
+                    parts.append(flat_part(b, value.detach().float().view(-1)[:e - a], a, name))
+    return parts
+
+
+def writes_fragment(p, groups: ParallelGroups) -> bool:
+    """A data-parallel fragment is written by every data-parallel rank, except copies that the
+    layout replicates: over tp (no partition_dim: tp rank 0 writes) and a pipeline's tied copy."""
+    if getattr(p, "ds_pipe_replicated", False):
+        return False
+    return getattr(p, "partition_dim", None) is not None or groups.tp_rank == 0
+
+
+def _trained(engine, cfg, groups, name_of):
+    return [b for b in rank_boxes(engine.module, cfg, groups, name_of)
+            if isinstance(b.tensor, torch.nn.Parameter) and b.tensor.requires_grad]
+
+
+@torch.no_grad()
+def load_rank_optimizer(engine, cfg, groups: ParallelGroups, folder: str, model_folder: str, name_of,
+                        step: int) -> None:
+    """Fill this rank's optimizer state and fp32 masters from a sharded checkpoint written under
+    any layout (`folder`: its optim/, `model_folder`: its model/, whose weights are the masters
+    when they were trained in fp32); Adam's step count becomes `step`."""
+    kind = optimizer_kind(engine)
+    _ensure_state(engine, step)
+    if kind == "frag":
+        _link_fragments(engine)
+    inner = _inner(engine)
+    with WeightReader(folder) as reader, WeightReader(model_folder) as weights:
+        stored = set(reader.names())
+        for b in _trained(engine, cfg, groups, name_of):
+            p = b.tensor
+            for key in MOMENTS + ("fp32",):
+                name = f"{b.name}::{key}"
+                source = reader if name in stored else weights if key == "fp32" else None
+                if source is None:
+                    raise ValueError(f"{folder}: no optimizer state {name!r}")
+                whole = torch.zeros(b.local, dtype=torch.float32)   # the rank's tp box, padding rows 0
+                whole[tuple(slice(0, n) for n in b.box)] = source.get_box(name if source is reader else b.name,
+                                                                           b.start, b.box)
+                _set(kind, engine, inner, p, key, whole.to(p.device), groups)
+    if kind == "frag":
+        _link_fragments(engine)
+    for state in inner.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+
+
+def _set(kind, engine, inner, p, key, whole, groups):
+    if kind == "torch":
+        if key == "fp32":
+            p.copy_(whole.to(p.dtype))
+        else:
+            inner.state[p][key].copy_(whole)
+    elif kind == "frag":
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        if p._hp_mapping is None:
+            return
+        if key == "fp32":
+            safe_set_full_fp32_param(p, whole)
+        else:
+            safe_set_full_optimizer_state(p, whole, key)
+    else:
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+        a, e = zero3_range(p, groups)
+        local = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=whole.device)
+        local[:e - a] = whole.reshape(-1)[a:e]
+        if key == "fp32":
+            safe_set_local_fp32_param(p, local)
+        else:
+            safe_set_local_optimizer_state(p, local, key)
