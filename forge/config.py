@@ -223,6 +223,8 @@ class TrainConfig:
     precision: str = "fp32"                 # fp32 | bf16 | fp16
     out_dir: str = "runs/default"
     resume: str = "none"                    # none | auto | path to a checkpoint
+    init_from: Optional[str] = None         # a fresh run starts from these weights: Forge folder, checkpoint,
+                                            # HF folder or hub id (the model config comes from it)
     save_interval: int = 500
     eval_interval: int = 250
     eval_steps: int = 20

@@ -15,17 +15,17 @@ import sys
 
 import yaml
 
-from forge.config import ConfigError, load_config, parse_overrides
+from forge.config import ConfigError, flatten_dict, load_config, parse_overrides
 
 
-def user_set(path: str | None, overrides: list[str], section: str, key: str) -> bool:
-    """Whether the YAML file or an override sets `section.key` (presets do not count)."""
+def user_keys(path: str | None, overrides: list[str]) -> frozenset:
+    """The dotted keys the YAML file and the overrides set (presets do not count)."""
     tree: dict = {}
     if path:
         with open(path) as f:
             tree = yaml.safe_load(f) or {}
-    over = parse_overrides(overrides)
-    return any(isinstance(t.get(section), dict) and key in t[section] for t in (tree, over))
+    return frozenset(flatten_dict(tree if isinstance(tree, dict) else {})) | frozenset(
+        flatten_dict(parse_overrides(overrides)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
-        explicit_vocab = user_set(path, overrides, "model", "vocab_size")
+        explicit = user_keys(path, overrides)
         from forge.train.checkpoint import CheckpointError
         from forge.train.trainer import train
         try:
-            result = train(cfg, explicit_vocab=explicit_vocab)
+            result = train(cfg, explicit_vocab="model.vocab_size" in explicit, explicit=explicit)
         except CheckpointError as e:
             print(f"forge train: checkpoint error: {e}", file=sys.stderr)
             return 2

@@ -138,13 +138,16 @@ def check_same_config(cfg: JobConfig) -> None:
 
 
 # ---------------------------------------------------------------- train
-def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: Optional[int] = None) -> TrainResult:
+def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: Optional[int] = None,
+          explicit: frozenset = frozenset()) -> TrainResult:
     """Train as `cfg` says and return what was run (see module doc).
 
     data: a prebuilt data bundle (`.tokenizer`, `.train`, `.valid`) instead of `build_data(cfg.data)`.
     explicit_vocab: keep cfg.model.vocab_size (must cover the tokenizer) instead of the tokenizer's.
     stop_at: stop after this step as if interrupted (a checkpoint is written), keeping the
     schedule of train.max_steps; for tests and staged runs.
+    explicit: the dotted keys the user wrote (YAML + overrides); with train.init_from, the model
+    keys among them are applied over the source's config (refused where they change shapes).
     """
     t_start = time.perf_counter()
     cfg = copy.deepcopy(cfg).validate()
@@ -173,6 +176,11 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
 
     dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
+    init_folder = None
+    if cfg.train.init_from and resume_path is None:       # a resumed run continues its own weights
+        from forge.train.init_from import resolve_init_from
+        init_folder = resolve_init_from(cfg, set(explicit), rank)
+        explicit_vocab = True                               # the source's vocabulary (it must cover the tokenizer's)
     check_same_config(cfg)
     from forge.parallel.groups import build_groups
     groups = build_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
@@ -190,6 +198,9 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     set_linear_backend(cfg.train.linear_backend)
     seed_everything(cfg.train.seed)
     model = build_rank_model(cfg, groups)
+    if init_folder is not None:
+        from forge.train.init_from import load_init_weights
+        load_init_weights(model, cfg, groups, init_folder)
     engine = create_engine(cfg, model, groups)
     try:
         return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout)
