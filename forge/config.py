@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -376,6 +377,21 @@ def merge_dicts(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def add_config_arguments(parser) -> None:
+    """The `[CONFIG] [key=value ...]` arguments of the commands that take a job config."""
+    parser.add_argument("config", nargs="?", help="YAML config file (sections model/parallel/data/optim/train/log)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, values parsed as YAML")
+
+
+def config_arguments(args) -> tuple[Optional[str], list[str]]:
+    """(YAML path or None, overrides) from parsed `add_config_arguments` arguments: a first
+    argument that holds `=` and is no file is an override."""
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not os.path.exists(path):
+        path, overrides = None, [path] + overrides
+    return path, overrides
 
 
 def flatten_dict(tree: dict, prefix: str = "") -> dict[str, Any]:

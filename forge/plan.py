@@ -87,7 +87,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -96,7 +95,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-from forge.config import ConfigError, JobConfig, load_config
+from forge.config import ConfigError, JobConfig, add_config_arguments, config_arguments, load_config
 
 GiB = 2 ** 30
 LOW_PRECISION = ("bf16", "fp16")
@@ -533,8 +532,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Per-rank memory of a parallel layout (parameters, gradients, optimizer states, activations, "
                     "build peak), from every distinct rank's modules built on the meta device in this process, e.g. "
                     "`forge plan model.preset=llama3-70b parallel.tp=8 parallel.pp=8 --world 1024`.")
-    p.add_argument("config", nargs="?", help="YAML config file (optional, as for forge train)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, values parsed as YAML")
+    add_config_arguments(p)
     p.add_argument("--world", type=int, required=True, help="number of ranks (GPUs)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU to check against (default 80)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -543,9 +541,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not os.path.exists(path):
-        path, overrides = None, [path] + overrides
+    path, overrides = config_arguments(args)
     result = plan(load_config(path, overrides), args.world, args.gpu_mem)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -7,7 +7,10 @@
    ep=2 x tp=2 and ZeRO 3 (dp=2, and with tp=2) equal one process's bit for bit.
 3. Memory: building a ~230M-parameter Llama, each rank's peak RSS grows by at most 1.3x its own
    shard plus its largest full parameter plus ALLOWANCE at tp=2 and tp=2 x pp=2; under ZeRO 3 at
-   dp=2 by at most half the fp32 model plus the same. (The full-model build grew by 4x the shard
+   dp=2 by at most half the fp32 model plus twice its largest full parameter (the parameter and
+   DeepSpeed's partition of it coexist while it is cut) plus ALLOWANCE. Measured at 230M: tp=2
+   656 MiB against a 437 MiB shard (bound 949), tp=2 x pp=2 313-512 MiB against 219 (bound 665),
+   ZeRO 3 689-707 MiB against 437 (bound 1,068). (The full-model build grew by 4x the shard
    at tp=2 and 6-7x at tp=2 x pp=2; tools/bench_build.py measures it.)
 """
 import dataclasses
@@ -208,6 +211,6 @@ def test_build_memory_is_set_by_the_shard(parallel, world):
 def test_zero3_build_memory_is_half_the_model():
     for rank, growth, shard, largest, full in _measure(dict(zero_stage=3), 2):
         assert full / 2 <= shard <= full / 2 + 4 * 1024, (rank, shard, full)   # DeepSpeed pads partitions
-        bound = full / 2 + largest + ALLOWANCE
+        bound = full / 2 + 2 * largest + ALLOWANCE   # a full tensor and its partition coexist while it is cut
         assert growth <= bound, (f"rank {rank}: peak RSS grew {growth / MiB:.0f} MiB under ZeRO 3 at dp=2 "
                                  f"for a {full / MiB:.0f} MiB model (bound {bound / MiB:.0f} MiB)")

@@ -149,12 +149,16 @@ def model_figures(size: str) -> dict:
                 largest_param_bytes=4 * max(p.numel() for p in model.parameters()))
 
 
-def estimate_gib(size: str, layout: str, full_bytes: int) -> float:
-    """Rough peak of all processes with the build of 692981b, whose measured per-rank growth is
-    the full fp32 model plus 2 shards (tp, pp) or, with ZeRO 3's engine, ~2.3 full models at dp=2;
-    for refusing what the machine cannot hold (an overestimate once ranks build only their shard)."""
+def estimate_gib(size: str, layout: str, full_bytes: int, rank_local: bool = True) -> float:
+    """Rough peak of all processes, for refusing what the machine cannot hold. Rank-local build:
+    each rank its shard plus one full tensor; ZeRO 3's engine adds ~4 partitions (fp32 master,
+    gradient, Adam's two moments). rank_local=False: the build before it (692981b), which held
+    the full fp32 model plus 2 shards per rank (tp, pp), or ~2.3 full models with ZeRO 3's engine."""
     world, par = LAYOUTS[layout]
     shards = par.get("tp", 1) * par.get("pp", 1)
+    if rank_local:
+        per_rank = full_bytes / world * (5 if par.get("zero_stage") == 3 else 1.3) + 0.3 * 2 ** 30
+        return world * per_rank / 2 ** 30
     extra = 2 / shards if shards > 1 else 0.1
     if par.get("zero_stage") == 3:
         extra = 3 / world

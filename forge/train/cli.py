@@ -10,12 +10,12 @@ number when stopped by SIGINT / SIGTERM (after saving a checkpoint).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import yaml
 
-from forge.config import ConfigError, flatten_dict, load_config, parse_overrides
+from forge.config import (ConfigError, add_config_arguments, config_arguments, flatten_dict, load_config,
+                          parse_overrides)
 
 
 def user_keys(path: str | None, overrides: list[str]) -> frozenset:
@@ -35,17 +35,14 @@ def _parser() -> argparse.ArgumentParser:
                     "`forge train configs/shakespeare_char.yaml train.max_steps=200 optim.lr=1e-3`. "
                     "Common keys: model.preset, train.max_steps, train.out_dir, train.seed, "
                     "train.resume (none | auto | PATH), optim.lr, parallel.zero_stage.")
-    p.add_argument("config", nargs="?", help="YAML config file (sections model/parallel/data/optim/train/log)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, values parsed as YAML")
+    add_config_arguments(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not os.path.exists(path):
-        path, overrides = None, [path] + overrides
+    path, overrides = config_arguments(args)
     try:
         cfg = load_config(path, overrides)
         if args.print_config:
