@@ -14,6 +14,15 @@ from forge.config import ConfigError, load_config
 from forge.models.transformer import Transformer
 from forge.plan import _build_layers, plan
 
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_group():
+    """forge plan runs ranks under a fake process group of its own: shut down the one an earlier
+    in-process `train()` left (a later one starts it again)."""
+    from forge.train.distributed import shutdown
+    shutdown()
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK_KEYS = {"rank", "tp_rank", "pp_rank", "dp_rank", "ep_rank", "params", "param_bytes", "grad_bytes", "optim_bytes",
              "activation_bytes", "total_bytes", "ranks_covered", "model_params", "build_peak_bytes", "fits"}

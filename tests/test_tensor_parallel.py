@@ -45,17 +45,6 @@ def _check(rank, world, sequence_parallel):
         torch.testing.assert_close(gathered, ref_logits, atol=1e-5, rtol=1e-5, msg=f"{name}: logits")
         torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6, msg=f"{name}: loss")
         grads = gather_tensors({n: p.grad for n, p in model.named_parameters()}, model, groups.tp_group, 255)
-        if name == "tiny-llama" and not sequence_parallel:     # what DeepSpeed's universal checkpoint reads
-            import re
-            from forge.layout.build import universal_checkpoint_info
-            info = universal_checkpoint_info(model, cfg, world)
-            rows = [n for n, _ in model.named_parameters()
-                    if any(re.match(p, n) for p in info["parameter_with_row_parallelism_patterns"])]
-            assert rows and all(n.endswith(("attn.wo.weight", "mlp.w_out.weight")) for n in rows), rows
-            assert info["padded_vocab_size"] == 256 and info["original_vocab_size"] == 255
-            replicated = info["tp_replicated_parameter_patterns"]
-            assert any(re.match(p, "layers.0.attn_norm.weight") for p in replicated)
-            assert not any(re.match(p, "layers.0.attn.wq.weight") for p in replicated)
         for n, p in full.named_parameters():
             torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=f"{name}: grad of {n}")
 

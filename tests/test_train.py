@@ -84,7 +84,8 @@ def test_training_reduces_loss_and_writes_outputs(tmp_path, data_cache):
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == \
         ["step_00000004", "step_00000008", "step_00000012"]
     last = ck / "step_00000012"
-    assert (last / "COMPLETE").is_file() and (last / "ds").is_dir()
+    assert (last / "COMPLETE").is_file() and not (last / "ds").exists()       # the weights and optimizer once:
+    assert {p.name for p in (last / "optim").iterdir()} == {"forge_index.json", "shard-00000.safetensors"}
     assert (ck / "latest").read_text().strip() == "step_00000012"
     state = json.load(open(last / "trainer_state.json"))
     assert state["step"] == 12 and state["consumed_samples"] == 48 and state["config_hash"] == r.config.hash()

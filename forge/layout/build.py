@@ -7,12 +7,12 @@ training device one parameter at a time and initialised there from the seed by F
     pp > 1:  a DeepSpeed PipelineModule of the same layers over the groups' topology
     ZeRO 3:  each parameter is handed to DeepSpeed's zero.Init partitioning as soon as it holds
              its value, so a rank holds its 1/dp partitions plus at most one full parameter.
-`full_state_dict` is the inverse: gather shards over tp, experts over ep and stages over pp to
-one full state dict (Forge names) on global rank 0, for Forge model folders and conversion.
+`full_state_dict` is the inverse for small models and tests: gather shards over tp, experts over
+ep and stages over pp to one full state dict (Forge names) on global rank 0. Checkpoints never
+gather: each rank writes its own part (forge.layout.weights, forge.layout.optim).
 """
 from __future__ import annotations
 
-import re
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,6 @@ def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, parti
                                device=device)
         with torch.device("meta"):           # parameter names and partition dims of the tp layout
             model.forge_partition_dims = partition_dims(Transformer(cfg, groups.context(sequence_parallel)))
-    model.universal_checkpoint_info = universal_checkpoint_info(model, cfg, groups.tp)
     return model
 
 
@@ -65,30 +64,6 @@ def zero3_partitioner(ds_config: dict, groups: ParallelGroups):
                             mpu=groups if groups.tp > 1 or groups.dp > 1 else None)
         first.append(p)
     return partition
-
-
-def universal_checkpoint_info(model, cfg, tp: int) -> dict:
-    """What DeepSpeed's universal checkpoint (ds_to_universal) needs to merge and re-split this
-    layout's parameters, as regexes over the names DeepSpeed sees: tp-replicated tensors (to
-    average), row-parallel ones (cat along dim 1; column-parallel, the default, along dim 0),
-    vocabulary tensors (padding to drop), pipeline-replicated copies of a tied embedding, experts."""
-    from deepspeed.checkpoint import constants as C
-    from forge.models.transformer import padded_vocab
-    from forge.parallel.sharding import VOCAB_TENSORS
-    exact = lambda names: [re.escape(n) + "$" for n in sorted(names)]   # noqa: E731
-    names = dict(model.named_parameters())
-    dims = {n: getattr(p, "partition_dim", None) for n, p in names.items()}
-    return {
-        C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        C.ORIGINAL_VOCAB_SIZE: cfg.vocab_size,
-        C.PADDED_VOCAB_SIZE: padded_vocab(cfg, tp),
-        C.TP_REPLICATED_PARAMETER_PATTERNS: exact(n for n, d in dims.items() if d is None) if tp > 1 else [],
-        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: exact(n for n, d in dims.items() if d == 1),
-        C.VOCABULARY_PARAMETER_PATTERNS: exact(n for n in names if n.split(".", 1)[-1] in VOCAB_TENSORS
-                                               or n in VOCAB_TENSORS),
-        C.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"^tied_modules\."],
-        C.EXPERT_PARAMETER_PATTERNS: exact(n for n, p in names.items() if getattr(p, "expert", False)),
-    }
 
 
 def _forge_name(name: str, model, cfg) -> str:

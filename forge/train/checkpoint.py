@@ -9,9 +9,7 @@
         optim/                      the optimizer state, sharded like model/ (forge.layout.optim):
                                     Adam's moments (and fp32 masters of bf16/fp16 weights) as parts
                                     of global tensors, so any layout reads its own part back
-        ds/                         DeepSpeed engine state (engine.save_checkpoint): weights,
-                                    optimizer (ZeRO partitions), lr scheduler; resumed from when
-                                    the layout is unchanged (bit-exact)
+        (ds/                        DeepSpeed's own files, in checkpoints written before optim/)
         rng_state_rank{r:05d}.pt    python / numpy / torch (/ cuda) RNG states of rank r
         trainer_state.json          step, consumed_samples, tokens, config and its hash, ...
         COMPLETE                    empty marker, written last (after everything above is on disk)
@@ -252,8 +250,9 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
     _save_model_shards(engine, cfg, groups, os.path.join(path, MODEL_DIR), tokenizer_dir)
     _write_sharded(os.path.join(path, OPTIM_DIR), rank_optimizer_parts(
         engine, cfg.model, groups, forge_name_of(engine.module, cfg.model), low_precision(engine)))
-    state = dict(state, optimizer_step=optimizer_step(engine), sharded_optimizer=True)
-    engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
+    from forge.train.precision import loss_scaler_state
+    state = dict(state, optimizer_step=optimizer_step(engine), sharded_optimizer=True,
+                 loss_scaler=loss_scaler_state(engine))
     torch.save(rng_state(), _rng_file(path, rank))
     dist.barrier()
     if rank == 0:
@@ -275,14 +274,15 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
 def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = False) -> dict:
     """Load engine state (weights, optimizer, lr schedule) from checkpoint `path`; returns its
     trainer state (with the RNG state of this rank under "rng", to be applied by the caller).
-    Same layout: DeepSpeed's own files, then under expert parallelism (`groups.ep > 1`) each
-    rank's experts from the checkpoint's model folder (`_restore_experts`). Another layout
-    (`relayout`, see layout_changed): every rank reads its boxes of the weights and of the
-    optimizer state from the sharded model/ and optim/ folders (forge.layout)."""
+    Every rank reads its boxes of the weights and of the optimizer state from the sharded
+    model/ and optim/ folders (forge.layout), whatever layout wrote them (`relayout`: another
+    one, see layout_changed; its RNG streams are not restored). Checkpoints written before those
+    folders existed hold DeepSpeed's files (ds/), read under their own layout; under expert
+    parallelism each rank's experts then come from the model folder (`_restore_experts`)."""
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path!r} is incomplete (no {COMPLETE} marker)")
     state = read_state(path)
-    if relayout:
+    if state.get("sharded_optimizer"):
         from forge.layout.build import forge_name_of
         from forge.layout.optim import load_rank_optimizer
         from forge.layout.weights import load_rank_weights
@@ -293,8 +293,11 @@ def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = F
             load_rank_optimizer(engine, cfg.model, groups, optim_dir, model_dir, name_of,
                                 int(state.get("optimizer_step", state["step"])))
         except (OSError, KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path!r}: cannot read it under this layout: {e}") from None
-        state["rng"] = None                  # per-rank streams of another layout do not carry over
+            raise CheckpointError(f"checkpoint {path!r}: cannot read its model/ and optim/ files: {e}") from None
+        from forge.train.precision import load_loss_scaler_state
+        load_loss_scaler_state(engine, state.get("loss_scaler"))
+        # per-rank RNG streams carry over only to the same layout
+        state["rng"] = None if relayout else _load_rng(path)
         return state
     if not os.path.isdir(os.path.join(path, DS_TAG)):
         raise CheckpointError(f"checkpoint {path!r} has no DeepSpeed state ({DS_TAG}/)")
@@ -304,11 +307,16 @@ def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = F
         raise CheckpointError(f"DeepSpeed could not load the engine state under {os.path.join(path, DS_TAG)!r}")
     if groups is not None and groups.ep > 1:
         _restore_experts(engine.module, cfg.model, path, groups)
+    state["rng"] = _load_rng(path)
+    return state
+
+
+def _load_rng(path: str):
+    """This rank's saved RNG states (rank 0's where this rank has none), or None."""
     rng_file = _rng_file(path, dist.rank())
     if not os.path.isfile(rng_file):
         rng_file = _rng_file(path, 0)
-    state["rng"] = torch.load(rng_file, weights_only=False) if os.path.isfile(rng_file) else None
-    return state
+    return torch.load(rng_file, weights_only=False) if os.path.isfile(rng_file) else None
 
 
 def _restore_experts(model, cfg, path: str, groups) -> None:

@@ -61,6 +61,33 @@ def loss_scale(engine) -> float:
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
 
 
+_LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler_state(engine) -> dict | None:
+    """The fp16 dynamic loss scaler's state (the GradScaler at ZeRO 0, DeepSpeed's otherwise), for
+    a checkpoint; None when there is none."""
+    scaler = _grad_scaler(engine)
+    if scaler is not None:
+        return {"grad_scaler": scaler.state_dict()}
+    ds = getattr(engine.optimizer, "loss_scaler", None) if engine.fp16_enabled() else None
+    if ds is not None:
+        return {"deepspeed": {k: getattr(ds, k) for k in _LOSS_SCALER_FIELDS if hasattr(ds, k)}}
+    return None
+
+
+def load_loss_scaler_state(engine, state: dict | None) -> None:
+    if not state:
+        return
+    scaler = _grad_scaler(engine)
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
+    ds = getattr(engine.optimizer, "loss_scaler", None)
+    if ds is not None and "deepspeed" in state:
+        for k, v in state["deepspeed"].items():
+            setattr(ds, k, v)
+
+
 def unscale_gradients(engine) -> None:
     """Divide the accumulated gradients by the fp16 loss scale before Forge measures and clips
     them (ZeRO 0 with autocast); the GradScaler's step then uses them as they are, and skips the
