@@ -146,6 +146,7 @@ def load_rank_optimizer(engine, cfg, groups: ParallelGroups, folder: str, model_
                 whole = torch.zeros(b.local, dtype=torch.float32)   # the rank's tp box, padding rows 0
                 whole[tuple(slice(0, n) for n in b.box)] = source.get_box(name if source is reader else b.name,
                                                                            b.start, b.box)
+                source.close()              # unmap what was read: mapped pages count as resident
                 _set(kind, engine, inner, p, key, whole.to(p.device), groups)
     if kind == "frag":
         _link_fragments(engine)

@@ -127,6 +127,7 @@ def load_rank_weights(model, cfg, groups: ParallelGroups, folder: str, name_of, 
                 raise ValueError(f"{folder}: tensor {b.name!r} has shape {tuple(have)}, this model's is "
                                  f"{b.global_shape}")
             part = reader.get_box(b.name, b.start, b.box)
+            reader.close()                  # unmap what was read: mapped pages count as resident
             if hasattr(b.tensor, "ds_tensor"):                 # ZeRO 3: this rank's flat partition
                 whole = torch.zeros(b.local, dtype=part.dtype)
                 whole[tuple(slice(0, n) for n in b.box)] = part
