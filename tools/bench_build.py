@@ -86,26 +86,35 @@ def _param_bytes(model, zero3: bool) -> int:
     return 4 * sum(p.numel() for p in params)
 
 
-def _worker(rank, world, port, size, layout, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    sys.stdout.flush()
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)    # DeepSpeed's prints (pipeline layout); stderr stays
+def prepare_rank(over: list[str], world: int):
+    """(JobConfig, ParallelGroups) of this process, set up as `forge train` does before it builds
+    (every import done first, so that it does not count in a later memory baseline)."""
     from forge.config import load_config
     from forge.kernels import set_linear_backend
     from forge.parallel.groups import build_groups
     from forge.train import distributed as fdist
-    from forge.train.engine import check_supported, create_engine
+    from forge.train.engine import check_supported
     from forge.train.trainer import _quiet_deepspeed, seed_everything
     _import_everything()
-    cfg = load_config(None, overrides(size, layout))
+    cfg = load_config(None, over)
     check_supported(cfg, world)
     _quiet_deepspeed()
     fdist.init_distributed()
     groups = build_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     set_linear_backend(cfg.train.linear_backend)
     seed_everything(cfg.train.seed)
+    return cfg, groups
+
+
+def _worker(rank, world, port, size, layout, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    sys.stdout.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)    # DeepSpeed's prints (pipeline layout); stderr stays
+    from forge.train import distributed as fdist
+    from forge.train.engine import create_engine
+    cfg, groups = prepare_rank(overrides(size, layout), world)
     gc.collect()
     fdist.barrier()
 

@@ -30,7 +30,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from bench_build import SIZES, _import_everything, model_figures  # noqa: E402
+from bench_build import SIZES, model_figures, prepare_rank  # noqa: E402
 from bench_build import overrides as build_overrides  # noqa: E402
 from forge.memory import peak_rss_bytes, reset_peak_rss  # noqa: E402
 
@@ -59,21 +59,10 @@ def _setup(rank, world, port, size, layout):
     torch.set_num_threads(1)
     sys.stdout.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)    # DeepSpeed's prints; stderr stays
-    from forge.config import load_config
-    from forge.kernels import set_linear_backend
-    from forge.parallel.groups import build_groups
-    from forge.train import distributed as fdist
-    from forge.train.engine import check_supported, create_engine
-    from forge.train.trainer import _quiet_deepspeed, build_rank_model, seed_everything
-    _import_everything()
+    from forge.train.engine import create_engine
+    from forge.train.trainer import build_rank_model
     import forge.train.checkpoint  # noqa: F401
-    cfg = load_config(None, overrides(size, layout))
-    check_supported(cfg, world)
-    _quiet_deepspeed()
-    fdist.init_distributed()
-    groups = build_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
-    set_linear_backend(cfg.train.linear_backend)
-    seed_everything(cfg.train.seed)
+    cfg, groups = prepare_rank(overrides(size, layout), world)
     t0 = time.perf_counter()
     engine = create_engine(cfg, build_rank_model(cfg, groups), groups)
     return cfg, groups, engine, time.perf_counter() - t0
