@@ -82,8 +82,9 @@ def _ensure_state(engine, step: int) -> None:
             state["step"].fill_(step)
 
 
-def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, low_precision: bool) -> list[Part]:
-    """The optimizer-state parts this rank writes (see the module docstring)."""
+def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, masters: bool) -> list[Part]:
+    """The optimizer-state parts this rank writes (see the module docstring); masters: with the
+    fp32 master weights (the module's weights are bf16/fp16, `low_precision`)."""
     kind = optimizer_kind(engine)
     if kind == "frag":
         _link_fragments(engine)
@@ -91,7 +92,7 @@ def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, low_preci
     parts = []
     for b in _trained(engine, cfg, groups, name_of):
         p = b.tensor
-        for key in MOMENTS + (("fp32",) if low_precision else ()):
+        for key in MOMENTS + (("fp32",) if masters else ()):
             name = f"{b.name}::{key}"
             if kind == "torch":
                 if writes_whole(p, groups):
