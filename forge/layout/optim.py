@@ -141,6 +141,8 @@ def load_rank_optimizer(engine, cfg, groups: ParallelGroups, folder: str, model_
             p = b.tensor
             for key in MOMENTS + ("fp32",):
                 name = f"{b.name}::{key}"
+                if kind == "torch" and key == "fp32" and name not in stored:
+                    continue                # the fp32 weights are the master: load_rank_weights read them
                 source = reader if name in stored else weights if key == "fp32" else None
                 if source is None:
                     raise ValueError(f"{folder}: no optimizer state {name!r}")
@@ -149,11 +151,6 @@ def load_rank_optimizer(engine, cfg, groups: ParallelGroups, folder: str, model_
                                                                            b.start, b.box)
                 source.close()              # unmap what was read: mapped pages count as resident
                 _set(kind, engine, inner, p, key, whole.to(p.device), groups)
-    if kind == "frag":
-        _link_fragments(engine)
-    for state in inner.state.values():
-        if "step" in state:
-            state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
 
 
 def _set(kind, engine, inner, p, key, whole, groups):
