@@ -119,8 +119,9 @@ def verify_shard_set(shards: ShardSet, vocab_size: Optional[int] = None) -> None
             if vocab_size is not None and st["max_token"] is not None and (
                     st["min_token"] < 0 or st["max_token"] >= vocab_size):
                 raise IntegrityError(f"shard {ds.prefix}.bin holds token ids {st['min_token']}..{st['max_token']}, "
-                                     f"outside the model's vocabulary [0, {vocab_size}); the data was tokenized "
-                                     f"with another tokenizer, or set model.vocab_size above {st['max_token']}")
+                                     f"outside the model's vocabulary [0, {vocab_size}): the data was tokenized "
+                                     f"with another tokenizer than the one beside it (if the ids are meant, "
+                                     f"set model.vocab_size >= {st['max_token'] + 1})")
     finally:
         if json.dumps(cache, sort_keys=True) != before:
             _write_cache(shards.check_cache, cache)
