@@ -13,8 +13,15 @@ whatever `--workers`: workers only tokenize chunks; the main process writes them
 
 Crash safety: a shard is written as `*.tmp` and renamed when complete, and only then is it
 added to `manifest.json` (itself written then renamed) with its end position in the input
-stream, `end = [record, token offset]`. A rerun with the same settings keeps the listed shards,
-deletes anything else, skips the records they cover and continues; a finished run is a no-op.
+stream, `end = [record, token offset]`. A rerun with the same settings verifies the listed shards
+(files present, sizes, MMIDIDX structure, sha256 of .bin and .idx against the manifest), deletes
+anything unlisted, skips the records the good shards cover and continues. A damaged listed shard
+is rebuilt from its span of the input (previous shard's `end` to its own), in the same pass, and
+must come out with the manifest's checksum; good shards are not touched. So a finished run re-read
+is a verification (it re-hashes every shard, ~0.3 s per 100 MB) and the repair of what it names.
+
+Refused (exit status 2, the message names the file): input with no text at all, a `.txt` that
+looks binary (forge.data.sources.check_text), and everything forge.data.sources refuses.
 
 Per shard the manifest counts the input records that finished in it (`records`), empty ones
 skipped (`empty`), ones with invalid UTF-8 replaced (`invalid_utf8`) and cut ones

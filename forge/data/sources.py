@@ -12,7 +12,8 @@ file and line, and invalid UTF-8 is found per line: replaced by U+FFFD and flagg
 * `.parquet`, `.arrow`, `.json` holding a JSON array, and hub datasets: read with
   `datasets.load_dataset(..., streaming=True)`; problems name the file and row.
 
-`where` is "path:line" (or "path:row N"); a record whose text is missing raises `InputError`.
+`where` is "path:line" (or "path:row N"); a record whose text is missing raises `InputError`,
+and so does a `.txt` whose first 64 KiB look binary (`check_text`).
 """
 from __future__ import annotations
 
