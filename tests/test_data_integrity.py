@@ -243,3 +243,19 @@ def test_resume_after_a_crash_also_repairs_a_damaged_shard(tmp_path, monkeypatch
     resumed = prepare([str(src)], str(tmp_path / "o"), tokenizer=tok, shard_size=10)
     assert resumed == clean
     assert sequences(str(tmp_path / "o")) == sequences(str(tmp_path / "clean"))
+
+
+@pytest.mark.parametrize("tok_args", [["--train-tokenizer", "bpe", "--vocab-size", "300"],
+                                      ["--train-tokenizer", "char", "--text-unit", "paragraph", "--strict"]])
+def test_repair_command_reproduces_trained_tokenizer_settings(tmp_path, tok_args):
+    """The hint's command re-uses the tokenizer the first run trained (settings must match exactly)."""
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(f"paragraph {i}\nwith two lines of text number {i * 7}" for i in range(60)))
+    out = str(tmp_path / "o")
+    assert prepare_main(["--input", str(src), "--output", out, "--shard-size", "200", *tok_args]) == 0
+    original = sequences(out)
+    os.remove(os.path.join(out, "shard_00002.idx"))
+    with pytest.raises(FileNotFoundError, match="shard_00002.idx does not exist") as e:
+        ShardSet(out)
+    assert forge_main(shlex.split(str(e.value).split(HINT)[1])[1:]) == 0
+    assert sequences(out) == original

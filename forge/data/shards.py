@@ -70,7 +70,10 @@ def prepare_command(folder: str, manifest: dict) -> Optional[str]:
         argv += ["--dtype", s["dtype"]]
     if s.get("strict"):
         argv.append("--strict")
-    return shlex.join(argv)
+    cmd = shlex.join(argv)
+    if not src.startswith("train:") and not os.path.isabs(src):
+        cmd += f"  (from the folder the first run started in: the tokenizer path {src!r} is relative)"
+    return cmd
 
 
 def repair_hint(folder: str, manifest: Optional[dict]) -> str:
