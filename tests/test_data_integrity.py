@@ -5,7 +5,6 @@ import logging
 import os
 import shlex
 
-import numpy as np
 import pytest
 
 from forge.cli import main as forge_main
@@ -205,9 +204,34 @@ def test_fingerprint_mismatch_names_ranks_and_shards(prepared):
 
 
 def _two_ranks(rank, world, out, bad_shard):
-    from forge.data.integrity import DataMismatchError, check_same_data, describe_data
+    import torch.distributed as dist
+    from forge.data import integrity
+    from forge.data.integrity import DataMismatchError, IntegrityError, check_same_data, describe_data, verify_data
     from forge.data.shards import ShardSet
-    bundle = type("B", (), {"shard_sets": [ShardSet(out)], "settings": {"seed": 1}})()
+    shards = ShardSet(out)
+    shards.check_cache = os.path.join(os.path.dirname(out), "cache", "shard_checks.json")
+    bundle = type("B", (), {"shard_sets": [shards], "settings": {"seed": 1}})()
+    # the shard checks: each shard scanned once, by rank j % 2; rank 0 writes the cache
+    scanned, real = [], integrity.scan_shard
+    integrity.scan_shard = lambda p, d: scanned.append(os.path.basename(p)) or real(p, d)
+    verify_data(bundle, 100)
+    assert scanned == [f"shard_{k:05d}" for k in range(rank, 6, 2)], scanned
+    dist.barrier()
+    scanned.clear()
+    verify_data(bundle, 100)
+    assert scanned == []                                            # all from rank 0's cache
+    if rank == 0:                                                   # damage a shard rank 1 checks
+        flip_byte(os.path.join(out, "shard_00003.bin"), 1)
+        os.utime(os.path.join(out, "shard_00003.bin"), ns=(1, 1))
+    dist.barrier()
+    try:
+        verify_data(bundle, 100)
+    except IntegrityError as e:                                     # raised on both ranks
+        assert "shard_00003.bin has sha256" in str(e), str(e)
+    else:
+        raise AssertionError(f"rank {rank}: no error")
+    assert scanned == (["shard_00003"] if rank == 1 else []), scanned
+    # the same data on every rank
     assert check_same_data(bundle)                                  # equal data: passes on both
     d = describe_data(bundle)
     if rank == 1:
@@ -221,7 +245,7 @@ def _two_ranks(rank, world, out, bad_shard):
 
 
 @pytest.mark.slow
-def test_fingerprint_mismatch_over_two_gloo_ranks(prepared):
+def test_shard_checks_and_fingerprint_over_two_gloo_ranks(prepared):
     from distributed import run_distributed
     out, _ = prepared
     run_distributed(_two_ranks, 2, out, os.path.join(out, "shard_00002"))

@@ -12,7 +12,8 @@
   sample-index cache: data.cache_dir, else beside the data if writable, else train.out_dir), keyed
   by the shard's path and its files' (size, mtime_ns): a restart re-hashes nothing unless a file
   changed. Damage that keeps both size and mtime is found by `forge prepare` (which always
-  re-hashes), not by a cached training start.
+  re-hashes), not by a cached training start. With several ranks each shard is scanned by one
+  rank (round robin), results are all-gathered and every rank raises the same error.
 * `data_fingerprint(bundle)` hashes what a run reads (each shard's manifest checksum and size,
   and the split/blend settings); `check_same_data(bundle)` all-gathers it over the default
   process group and raises, naming the ranks and the shards that differ.
@@ -101,30 +102,51 @@ def shard_stats(ds: IndexedDataset, cache: dict) -> dict:
     return hit
 
 
+def _problem(shards: ShardSet, k: int, st: dict, vocab_size: Optional[int]) -> Optional[str]:
+    """Why shard k of `shards` (scanned as `st`) must not be trained on, or None."""
+    ds = shards.shards[k]
+    entry = shards.manifest["shards"][k] if shards.manifest else {}
+    for ext in ("bin", "idx"):
+        want = entry.get(f"{ext}_sha256")
+        if want and st[f"{ext}_sha256"] != want:
+            return (f"shard {ds.prefix}: {ds.prefix}.{ext} has sha256 {st[f'{ext}_sha256'][:16]}..., but "
+                    f"{os.path.join(shards.path, MANIFEST)} lists {want[:16]}... (the file was damaged or "
+                    f"replaced); {repair_hint(shards.path, shards.manifest)}")
+    if vocab_size is not None and st["max_token"] is not None and (
+            st["min_token"] < 0 or st["max_token"] >= vocab_size):
+        return (f"shard {ds.prefix}.bin holds token ids {st['min_token']}..{st['max_token']}, outside the "
+                f"model's vocabulary [0, {vocab_size}): the data was tokenized with another tokenizer than the "
+                f"one beside it (if the ids are meant, set model.vocab_size >= {st['max_token'] + 1})")
+    return None
+
+
+def _check(sets: list, mine, vocab_size: Optional[int]) -> tuple[list, dict]:
+    """Check the shards `mine` [(set number, shard number)]: ([(set, shard, problem)], new cache entries
+    per set number). Cache hits cost a stat; misses a scan."""
+    problems, fresh = [], {}
+    caches = {}
+    for si, k in mine:
+        if si not in caches:
+            caches[si] = _read_cache(sets[si].check_cache)
+        key = os.path.abspath(sets[si].shards[k].prefix)
+        old = caches[si].get(key)
+        st = shard_stats(sets[si].shards[k], caches[si])
+        if st is not old:
+            fresh.setdefault(si, {})[key] = st
+        why = _problem(sets[si], k, st, vocab_size)
+        if why:
+            problems.append((si, k, why))
+    return problems, fresh
+
+
 def verify_shard_set(shards: ShardSet, vocab_size: Optional[int] = None) -> None:
     """Each shard's checksums equal manifest.json's (when there is one) and, given `vocab_size`,
     its token ids lie in [0, vocab_size). Scans are cached in `shards.check_cache` (see module doc)."""
-    cache = _read_cache(shards.check_cache)
-    before = json.dumps(cache, sort_keys=True)
-    entries = shards.manifest["shards"] if shards.manifest else [None] * len(shards.shards)
-    try:
-        for ds, entry in zip(shards.shards, entries):
-            st = shard_stats(ds, cache)
-            for ext in ("bin", "idx"):
-                want = entry.get(f"{ext}_sha256") if entry else None
-                if want and st[f"{ext}_sha256"] != want:
-                    raise IntegrityError(f"shard {ds.prefix}: {ds.prefix}.{ext} has sha256 {st[f'{ext}_sha256'][:16]}..., "
-                                         f"but {os.path.join(shards.path, MANIFEST)} lists {want[:16]}... (the file "
-                                         f"was damaged or replaced); {repair_hint(shards.path, shards.manifest)}")
-            if vocab_size is not None and st["max_token"] is not None and (
-                    st["min_token"] < 0 or st["max_token"] >= vocab_size):
-                raise IntegrityError(f"shard {ds.prefix}.bin holds token ids {st['min_token']}..{st['max_token']}, "
-                                     f"outside the model's vocabulary [0, {vocab_size}): the data was tokenized "
-                                     f"with another tokenizer than the one beside it (if the ids are meant, "
-                                     f"set model.vocab_size >= {st['max_token'] + 1})")
-    finally:
-        if json.dumps(cache, sort_keys=True) != before:
-            _write_cache(shards.check_cache, cache)
+    problems, fresh = _check([shards], [(0, k) for k in range(len(shards.shards))], vocab_size)
+    if fresh:
+        _write_cache(shards.check_cache, fresh[0])
+    if problems:
+        raise IntegrityError(problems[0][2])
 
 
 def _shard_sets(bundle) -> list:
@@ -132,9 +154,33 @@ def _shard_sets(bundle) -> list:
 
 
 def verify_data(bundle, vocab_size: Optional[int] = None) -> None:
-    """`verify_shard_set` for every shard set of a DataBundle (a bundle without them: nothing to do)."""
-    for s in _shard_sets(bundle):
-        verify_shard_set(s, vocab_size)
+    """`verify_shard_set` for every shard set of a DataBundle (a bundle without them: nothing to do).
+
+    With a process group of W > 1 ranks, shard j (counting over all sets) is checked by rank j % W
+    only, the results are all-gathered, and every rank raises the same error (no rank is left
+    waiting in a later collective); rank 0 writes the new cache entries. So a first start hashes
+    each shard once, W ranks in parallel. On storage that is not shared, a rank trusts the others'
+    hashes of their own copies (the manifests are compared by check_same_data, and every rank
+    checks the structure of what it opens).
+    """
+    sets = _shard_sets(bundle)
+    work = [(si, k) for si, s in enumerate(sets) for k in range(len(s.shards))]
+    group = _default_group()
+    rank, world = (group[1], group[2]) if group else (0, 1)
+    problems, fresh = _check(sets, work[rank::world], vocab_size)
+    if group:
+        results = group[0]((problems, fresh))
+        problems = sorted(p for r in results for p in r[0])
+        fresh = {}
+        for r in results:
+            for si, entries in r[1].items():
+                fresh.setdefault(si, {}).update(entries)
+    if rank == 0:
+        for si, entries in fresh.items():
+            _write_cache(sets[si].check_cache, entries)
+    if problems:
+        more = f" (and {len(problems) - 1} more damaged shards)" if len(problems) > 1 else ""
+        raise IntegrityError(problems[0][2] + more)
 
 
 def verify_shard_files(folder: str, manifest: dict) -> list[tuple[int, str]]:
@@ -187,7 +233,8 @@ def data_fingerprint(bundle_or_description) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _default_gather() -> Optional[Callable]:
+def _default_group() -> Optional[tuple[Callable, int, int]]:
+    """(gather, rank, world) over the default process group, when one of more than 1 rank is up."""
     try:
         import torch.distributed as dist
     except ImportError:                       # pragma: no cover
@@ -199,7 +246,12 @@ def _default_gather() -> Optional[Callable]:
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
-    return gather
+    return gather, dist.get_rank(), dist.get_world_size()
+
+
+def _default_gather() -> Optional[Callable]:
+    group = _default_group()
+    return group[0] if group else None
 
 
 def check_same_data(bundle_or_description, gather: Optional[Callable] = None) -> str:
