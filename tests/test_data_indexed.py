@@ -98,3 +98,54 @@ def test_bad_magic_and_truncated_index(tmp_path):
     open(prefix + ".idx", "wb").write(idx[:-8])
     with pytest.raises(FormatError, match="header describes"):
         IndexedDataset(prefix)
+
+
+def patch_idx(prefix, lengths=None, pointers=None, doc_idx=None):
+    """Overwrite arrays of an .idx in place (same file size), at the offsets of Megatron's byte layout."""
+    with open(prefix + ".idx", "r+b") as f:
+        idx = f.read()
+        n_seq, n_doc = struct.unpack_from("<QQ", idx, 18)
+        for values, off, fmt, n in ((lengths, 34, "i", n_seq), (pointers, 34 + 4 * n_seq, "q", n_seq),
+                                    (doc_idx, 34 + 12 * n_seq, "q", n_doc)):
+            if values is not None:
+                assert len(values) == n
+                f.seek(off)
+                f.write(struct.pack(f"<{n}{fmt}", *values))
+
+
+@pytest.mark.parametrize("field,values,message", [
+    ("lengths", [3, -2, 4], "sequence 1 has negative length -2"),         # last pointer + length still fits
+    ("pointers", [0, 8, 10], "sequence 1 starts at byte 8, but the lengths before it place it at byte 6"),
+    ("pointers", [2, 6, 10], "sequence 0 starts at byte 2, but .* byte 0"),
+    ("doc_idx", [1, 1, 2, 3], "the document index must start at 0, got 1"),
+    ("doc_idx", [0, 2, 1, 3], "the document index decreases at entry 2 \\(2 -> 1\\)"),
+    ("doc_idx", [0, 1, 2, 2], "the document index ends at 2, not at the number of sequences 3"),
+])
+def test_inconsistent_index_at_the_right_file_size_is_refused(tmp_path, field, values, message):
+    prefix = str(tmp_path / "shard_00003")
+    write_docs(prefix, [[1, 2, 3], [4, 5], [6, 7, 8, 9]], 100)      # uint16: pointers 0, 6, 10; .bin 18 bytes
+    assert read_mmidx(prefix)["pointers"] == [0, 6, 10] and read_mmidx(prefix)["bin_bytes"] == 18
+    size = (tmp_path / "shard_00003.idx").stat().st_size
+    patch_idx(prefix, **{field: values})
+    assert (tmp_path / "shard_00003.idx").stat().st_size == size
+    with pytest.raises(FormatError, match=f"shard_00003.idx: {message}"):
+        IndexedDataset(prefix)
+
+
+def test_index_checks_span_blocks(tmp_path, monkeypatch):
+    """The checks run block by block; a bad entry in a later block is still found (block = 4 entries)."""
+    from forge.data import indexed
+    monkeypatch.setattr(indexed, "CHECK_BLOCK", 4)
+    prefix = str(tmp_path / "s")
+    docs = [[i % 7] * (1 + i % 3) for i in range(11)]
+    write_docs(prefix, docs, 100)
+    assert [d.tolist() for d in IndexedDataset(prefix)] == docs          # block edges carry the offsets
+    ref = read_mmidx(prefix)
+    pointers = list(ref["pointers"])
+    pointers[9] += 2
+    patch_idx(prefix, pointers=pointers)
+    with pytest.raises(FormatError, match="sequence 9 starts at byte"):
+        IndexedDataset(prefix)
+    patch_idx(prefix, pointers=ref["pointers"], doc_idx=[0, 1, 2, 3, 4, 5, 6, 7, 5, 9, 10, 11])
+    with pytest.raises(FormatError, match="decreases at entry 8"):
+        IndexedDataset(prefix)

@@ -121,7 +121,7 @@ def test_vocabulary_too_large_for_dtype(tmp_path, capsys):
     path = big.save(str(tmp_path / "big"))
     (tmp_path / "a.txt").write_text(chr(0x20000) * 3)
     assert main(["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "o"),
-                 "--tokenizer", path, "--dtype", "uint16"]) == 1
+                 "--tokenizer", path, "--dtype", "uint16"]) == 2
     assert "70003 tokens does not fit the token dtype uint16" in capsys.readouterr().err
     assert main(["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "o2"), "--tokenizer", path]) == 0
     assert read_mmidx(str(tmp_path / "o2" / "shard_00000"))["code"] == 4      # int32 chosen
@@ -204,7 +204,7 @@ def test_cli_dispatch(tmp_path):
     assert forge_main(["prepare", "--input", src, "--output", str(tmp_path / "o"), "--train-tokenizer", "char"]) == 0
     assert ShardSet(str(tmp_path / "o")).num_docs == len(DOCS)
     assert forge_main(["prepare", "--input", src, "--output", str(tmp_path / "o2"), "--tokenizer",
-                       str(tmp_path / "o"), "--text-key", "body"]) == 1
+                       str(tmp_path / "o"), "--text-key", "body"]) == 2
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -214,3 +214,33 @@ def test_wandb_offline_without_key(tmp_path, data_cache, monkeypatch):
     train(tiny(tmp_path / "wb", data_cache, "log.wandb=true", "train.max_steps=2", "train.eval_interval=0"))
     assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "forge"
     assert calls["steps"] == [1, 2] and calls["finished"]
+
+
+# ---------------------------------------------------------------- data integrity
+def test_damaged_data_or_token_ids_beyond_vocab_are_data_errors(tmp_path):
+    """Checked before the model is built: a flipped byte in a prepared shard (checksum) and token ids
+    a bare Megatron prefix holds beyond the tokenizer's (and so the model's) vocabulary."""
+    import numpy as np
+    from forge.data.indexed import IndexedWriter
+    from forge.data.prepare import prepare
+    from forge.data.tokenizer import CharTokenizer
+    (tmp_path / "d.txt").write_text("".join(f"line {i} of some text to train on\n" for i in range(200)))
+    out = str(tmp_path / "prepared")
+    prepare([str(tmp_path / "d.txt")], out, train_tokenizer="char", shard_size=2000)
+    with open(os.path.join(out, "shard_00001.bin"), "r+b") as f:
+        byte = f.read(11)[10]
+        f.seek(10)
+        f.write(bytes([byte ^ 1]))                          # another character id, same size
+    args = ["data.dataset=indexed", "data.split=[1,0,0]", "train.eval_interval=0"]
+    with pytest.raises(ConfigError, match="shard_00001.bin has sha256 .*re-run forge prepare .*: forge prepare "
+                                          "--input"):
+        train(tiny(tmp_path / "r1", str(tmp_path / "c1"), f"data.paths=[{out}]", *args))
+    megatron = tmp_path / "megatron"
+    vocab = CharTokenizer.train(["abcdefgh"]).save(str(megatron))
+    w = IndexedWriter(str(megatron / "corpus"), np.uint16)
+    for i in range(40):
+        w.add(np.arange(i, i + 100) % 300)                      # ids up to 138
+    w.finish()
+    with pytest.raises(ConfigError, match=r"corpus.bin holds token ids 0..138, outside the model's vocabulary \[0, "):
+        train(tiny(tmp_path / "r2", str(tmp_path / "c2"), f"data.paths=[{megatron / 'corpus'}]", *args))
+    assert vocab and not (tmp_path / "r2" / "checkpoints").exists()

@@ -18,6 +18,8 @@ _EXPORTS = {
     "IndexedDataset": "forge.data.indexed", "ShardSet": "forge.data.shards",
     "shakespeare_text": "forge.data.shakespeare",
     "shakespeare_documents": "forge.data.shakespeare",
+    "verify_data": "forge.data.integrity", "check_same_data": "forge.data.integrity",
+    "data_fingerprint": "forge.data.integrity",
 }
 __all__ = sorted(_EXPORTS)
 

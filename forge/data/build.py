@@ -12,7 +12,10 @@
   splits are blended across paths by `data.blend` (default: in proportion to their sizes).
 
 Sample indices are cached in `data.cache_dir`, else beside the data if writable, else under
-`work_dir/index_cache`. A split with zero weight in data.split is None.
+`work_dir/index_cache`; the shard checks of forge.data.integrity (checksums, token range) are
+cached in that folder's `shard_checks.json`. A split with zero weight in data.split is None.
+The bundle lists the shard sets it reads and the settings that select samples from them, for
+`verify_data` and `check_same_data`.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from forge.data.blend import BlendedDataset
@@ -31,6 +34,7 @@ from forge.data.sources import Record
 from forge.data.tokenizer import CharTokenizer, Tokenizer, train_bpe
 
 log = logging.getLogger("forge.data")
+CHECK_CACHE = "shard_checks.json"        # forge.data.integrity's cache, beside the sample indices
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -40,6 +44,8 @@ class DataBundle:
     train: object
     valid: Optional[object]
     test: Optional[object] = None
+    shard_sets: list = field(default_factory=list)     # the ShardSets read (forge.data.integrity checks them)
+    settings: dict = field(default_factory=dict)       # what selects samples from them (in the data fingerprint)
 
 
 def _tokenizer_tag(cfg) -> str:
@@ -116,11 +122,16 @@ def build_data(cfg, seed: int, work_dir: Optional[str] = None, rank: int = 0, wo
         index = os.path.join(root, "index_cache")
         sets = {s: ShardSet(os.path.join(root, s)) for s in ("train", "val")}
         make = lambda s, name: GPTDataset(sets[s], (0, sets[s].num_docs), cfg.seq_len, seed, index, rank, name)
-        bundle = DataBundle(sets["train"].tokenizer(), make("train", "train"), make("val", "valid"))
+        for s in sets.values():
+            s.check_cache = os.path.join(index, CHECK_CACHE)
+        bundle = DataBundle(sets["train"].tokenizer(), make("train", "train"), make("val", "valid"),
+                            shard_sets=list(sets.values()))
     elif cfg.dataset == "indexed":
         if not cfg.paths:
             raise ValueError("data.dataset=indexed needs data.paths (folders written by forge prepare)")
         sets = [ShardSet(p) for p in cfg.paths]
+        for p, s in zip(cfg.paths, sets):
+            s.check_cache = os.path.join(_index_folder(cfg, p, work_dir), CHECK_CACHE)
         ranges = [split_ranges(s.num_docs, cfg.split) for s in sets]
         out = dict.fromkeys(SPLIT_NAMES)
         for i, name in enumerate(SPLIT_NAMES[:len(cfg.split)]):
@@ -132,9 +143,11 @@ def build_data(cfg, seed: int, work_dir: Optional[str] = None, rank: int = 0, wo
             out[name] = parts[0] if len(parts) == 1 else BlendedDataset(
                 parts, cfg.blend or [len(d) for d in parts], seed, _index_folder(cfg, cfg.paths[0], work_dir),
                 rank, name=name)
-        bundle = DataBundle(_one_tokenizer(sets), out["train"], out["valid"], out["test"])
+        bundle = DataBundle(_one_tokenizer(sets), out["train"], out["valid"], out["test"], shard_sets=sets)
     else:
         raise ValueError(f"data.dataset={cfg.dataset!r} is not one of ['indexed', 'shakespeare']")
+    bundle.settings = {"dataset": cfg.dataset, "split": list(cfg.split), "blend": cfg.blend,
+                       "seq_len": cfg.seq_len, "seed": seed}
     for name in SPLIT_NAMES:
         ds = _checked(getattr(bundle, name), name)
         if ds is not None and rank == 0:

@@ -117,10 +117,61 @@ def file_sha256(path: str, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+CHECK_BLOCK = 1 << 22        # entries per numpy step of check_index: bounded temporaries on huge shards
+
+
+def check_index(idx_path: str, sizes: np.ndarray, pointers: np.ndarray, doc_idx: np.ndarray,
+                itemsize: int) -> int:
+    """Check an index's arrays agree with each other; return the .bin size they describe.
+
+    Invariants (each violation a FormatError naming `idx_path` and the first bad entry):
+    every length >= 0; pointer[0] = 0 and pointer[i+1] = pointer[i] + length[i] * itemsize
+    (sequences back to back, as Megatron writes them); doc_idx starts at 0, never decreases and
+    ends at the number of sequences. Vectorised, O(n) in blocks of CHECK_BLOCK entries.
+    """
+    n = len(sizes)
+    end = 0                                    # byte where the next sequence must start
+    for lo in range(0, n, CHECK_BLOCK):
+        s = sizes[lo:lo + CHECK_BLOCK].astype(np.int64)
+        neg = np.flatnonzero(s < 0)
+        if neg.size:
+            i = lo + int(neg[0])
+            raise FormatError(f"{idx_path}: sequence {i} has negative length {int(sizes[i])} "
+                              f"({neg.size} negative lengths in entries {lo}..{lo + len(s) - 1})")
+        starts = np.empty(len(s), dtype=np.int64)
+        starts[0] = end
+        np.cumsum(s[:-1] * itemsize, out=starts[1:])
+        starts[1:] += end
+        bad = np.flatnonzero(pointers[lo:lo + CHECK_BLOCK] != starts)
+        if bad.size:
+            i = lo + int(bad[0])
+            raise FormatError(f"{idx_path}: sequence {i} starts at byte {int(pointers[i])}, but the lengths "
+                              f"before it place it at byte {int(starts[bad[0]])} (pointers must be the "
+                              f"cumulative byte sizes)")
+        end = int(starts[-1]) + int(s[-1]) * itemsize
+    if len(doc_idx) == 0 or doc_idx[0] != 0:
+        raise FormatError(f"{idx_path}: the document index must start at 0, "
+                          f"got {int(doc_idx[0]) if len(doc_idx) else 'no entries'}")
+    if doc_idx[-1] != n:
+        raise FormatError(f"{idx_path}: the document index ends at {int(doc_idx[-1])}, "
+                          f"not at the number of sequences {n}")
+    for lo in range(0, len(doc_idx) - 1, CHECK_BLOCK):
+        d = doc_idx[lo:lo + CHECK_BLOCK + 1]
+        down = np.flatnonzero(d[1:] < d[:-1])
+        if down.size:
+            i = lo + int(down[0]) + 1
+            raise FormatError(f"{idx_path}: the document index decreases at entry {i} "
+                              f"({int(doc_idx[i - 1])} -> {int(doc_idx[i])})")
+    return end
+
+
 class IndexedDataset:
     """Read-only view of one `prefix.bin`/`prefix.idx` pair; nothing is loaded, all is mmapped.
 
     `ds[i]` is sequence i (np.ndarray view of the .bin); `ds.get(i, offset, length)` a slice of it.
+    Opening checks the header, the .idx size, `check_index` and that the .bin holds exactly the
+    bytes the index describes, so a damaged pair fails here, naming its file, not mid-training.
+    Token contents are not read (see forge.data.integrity for checksums and token ranges).
     """
 
     def __init__(self, prefix: str):
@@ -150,12 +201,12 @@ class IndexedDataset:
         self.sizes = idx[o:o + 4 * n_seq].view("<i4")
         self.pointers = idx[o + 4 * n_seq:o + 12 * n_seq].view("<i8")
         self.doc_idx = idx[o + 12 * n_seq:expected].view("<i8")
+        need = check_index(idx_path, self.sizes, self.pointers, self.doc_idx, self.dtype.itemsize)
         bin_size = os.path.getsize(bin_path)
-        need = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n_seq else 0
         if bin_size != need:
             raise FormatError(f"shard {prefix}: {bin_path} has {bin_size} bytes but {idx_path} describes "
                               f"{need} ({n_seq} sequences of {self.dtype.name}); the pair is truncated "
-                              f"or mismatched, re-run forge prepare")
+                              f"or mismatched")
         self.bin = np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_size else np.zeros(0, self.dtype)
         if bin_size and hasattr(mmap, "MADV_RANDOM"):
             # samples are read at random: no readahead or fault-around mapping 64 KiB per read

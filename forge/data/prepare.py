@@ -13,8 +13,15 @@ whatever `--workers`: workers only tokenize chunks; the main process writes them
 
 Crash safety: a shard is written as `*.tmp` and renamed when complete, and only then is it
 added to `manifest.json` (itself written then renamed) with its end position in the input
-stream, `end = [record, token offset]`. A rerun with the same settings keeps the listed shards,
-deletes anything else, skips the records they cover and continues; a finished run is a no-op.
+stream, `end = [record, token offset]`. A rerun with the same settings verifies the listed shards
+(files present, sizes, MMIDIDX structure, sha256 of .bin and .idx against the manifest), deletes
+anything unlisted, skips the records the good shards cover and continues. A damaged listed shard
+is rebuilt from its span of the input (previous shard's `end` to its own), in the same pass, and
+must come out with the manifest's checksum; good shards are not touched. So a finished run re-read
+is a verification (it re-hashes every shard, ~0.3 s per 100 MB) and the repair of what it names.
+
+Refused (exit status 2, the message names the file): input with no text at all, a `.txt` that
+looks binary (forge.data.sources.check_text), and everything forge.data.sources refuses.
 
 Per shard the manifest counts the input records that finished in it (`records`), empty ones
 skipped (`empty`), ones with invalid UTF-8 replaced (`invalid_utf8`) and cut ones
@@ -23,6 +30,7 @@ skipped (`empty`), ones with invalid UTF-8 replaced (`invalid_utf8`) and cut one
 from __future__ import annotations
 
 import argparse
+import bisect
 import glob
 import logging
 import os
@@ -34,6 +42,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from forge.data.indexed import IndexedWriter, token_dtype
+from forge.data.integrity import verify_shard_files
 from forge.data.shards import FORMAT, MANIFEST, read_manifest, write_json_atomic
 from forge.data.sources import InputError, Record, describe_input, iter_records, resolve_inputs, UNITS
 from forge.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, CharTokenizer, Tokenizer, train_bpe
@@ -193,6 +202,90 @@ class _ShardFiller:
         write_json_atomic(os.path.join(self.out, MANIFEST), self.manifest)
 
 
+def _until(items: Iterator[tuple[int, Record]], stop: Optional[int]) -> Iterator[tuple[int, Record]]:
+    """The items up to record number `stop` (all if None), without reading further input."""
+    for i, rec in items:
+        if stop is not None and i > stop:
+            return
+        yield i, rec
+
+
+class _Repair:
+    """Rebuilds the listed shards that `verify_shard_files` finds damaged, from the same input.
+
+    Shard k holds the input stream from the previous shard's `end` to its own: for each record r
+    in that span, the tokens [lo, hi) where lo is the start offset (first record) or 0 and hi the
+    end offset (last record) or all of them; each non-empty slice is one sequence. That is how
+    `_ShardFiller` wrote it, so the rebuilt shard must match the manifest's sha256; a mismatch means
+    the input changed and is an error. Good shards are left untouched.
+    """
+
+    def __init__(self, out: str, manifest: dict, dtype, vocab_size: int):
+        self.out, self.manifest, self.dtype, self.vocab_size = out, manifest, dtype, vocab_size
+        self.todo: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}    # shard -> (start, end), open
+        self.writers: dict[int, IndexedWriter] = {}
+        self.spans, self.order, self.starts, self.first, self.last = {}, [], [], 0, -1
+        if not manifest["shards"]:
+            return
+        damaged = verify_shard_files(out, manifest)
+        for k, why in damaged:
+            start = tuple(manifest["shards"][k - 1]["end"]) if k else (0, 0)
+            self.todo[k] = (start, tuple(manifest["shards"][k]["end"]))
+            log.warning("shard %s is damaged (%s): rebuilding it", manifest["shards"][k]["name"], why)
+        if damaged:
+            log.info("keeping %d verified shards", len(manifest["shards"]) - len(damaged))
+        self.spans = dict(self.todo)
+        self.order = sorted(self.spans)
+        self.starts = [self.spans[k][0][0] for k in self.order]
+        self.first = min((a[0] for a, _ in self.todo.values()), default=0)
+        self.last = max((b[0] if b[1] else b[0] - 1 for _, b in self.todo.values()), default=-1)
+
+    def _spans(self, i: int) -> list[tuple[int, int, Optional[int]]]:
+        """(shard, lo, hi) for each damaged shard holding tokens [lo, hi) of record i (bisect, O(log))."""
+        out = []
+        j = bisect.bisect_right(self.starts, i) - 1
+        while j >= 0:
+            k = self.order[j]
+            (r0, o0), (r1, o1) = self.spans[k]
+            if not (i < r1 or (i == r1 and o1 > 0)):
+                break                     # spans are ordered: earlier ones end even earlier
+            out.append((k, o0 if i == r0 else 0, o1 if i == r1 else None))
+            j -= 1
+        return out[::-1]
+
+    def wants(self, i: int) -> bool:
+        return bool(self._spans(i))
+
+    def add(self, i: int, tokens: Optional[np.ndarray]) -> None:
+        for k, lo, hi in self._spans(i):
+            if tokens is not None and len(tokens[lo:hi]):
+                if k not in self.writers:
+                    name = self.manifest["shards"][k]["name"]
+                    self.writers[k] = IndexedWriter(os.path.join(self.out, name), self.dtype, self.vocab_size)
+                self.writers[k].add(tokens[lo:hi])
+            (r1, o1) = self.spans[k][1]
+            if i == (r1 if o1 else r1 - 1):
+                self._close(k)
+
+    def _close(self, k: int) -> None:
+        entry = self.manifest["shards"][k]
+        w = self.writers.pop(k, None) or IndexedWriter(os.path.join(self.out, entry["name"]), self.dtype,
+                                                       self.vocab_size)
+        got = w.finish()
+        self.todo.pop(k, None)
+        if (got["bin_sha256"], got["idx_sha256"]) != (entry["bin_sha256"], entry["idx_sha256"]):
+            raise InputError(f"{self.out}: rebuilt {entry['name']} differs from the one in {MANIFEST} (sha256 "
+                             f"{got['bin_sha256'][:16]}... vs {entry['bin_sha256'][:16]}...): the input changed "
+                             f"since it was prepared; prepare it again with --overwrite")
+        log.info("rebuilt shard %s: %d documents, %d tokens, checksum verified", entry["name"], got["documents"],
+                 got["tokens"])
+
+    def finish(self) -> None:
+        """Close what the input ended before closing (cannot happen with unchanged input: an error)."""
+        for k in sorted(self.todo):
+            self._close(k)
+
+
 def _clean_output(out: str, keep: set[str]) -> None:
     """Remove temporaries and shard files the manifest does not list (left by a crash)."""
     for path in set(glob.glob(os.path.join(out, "shard_*")) + glob.glob(os.path.join(out, "*.tmp*"))):
@@ -238,18 +331,31 @@ def prepare_records(records: Iterable[Record], out: str, tokenizer: Tokenizer, s
                     "complete": False}
         write_json_atomic(os.path.join(out, MANIFEST), manifest)
     _clean_output(out, {s["name"] for s in manifest["shards"]})
-    if manifest.get("complete"):
-        log.info("%s is already complete (%d shards)", out, len(manifest["shards"]))
+    repair = _Repair(out, manifest, np_dtype, tokenizer.vocab_size)
+    complete = bool(manifest.get("complete"))
+    if complete and not repair.todo:
+        log.info("%s is already complete (%d shards, all verified)", out, len(manifest["shards"]))
         return manifest
     start_rec, start_off = manifest["shards"][-1]["end"] if manifest["shards"] else (0, 0)
-    if start_rec:
+    if start_rec and not complete:
         log.info("resuming after %d shards (input record %d)", len(manifest["shards"]), start_rec)
     filler = _ShardFiller(out, manifest, np_dtype, tokenizer.vocab_size, shard_size)
-    todo = ((i, r) for i, r in enumerate(records) if i >= start_rec)
+    first = min(start_rec, repair.first) if repair.todo else start_rec
+    stop = repair.last if complete else None       # a complete folder only re-reads what it repairs
+    todo = ((i, r) for i, r in enumerate(records)
+            if i >= first and (repair.wants(i) or (i >= start_rec and not complete)))
     last = start_rec - 1
-    for i, rec, tokens in tokenized(todo, tokenizer, workers):
-        filler.add(i, rec, tokens, skip=start_off if i == start_rec else 0)
-        last = i
+    for i, rec, tokens in tokenized(_until(todo, stop), tokenizer, workers):
+        repair.add(i, tokens)
+        if i >= start_rec and not complete:
+            filler.add(i, rec, tokens, skip=start_off if i == start_rec else 0)
+            last = i
+    repair.finish()
+    if complete:
+        return manifest
+    if not manifest["shards"] and filler.writer is None:
+        raise InputError(f"the input holds no text: {filler.counts['records']} records, all empty "
+                         f"(check --input, --text-key and --text-unit); {out} was left without shards")
     filler.finish(end=(last + 1, 0))
     t = manifest["totals"]
     log.info("%s: %d documents, %d tokens in %d shards; skipped %d empty, replaced invalid UTF-8 in %d, "
@@ -317,5 +423,5 @@ def main(argv: list[str]) -> int:
                 args.text_unit, args.workers, args.shard_size, args.dtype, args.strict, args.overwrite)
     except (InputError, ValueError, FileNotFoundError) as e:
         print(f"forge prepare: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from typing import Optional
 
 import numpy as np
 
-from forge.data.indexed import IndexedDataset
+from forge.data.indexed import FormatError, IndexedDataset
 from forge.data.tokenizer import TOKENIZER_FILE, Tokenizer
 
 MANIFEST = "manifest.json"
@@ -47,6 +48,45 @@ def read_manifest(folder: str) -> Optional[dict]:
     return manifest
 
 
+PREPARE_DTYPES = ("uint16", "int32")     # the token dtypes `forge prepare --dtype` accepts by name
+
+
+def prepare_command(folder: str, manifest: dict) -> Optional[str]:
+    """The `forge prepare` command line that reproduces (and so repairs) `folder`, from its manifest's
+    settings; None for folders forge prepare did not write from files (e.g. the Shakespeare cache)."""
+    s = manifest.get("settings", {})
+    if "inputs" not in s or "tokenizer_source" not in s:
+        return None
+    argv = ["forge", "prepare", "--input", *[i["source"][3:] if i["source"].startswith("hf:") else i["source"]
+                                             for i in s["inputs"]], "--output", os.path.abspath(folder)]
+    src = s["tokenizer_source"]
+    if src.startswith("train:"):
+        _, kind, vocab = src.split(":")
+        argv += ["--train-tokenizer", kind, "--vocab-size", vocab]
+    else:
+        argv += ["--tokenizer", src]
+    argv += ["--text-key", s["text_key"], "--text-unit", s["unit"], "--shard-size", str(s["shard_size"])]
+    if s.get("dtype") in PREPARE_DTYPES:
+        argv += ["--dtype", s["dtype"]]
+    if s.get("strict"):
+        argv.append("--strict")
+    cmd = shlex.join(argv)
+    if not src.startswith("train:") and not os.path.isabs(src):
+        cmd += f"  (from the folder the first run started in: the tokenizer path {src!r} is relative)"
+    return cmd
+
+
+def repair_hint(folder: str, manifest: Optional[dict]) -> str:
+    """What to run to repair a damaged shard of `folder` (re-running prepare rebuilds only those)."""
+    cmd = prepare_command(folder, manifest) if manifest else None
+    if cmd:
+        return f"re-run forge prepare to rebuild the damaged shards (it keeps the good ones): {cmd}"
+    if manifest and manifest.get("settings", {}).get("source") == "shakespeare":
+        root = os.path.dirname(os.path.abspath(folder))
+        return f"delete {root} and start again: the Shakespeare shards are rebuilt when missing"
+    return "re-create the .bin/.idx pair with the tool that wrote it"
+
+
 class ShardSet:
     """The documents of one prepared folder (or one prefix), memory-mapped."""
 
@@ -71,7 +111,19 @@ class ShardSet:
             raise FileNotFoundError(f"{self.path}: neither a forge prepare folder (no {MANIFEST}) "
                                     f"nor a .bin/.idx prefix")
         self.manifest = manifest
-        self.shards = [IndexedDataset(p) for p in prefixes]
+        self.shards = []
+        for i, p in enumerate(prefixes):
+            try:
+                ds = IndexedDataset(p)
+                if manifest is not None:
+                    entry = manifest["shards"][i]
+                    if (len(ds), ds.num_tokens) != (entry["documents"], entry["tokens"]):
+                        raise FormatError(f"shard {p}: {len(ds)} sequences of {ds.num_tokens} tokens, but "
+                                          f"{MANIFEST} lists {entry['documents']} of {entry['tokens']}")
+            except (FormatError, FileNotFoundError) as e:
+                raise type(e)(f"{e}; {repair_hint(self.path, manifest)}") from None
+            self.shards.append(ds)
+        self.check_cache: Optional[str] = None      # JSON cache of forge.data.integrity (set by build_data)
         counts = [len(s) for s in self.shards]
         self.doc_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 

@@ -12,7 +12,8 @@ file and line, and invalid UTF-8 is found per line: replaced by U+FFFD and flagg
 * `.parquet`, `.arrow`, `.json` holding a JSON array, and hub datasets: read with
   `datasets.load_dataset(..., streaming=True)`; problems name the file and row.
 
-`where` is "path:line" (or "path:row N"); a record whose text is missing raises `InputError`.
+`where` is "path:line" (or "path:row N"); a record whose text is missing raises `InputError`,
+and so does a `.txt` whose first 64 KiB look binary (`check_text`).
 """
 from __future__ import annotations
 
@@ -121,7 +122,33 @@ def _lines(path: str, strict: bool) -> Iterator[tuple[str, str, bool]]:
             yield text, f"{path}:{n}", bad
 
 
+SNIFF_BYTES = 1 << 16
+BINARY_FRACTION = 0.1
+
+
+def check_text(path: str) -> None:
+    """Raise InputError if `path` (a .txt[.gz]) looks binary: more than BINARY_FRACTION of the
+    characters in its first SNIFF_BYTES bytes are NUL, other control characters (not tab, newline,
+    carriage return, form feed) or bytes that are not UTF-8. A few bad bytes in real text pass
+    (they are replaced per line and counted, or refused with --strict)."""
+    with _open(path) as f:
+        head = f.read(SNIFF_BYTES)
+    if not head:
+        return
+    text = head.decode("utf-8", "replace")
+    bad = sum(text.count(c) for c in BAD_CHARS)
+    if bad > BINARY_FRACTION * len(text):
+        nul = head.count(b"\0")
+        raise InputError(f"{path}: not text: {bad} of the first {len(text)} characters are NUL ({nul}), control "
+                         f"characters or invalid UTF-8 (a binary file, or text in UTF-16/another encoding?); "
+                         f"convert it to UTF-8 or remove it from --input")
+
+
+BAD_CHARS = [chr(c) for c in range(32) if chr(c) not in "\t\n\r\f"] + ["\x7f", "\ufffd"]
+
+
 def _text_records(path: str, unit: str, strict: bool) -> Iterator[Record]:
+    check_text(path)
     if unit == "file":
         with _open(path) as f:
             raw = f.read()

@@ -16,11 +16,17 @@ Vocabulary: `model.vocab_size` follows the tokenizer unless the user set it (`ex
 which `forge train` derives from the YAML file and the overrides); a set value must be at least
 the tokenizer's vocabulary (larger = padding rows).
 
+Data checks (forge.data.integrity), each a config error (exit 2) naming the shard: every rank
+reads the same shards and split/blend settings (`check_same_data`), and once the vocabulary is
+known every shard's checksums match its manifest and its token ids lie in [0, model.vocab_size)
+(`verify_data`; read once per shard, then cached by file size and mtime).
+
 SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
 `interrupted` set to the signal number (a second Ctrl-C aborts at once).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 
 from forge.config import ConfigError, JobConfig, save_config
+from forge.data.integrity import check_same_data, verify_data
 from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
@@ -117,12 +124,19 @@ def _quiet_deepspeed() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _data_errors():
+    """Bad data settings or damaged data: a config error naming the file, no traceback (exit 2)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from e
+
+
 def _build_data(cfg: JobConfig, rank: int, world: int):
     from forge.data import build_data
-    try:
+    with _data_errors():
         return build_data(cfg.data, seed=cfg.train.seed, work_dir=cfg.train.out_dir, rank=rank, world_size=world)
-    except (ValueError, FileNotFoundError) as e:        # bad data settings: report, no traceback
-        raise ConfigError(f"data: {e}") from e
 
 
 def check_same_config(cfg: JobConfig) -> None:
@@ -186,7 +200,9 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     groups = build_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     seed_everything(cfg.train.seed)
     bundle = data if data is not None else _build_data(cfg, rank, world)
+    with _data_errors(): check_same_data(bundle)                 # every rank reads the same shards and splits
     resolve_vocab(cfg, bundle.tokenizer, explicit_vocab)          # re-validates the config
+    with _data_errors(): verify_data(bundle, cfg.model.vocab_size)   # checksums, token ids < vocab (cached)
     if state0 is not None:
         warnings = ckpt.check_compatible(state0, cfg, groups.dp, resume_path)
         relayout = ckpt.layout_changed(state0, cfg, groups.dp)
