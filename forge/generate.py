@@ -179,16 +179,16 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
 
 
 # ------------------------------------------------------------------ loading
-def resolve_model_folder(path: str) -> str:
+def resolve_model_folder(path: str, flag: str = "--checkpoint") -> str:
     """The Forge model folder behind `path`: a model folder itself, a checkpoint step directory
     (its `model/`; it must hold the COMPLETE marker), or a training run directory (the newest
     `checkpoints/step_*/` with a COMPLETE marker and a model folder)."""
     from forge.models.io import FOLDER_CONTENTS, is_forge_folder
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--checkpoint {path!r} is not a directory")
+        raise FileNotFoundError(f"{flag} {path!r} is not a directory")
     if is_forge_folder(path):
         return path
     model_dir = os.path.join(path, "model")
@@ -200,12 +200,12 @@ def resolve_model_folder(path: str) -> str:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from forge.models.hf.convert import newest_checkpoint_model
         return newest_checkpoint_model(path)
-    raise FileNotFoundError(f"--checkpoint {path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a "
+    raise FileNotFoundError(f"{flag} {path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a "
                             f"checkpoint step directory (model/ + COMPLETE), a training run directory "
                             f"(checkpoints/) nor a Hugging Face folder (config.json)")
 
 
-def resolve_checkpoint(path: str) -> tuple[str, str]:
+def resolve_checkpoint(path: str, flag: str = "--checkpoint") -> tuple[str, str]:
     """("forge", Forge model folder) as resolve_model_folder finds it, or ("hf", folder) for a
     Hugging Face folder (config.json + weights) or a hub repo id (from the local cache, or
     downloaded when online): what forge.from_pretrained accepts, located by its own resolver."""
@@ -218,18 +218,19 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
         try:
             return resolve(path)
         except (ConnectionError, OSError, ValueError) as e:
-            raise FileNotFoundError(f"--checkpoint {path!r} does not exist here, and as a Hugging Face hub repo "
+            raise FileNotFoundError(f"{flag} {path!r} does not exist here, and as a Hugging Face hub repo "
                                     f"id: {e}") from None
-    return "forge", resolve_model_folder(path)
+    return "forge", resolve_model_folder(path, flag)
 
 
-def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        flag: str = "--checkpoint"):
     """(model in eval mode on `device`, tokenizer, model folder) from any --checkpoint form: a
     Forge folder / step dir / run dir, or a Hugging Face folder or hub id (converted on load by
     forge.from_pretrained's loader)."""
     from forge.data.tokenizer import Tokenizer
     from forge.models.io import load_model_folder
-    kind, folder = resolve_checkpoint(path)
+    kind, folder = resolve_checkpoint(path, flag)
     if kind == "hf":
         from forge.models.hf.convert import from_pretrained
         model = from_pretrained(folder, dtype=dtype)
