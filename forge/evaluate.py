@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batches to evaluate (default: the run's train.eval_steps; the whole split "
                         "without a run config)")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="sequences per micro batch (default: the run's train.micro_batch_size)")
+                   help="sequences per micro batch (default: the run's train.micro_batch_size); with --tasks: "
+                        "requests per forward pass (default 8)")
     p.add_argument("--dp", type=positive_int, default=None,
                    help="data-parallel ranks to emulate (default: the checkpoint's, as its training evaluated)")
     p.add_argument("--device", type=device_value, default="cuda" if torch.cuda.is_available() else "cpu")

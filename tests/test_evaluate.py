@@ -104,3 +104,29 @@ def test_eval_clear_errors(run, capsys, tmp_path):
         with pytest.raises(SystemExit) as ex:
             main([result.out_dir, flag, value])
         assert ex.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+LAYOUTS = [(2, dict(zero_stage=1)), (2, dict(tp=2)), (2, dict(pp=2))]     # (world, parallel): dp 2, tp 2, pp 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,parallel", LAYOUTS, ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items())
+                         if isinstance(v, dict) else str(v))
+def test_eval_equals_val_loss_of_a_parallel_run(tmp_path, capsys, world, parallel):
+    """A checkpoint written under dp 2 (ZeRO 1), tp 2 or pp 2 (grad_accum 2, so the pipeline's
+    eval rounds 3 batches down to 2), evaluated in one process: the val_loss its run logged."""
+    from tests.distributed import run_distributed
+    from tests.test_parallel_layouts import _train
+    out = tmp_path / "run"
+    over = ["model.preset=tiny-llama", "model.max_seq_len=32", "data.seq_len=32", f"data.cache_dir={tmp_path / 'c'}",
+            "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_interval=2",
+            "train.eval_steps=3", "train.save_interval=2", "train.log_interval=1", "optim.lr=2e-3",
+            "optim.warmup_steps=1", f"train.out_dir={out}", "log.progress=false"]
+    over += [f"parallel.{k}={v}" for k, v in parallel.items()]
+    run_distributed(_train, world, over)
+    with open(out / "metrics.jsonl") as f:
+        logged = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+    res = _json([str(out)], capsys)
+    assert res["dp"] == (2 if "zero_stage" in parallel else 1)
+    assert res["batches"] == (2 if "pp" in parallel else 3)
+    assert len(logged) == 1 and abs(res["loss"] - logged[0]) < 1e-6, (res["loss"], logged)
