@@ -6,19 +6,32 @@
 
 `--checkpoint` is a training run directory (the newest `checkpoints/step_*/` holding a COMPLETE
 marker is used), one checkpoint step directory, or a Forge model folder (config.yaml + tokenizer
-files + model.safetensors, or a checkpoint's sharded forge_index.json + shard-*.safetensors).
+files + model.safetensors, or a checkpoint's sharded forge_index.json + shard-*.safetensors),
+or a Hugging Face folder / hub repo id (read by forge.from_pretrained's loader). The prompt is
+printed before its continuation (--no-echo: the continuation alone). Bad flag values are refused
+by argparse (exit 2, naming the flag). --interactive edits lines with readline where Python has
+it, keeping the lines typed in --history (default ~/.forge_history; '' for none).
 
 Decoding: the prompt is run once through the model filling a KVCache, then each new token is
 fed alone, attending to the cached keys/values (O(T) per token instead of re-running the whole
 sequence). The next token comes from the last position's logits z:
     temperature 0:   argmax z                                   (greedy)
     otherwise:       sample softmax(filter(z / temperature))    filter = top-k then top-p
-Generation stops after max_new_tokens, when every row has produced eos_id, or at the model's
-context length (model.cfg.max_seq_len), whichever comes first.
+Generation stops after max_new_tokens or when every row has produced eos_id.
+
+Past the context (C = model.cfg.max_seq_len) the window slides: the model only ever sees
+positions 0..C-1, as in training, so once the cached window would exceed C tokens the cache is
+recomputed from the last C-1 tokens, which then sit at positions 0..C-2 (with RoPE a cached
+key cannot be moved to another position; recomputing is exact and simple). Precisely, with s
+the sequence so far (length L) and `start` the window's first token (initially 0):
+    if L - start > C:  start = L - (C - 1)
+    next token from the logits of model(s[start:L]) at its last position
+so the model conditions on C-1 or C tokens, alternately, once the sequence is longer than C.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -70,8 +83,8 @@ def top_p_filter(logits: torch.Tensor, p: Optional[float]) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V): greedy when temperature == 0."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -83,6 +96,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 # ------------------------------------------------------------------ generation
 def context_length(model) -> int:
     return int(model.cfg.max_seq_len)
+
+
+def window_start(length: int, start: int, ctx: int) -> int:
+    """The first token of the window the model conditions on, for a sequence of `length` tokens
+    whose previous window began at `start`: unchanged while the window fits the context `ctx`,
+    else the last ctx - 1 tokens (see the module doc)."""
+    return length - max(1, ctx - 1) if length - start > ctx else start
 
 
 @torch.no_grad()
@@ -97,9 +117,9 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
     drawn from `generator` (or a fresh one seeded with `seed`). A row that produced `eos_id` is
     padded with eos_id until every row has; generation then stops. With `use_cache` the prompt
     fills a KV cache once and each step feeds only the new token; without it each step re-runs
-    the whole sequence (same tokens, slower: the reference the cache is tested against).
-    `on_token(next_ids (B,))` is called after each step. A prompt longer than the model's
-    context raises GenerationError; the output stops at the context length (with a warning).
+    the whole window (same tokens, slower). Past the model's context the window slides (module
+    doc: the cache is recomputed from the last context - 1 tokens). `on_token(next_ids (B,))`
+    is called after each step. A prompt longer than the model's context raises GenerationError.
     """
     if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise GenerationError(f"ids must be an integer tensor (B, T), got {tuple(ids.shape)} {ids.dtype}")
@@ -114,11 +134,11 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise GenerationError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got "
                               f"[{int(ids.min())}, {int(ids.max())}]")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"temperature={temperature} must be a finite number >= 0")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p={top_p} must be in (0, 1]")
     n_new = max(0, int(max_new_tokens))
-    if T + n_new > ctx:
-        warnings.warn(f"prompt ({T}) + max_new_tokens ({n_new}) exceeds the context of {ctx} tokens; "
-                      f"stopping after {ctx - T} new tokens", stacklevel=2)
-        n_new = ctx - T
     device = next(model.parameters()).device
     ids = ids.to(device=device, dtype=torch.long)
     if generator is None and temperature > 0:
@@ -130,41 +150,45 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
     was_training = model.training
     model.eval()
     try:
-        out = [ids]
+        seq = ids                                          # (B, L)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         cache = model.new_cache() if use_cache else None
-        step_in = ids
+        step_in, start = ids, 0                            # tokens not yet in the cache; window start
         for _ in range(n_new):
+            new_start = window_start(seq.shape[1], start, ctx)
+            if new_start != start and use_cache:           # slide: recompute the cache from the window
+                cache, step_in = model.new_cache(), seq[:, new_start:]
+            start = new_start
             if use_cache:
                 logits = model(step_in, cache=cache)[:, -1]
             else:
-                logits = model(torch.cat(out, dim=1))[:, -1]
+                logits = model(seq[:, start:])[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = nxt.masked_fill(finished, eos_id)
                 finished |= nxt == eos_id
-            out.append(nxt.unsqueeze(1))
+            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
             step_in = nxt.unsqueeze(1)
             if on_token is not None:
                 on_token(nxt)
             if eos_id is not None and bool(finished.all()):
                 break
-        return torch.cat(out, dim=1)
+        return seq
     finally:
         model.train(was_training)
 
 
 # ------------------------------------------------------------------ loading
-def resolve_model_folder(path: str) -> str:
+def resolve_model_folder(path: str, flag: str = "--checkpoint") -> str:
     """The Forge model folder behind `path`: a model folder itself, a checkpoint step directory
     (its `model/`; it must hold the COMPLETE marker), or a training run directory (the newest
     `checkpoints/step_*/` with a COMPLETE marker and a model folder)."""
     from forge.models.io import FOLDER_CONTENTS, is_forge_folder
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--checkpoint {path!r} is not a directory")
+        raise FileNotFoundError(f"{flag} {path!r} is not a directory")
     if is_forge_folder(path):
         return path
     model_dir = os.path.join(path, "model")
@@ -176,17 +200,42 @@ def resolve_model_folder(path: str) -> str:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from forge.models.hf.convert import newest_checkpoint_model
         return newest_checkpoint_model(path)
-    raise FileNotFoundError(f"--checkpoint {path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a "
-                            f"checkpoint step directory (model/ + COMPLETE) nor a training run directory "
-                            f"(checkpoints/)")
+    raise FileNotFoundError(f"{flag} {path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a "
+                            f"checkpoint step directory (model/ + COMPLETE), a training run directory "
+                            f"(checkpoints/) nor a Hugging Face folder (config.json)")
 
 
-def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model in eval mode on `device`, tokenizer, model folder) from any --checkpoint form."""
+def resolve_checkpoint(path: str, flag: str = "--checkpoint") -> tuple[str, str]:
+    """("forge", Forge model folder) as resolve_model_folder finds it, or ("hf", folder) for a
+    Hugging Face folder (config.json + weights) or a hub repo id (from the local cache, or
+    downloaded when online): what forge.from_pretrained accepts, located by its own resolver."""
+    from forge.models.hf.convert import _REPO_ID, HF_CONFIG, resolve
+    from forge.models.io import is_forge_folder
+    path = os.fspath(path)
+    if os.path.isdir(path) and not is_forge_folder(path) and os.path.isfile(os.path.join(path, HF_CONFIG)):
+        return "hf", path
+    if not os.path.exists(path) and _REPO_ID.fullmatch(path) and not path.startswith((".", "/")):
+        try:
+            return resolve(path)
+        except (ConnectionError, OSError, ValueError) as e:
+            raise FileNotFoundError(f"{flag} {path!r} does not exist here, and as a Hugging Face hub repo "
+                                    f"id: {e}") from None
+    return "forge", resolve_model_folder(path, flag)
+
+
+def load_for_generation(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        flag: str = "--checkpoint"):
+    """(model in eval mode on `device`, tokenizer, model folder) from any --checkpoint form: a
+    Forge folder / step dir / run dir, or a Hugging Face folder or hub id (converted on load by
+    forge.from_pretrained's loader)."""
     from forge.data.tokenizer import Tokenizer
     from forge.models.io import load_model_folder
-    folder = resolve_model_folder(path)
-    model, _ = load_model_folder(folder, dtype=dtype)
+    kind, folder = resolve_checkpoint(path, flag)
+    if kind == "hf":
+        from forge.models.hf.convert import from_pretrained
+        model = from_pretrained(folder, dtype=dtype)
+    else:
+        model, _ = load_model_folder(folder, dtype=dtype)
     try:
         tok = Tokenizer.load(folder)
     except (FileNotFoundError, OSError, ValueError) as e:
@@ -255,13 +304,19 @@ def encode_prompt(tok, text: str, ctx: int, vocab: int) -> list[int]:
 
 
 def run_one(model, tok, text: str, args, generator: torch.Generator, out=None) -> str:
+    """Generate from `text` as the flags in `args` say, streaming to `out` (stdout): the prompt
+    first unless args.no_echo, then the continuation; returns the continuation."""
+    out = out if out is not None else sys.stdout
     ctx = context_length(model)
     ids = encode_prompt(tok, text, ctx, model.cfg.vocab_size)
     eos = None if args.ignore_eod else tok.eod_id
     n = args.max_new_tokens
     if len(ids) + n > ctx:
-        print(f"[note: the context is {ctx} tokens; generating {ctx - len(ids)} instead of {n}]", file=sys.stderr)
-        n = ctx - len(ids)
+        print(f"[note: the context is {ctx} tokens; past it each token is predicted from the last {ctx - 1} "
+              f"to {ctx} tokens (a sliding window)]", file=sys.stderr)
+    if text and not args.no_echo:
+        out.write(text)
+        out.flush()
     streamer = _Streamer(tok, ids if text else [], eos, out)
     prompt = torch.tensor([ids], dtype=torch.long)
     generate(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -270,35 +325,142 @@ def run_one(model, tok, text: str, args, generator: torch.Generator, out=None) -
     return streamer.text()
 
 
+# argparse types: a bad value is refused by argparse itself, naming the flag, with exit status 2
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be a positive integer (>= 1)")
+    return v
+
+
+def temperature_value(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = greedy)")
+    return v
+
+
+def probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 1:                       # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return v
+
+
+def seed_value(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 2**63)")
+    return v
+
+
+def device_value(text: str) -> str:
+    try:
+        d = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({e})") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use cpu)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forge generate", description="Sample text from a Forge checkpoint.")
     p.add_argument("--checkpoint", required=True,
-                   help="training run dir (newest complete checkpoint), checkpoint step dir, or model folder")
+                   help="training run dir (newest complete checkpoint), checkpoint step dir, Forge model folder, "
+                        "or Hugging Face folder / hub repo id (as forge.from_pretrained)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200,
+                   help="tokens to generate; past the context the window slides")
+    p.add_argument("--temperature", type=temperature_value, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=seed_value, default=None)
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from stdin in a loop (line editing and history where readline exists)")
+    p.add_argument("--history", default=os.path.join("~", ".forge_history"),
+                   help="interactive history file (default ~/.forge_history; '' for none)")
+    p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt first")
     p.add_argument("--ignore-eod", action="store_true", help="keep going past the end-of-document token")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step")
+    p.add_argument("--device", type=device_value, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     return p
 
 
+def setup_history(path: str):
+    """Line editing (arrow keys, Ctrl-R) through readline when Python has it, with the lines
+    typed read from and saved to `path` (none when empty). Returns a function that saves the
+    history, or None without readline."""
+    try:
+        import readline
+    except ImportError:                      # e.g. Windows without pyreadline: plain input()
+        return None
+    readline.clear_history()
+    readline.set_auto_history(False)         # lines are added by add_line (also when stdin is a pipe)
+    path = os.path.expanduser(path) if path else ""
+    if path and os.path.isfile(path):
+        try:
+            readline.read_history_file(path)
+        except OSError as e:
+            print(f"forge generate: cannot read the history file {path!r}: {e}", file=sys.stderr)
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        if path:
+            try:
+                readline.write_history_file(path)
+            except OSError as e:
+                print(f"forge generate: cannot write the history file {path!r}: {e}", file=sys.stderr)
+    return save
+
+
+def interactive(model, tok, args, generator) -> int:
+    print(f"forge generate: interactive (context {context_length(model)} tokens); an empty line or "
+          f"Ctrl-D quits, Ctrl-C stops a generation", file=sys.stderr)
+    save = setup_history(args.history)
+    if args.prompt:
+        try:
+            run_one(model, tok, args.prompt, args, generator)
+        except GenerationError as e:
+            print(f"error: {e}", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return 0
+            if not line.strip():
+                return 0
+            if save is not None:
+                import readline
+                readline.add_history(line)
+            try:
+                run_one(model, tok, line, args, generator)
+            except GenerationError as e:
+                print(f"error: {e}", file=sys.stderr)
+            except KeyboardInterrupt:
+                print("\n[interrupted]", file=sys.stderr)
+    finally:
+        if save is not None:
+            save()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.temperature < 0:
-        print("forge generate: --temperature must be >= 0", file=sys.stderr)
-        return 2
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        print("forge generate: --top-p must be in (0, 1]", file=sys.stderr)
-        return 2
-    if args.max_new_tokens < 0:
-        print("forge generate: --max-new-tokens must be >= 0", file=sys.stderr)
-        return 2
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
         model, tok, _ = load_for_generation(args.checkpoint, args.device, dtype)
@@ -311,34 +473,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         generator.manual_seed(args.seed)
     else:
         generator.seed()
-    if not args.interactive:
-        try:
-            run_one(model, tok, args.prompt, args, generator)
-        except GenerationError as e:
-            print(f"forge generate: {e}", file=sys.stderr)
-            return 2
-        return 0
-    print(f"forge generate: interactive (context {context_length(model)} tokens); an empty line or "
-          f"Ctrl-D quits, Ctrl-C stops a generation", file=sys.stderr)
-    if args.prompt:
-        try:
-            run_one(model, tok, args.prompt, args, generator)
-        except GenerationError as e:
-            print(f"error: {e}", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            return 0
-        try:
-            run_one(model, tok, line, args, generator)
-        except GenerationError as e:
-            print(f"error: {e}", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("\n[interrupted]", file=sys.stderr)
+    if args.interactive:
+        return interactive(model, tok, args, generator)
+    try:
+        run_one(model, tok, args.prompt, args, generator)
+    except GenerationError as e:
+        print(f"forge generate: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -89,13 +89,53 @@ def test_generate_context_limits():
     m = _model(max_seq_len=12)
     with pytest.raises(GenerationError, match="longer than the model's context of 12"):
         generate(m, torch.zeros(1, 13, dtype=torch.long), 1)
-    with pytest.warns(UserWarning, match="exceeds the context"):
-        out = generate(m, torch.zeros(1, 10, dtype=torch.long), 5, temperature=0)
-    assert out.shape == (1, 12)
+    out = generate(m, torch.zeros(1, 10, dtype=torch.long), 5, temperature=0)   # slides past the context
+    assert out.shape == (1, 15)
     with pytest.raises(GenerationError, match="vocabulary"):
         generate(m, torch.full((1, 2), 50), 1)
     with pytest.raises(GenerationError, match="empty"):
         generate(m, torch.zeros(1, 0, dtype=torch.long), 1)
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(GenerationError, match="temperature"):
+            generate(m, torch.zeros(1, 2, dtype=torch.long), 1, temperature=bad)
+    with pytest.raises(GenerationError, match="top_p"):
+        generate(m, torch.zeros(1, 2, dtype=torch.long), 1, top_p=1.5)
+
+
+def _greedy_sliding_reference(model, ids, n, ctx):
+    """Greedy decoding with no cache: each token from a fresh forward pass over the window the
+    module doc defines (start moves to L - (ctx - 1) whenever L - start would exceed ctx)."""
+    seq, start, windows = ids.clone(), 0, []
+    with torch.no_grad():
+        for _ in range(n):
+            if seq.shape[1] - start > ctx:
+                start = seq.shape[1] - (ctx - 1)
+            windows.append(seq.shape[1] - start)
+            nxt = model(seq[:, start:])[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return seq, windows
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_generate_slides_past_the_context(position):
+    ctx = 10
+    m = _model(max_seq_len=ctx, position=position).eval()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    n = 3 * ctx                                        # several slides
+    ref, windows = _greedy_sliding_reference(m, ids, n, ctx)
+    assert max(windows) == ctx and windows[-4:] in ([ctx - 1, ctx] * 2, [ctx, ctx - 1] * 2)
+    cached = generate(m, ids, n, temperature=0)
+    plain = generate(m, ids, n, temperature=0, use_cache=False)
+    assert cached.shape == (2, 6 + n)
+    assert torch.equal(cached, ref) and torch.equal(plain, ref)
+    # the tokens before the slide are ordinary full-sequence greedy decoding
+    with torch.no_grad():
+        assert torch.equal(m(ref[:, :ctx])[:, -1].argmax(-1), ref[:, ctx])
+    # sliding changes the outcome: conditioning on the whole history (a too-long input for the
+    # model) is not what happened; conditioning on the last ctx-1 tokens after the slide is
+    with torch.no_grad():
+        L = ctx + 1
+        assert torch.equal(m(ref[:, L - (ctx - 1):L])[:, -1].argmax(-1), ref[:, L])
 
 
 def test_generate_eos_pads_finished_rows_and_stops():
@@ -170,13 +210,53 @@ def _cli(argv, capsys):
 
 def test_cli_greedy_matches_generate(tmp_path, capsys):
     model, tok = _save_folder(tmp_path / "m")
-    code, out, err = _cli(["--checkpoint", str(tmp_path / "m"), "--prompt", "ROMEO:", "--max-new-tokens", "12",
-                           "--temperature", "0"], capsys)
-    assert code == 0, err
+    argv = ["--checkpoint", str(tmp_path / "m"), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0"]
     ids = torch.tensor([tok.encode("ROMEO:")])
     ref = generate(model, ids, 12, temperature=0, eos_id=tok.eod_id)[0, ids.shape[1]:].tolist()
     ref = ref[: ref.index(tok.eod_id)] if tok.eod_id in ref else ref
-    assert out == tok.decode(ref) + "\n"
+    code, out, err = _cli(argv, capsys)
+    assert code == 0, err
+    assert out == "ROMEO:" + tok.decode(ref) + "\n"          # the prompt echoed, then its continuation
+    code, out, err = _cli(argv + ["--no-echo"], capsys)
+    assert code == 0 and out == tok.decode(ref) + "\n"
+
+
+def test_cli_generates_past_the_context(tmp_path, capsys):
+    model, tok = _save_folder(tmp_path / "m", max_seq_len=16)
+    code, out, err = _cli(["--checkpoint", str(tmp_path / "m"), "--prompt", "to be", "--max-new-tokens", "40",
+                           "--temperature", "0", "--ignore-eod", "--no-echo"], capsys)
+    assert code == 0 and "context is 16 tokens" in err and "sliding window" in err
+    ids = torch.tensor([tok.encode("to be")])
+    ref, _ = _greedy_sliding_reference(model, ids, 40, 16)
+    assert out == tok.decode(ref[0, ids.shape[1]:].tolist()) + "\n"
+
+
+def test_cli_reads_a_hugging_face_folder(tmp_path, capsys):
+    from forge.models.hf.convert import write_hf_folder
+    from forge.models.io import unique_state_dict
+    model, tok = _save_folder(tmp_path / "m")
+    write_hf_folder(str(tmp_path / "hf"), model.cfg, unique_state_dict(model), src_dir=str(tmp_path / "m"))
+    assert not (tmp_path / "hf" / "config.yaml").exists() and (tmp_path / "hf" / "config.json").exists()
+    argv = ["--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0", "--ignore-eod"]
+    code, out_forge, err = _cli(["--checkpoint", str(tmp_path / "m")] + argv, capsys)
+    assert code == 0, err
+    code, out_hf, err = _cli(["--checkpoint", str(tmp_path / "hf")] + argv, capsys)
+    assert code == 0, err
+    assert out_hf == out_forge and len(out_hf) > len("ROMEO:\n")
+
+
+@pytest.mark.parametrize("flag,value,why", [
+    ("--top-k", "0", "positive integer"), ("--top-k", "-3", "positive integer"), ("--top-k", "x", "not an integer"),
+    ("--temperature", "nan", "finite"), ("--temperature", "inf", "finite"), ("--temperature", "-1", ">= 0"),
+    ("--top-p", "0", "(0, 1]"), ("--top-p", "1.5", "(0, 1]"), ("--top-p", "nan", "(0, 1]"),
+    ("--max-new-tokens", "0", "positive integer"), ("--max-new-tokens", "-5", "positive integer"),
+    ("--seed", "-1", "[0, 2**63)"), ("--device", "nonsense", "not a torch device"),
+])
+def test_cli_refuses_bad_flags_by_name(tmp_path, capsys, flag, value, why):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and why in err and "Traceback" not in err
 
 
 def test_cli_sampling_is_seeded_and_run_dir_works(tmp_path, capsys):
@@ -195,21 +275,34 @@ def test_cli_clear_errors(tmp_path, capsys):
     assert code == 2 and "cannot encode" in err and "é" in err and "€" in err and "Traceback" not in err
     code, out, err = _cli(["--checkpoint", str(tmp_path / "m"), "--prompt", "a" * 17], capsys)
     assert code == 2 and "17 tokens" in err and "context of 16" in err
-    code, out, err = _cli(["--checkpoint", str(tmp_path / "m"), "--prompt", "abc", "--max-new-tokens", "40",
-                           "--temperature", "0", "--ignore-eod"], capsys)
-    assert code == 0 and "context is 16 tokens" in err and len(out.rstrip("\n")) <= 13
     code, out, err = _cli(["--checkpoint", str(tmp_path / "missing")], capsys)
     assert code == 2 and "does not exist" in err
 
 
 def test_cli_interactive(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))          # the default history file: ~/.forge_history
     _save_folder(tmp_path / "m")
     monkeypatch.setattr("sys.stdin", io.StringIO("first\nnot encodable: é\nsecond\n\n"))
     code, out, err = _cli(["--checkpoint", str(tmp_path / "m"), "--interactive", "--max-new-tokens", "5",
                            "--temperature", "0", "--ignore-eod"], capsys)
     assert code == 0
     assert "cannot encode" in err and "é" in err
-    assert out.count("\n") >= 2                        # two continuations printed, the bad line skipped
+    assert "> first" in out and "> second" in out         # (stdin is no terminal: the prompts are echoed alone)
+    readline = pytest.importorskip("readline")
+    history = tmp_path / ".forge_history"
+    assert [line for line in history.read_text().splitlines() if not line.startswith("_HiStOrY")] == \
+        ["first", "not encodable: é", "second"]
+    # the next session starts from that history (arrow-up recalls it) and appends to it
+    monkeypatch.setattr("sys.stdin", io.StringIO("third\n"))
+    assert _cli(["--checkpoint", str(tmp_path / "m"), "--interactive", "--max-new-tokens", "2",
+                 "--temperature", "0"], capsys)[0] == 0
+    assert [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)] == \
+        ["first", "not encodable: é", "second", "third"]
+    # --history '' keeps none
+    monkeypatch.setattr("sys.stdin", io.StringIO("fourth\n"))
+    assert _cli(["--checkpoint", str(tmp_path / "m"), "--interactive", "--history", "", "--max-new-tokens", "2",
+                 "--temperature", "0"], capsys)[0] == 0
+    assert "fourth" not in history.read_text()
 
 
 def test_cli_empty_prompt_starts_a_document(tmp_path, capsys):
