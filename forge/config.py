@@ -195,6 +195,16 @@ class ModelConfig:
                 raise ConfigError(f"model.moe.capacity_factor={self.moe.capacity_factor} must be positive or null")
             if self.moe.shared_gate and not self.moe.n_shared_experts:
                 raise ConfigError("model.moe.shared_gate=true needs model.moe.n_shared_experts > 0")
+        from forge.models.block import BLOCK
+        owned = BLOCK[self.block][0]
+        has = {"attn": "attn_norm" in owned,
+               "mlp": "mlp_norm" in owned and not (self.block == "parallel" and self.parallel_shared_norm),
+               "post": "post_attn_norm" in owned, "final": self.final_norm}
+        for loc, present in has.items():
+            if getattr(self, f"norm_{loc}") is not None and not present:
+                raise ConfigError(f"model.norm_{loc}={getattr(self, f'norm_{loc}')!r} is set but model.block="
+                                  f"{self.block!r} (parallel_shared_norm={self.parallel_shared_norm}, final_norm="
+                                  f"{self.final_norm}) has no such norm")
         if not 0 < self.prmsnorm_pct <= 1:
             raise ConfigError(f"model.prmsnorm_pct={self.prmsnorm_pct} must be in (0, 1]")
         if self.hsnorm_radius is not None and self.hsnorm_radius <= 0:

@@ -236,6 +236,10 @@ def test_up_and_down_bias_switches(kind):
     (dict(kan_degree=0), "model.kan_degree", ""),
     (dict(mlp="kan", moe={"n_experts": 4}), "model.mlp", "'glu'"),
     (dict(activation="prelu", moe={"n_experts": 4}), "model.activation", ""),
+    (dict(norm_post="dyt"), "model.norm_post", "'pre_ln'"),                   # pre-LN has no post norms
+    (dict(block="post_ln", norm_attn="dyt"), "model.norm_attn", "'post_ln'"),
+    (dict(block="parallel", norm_mlp="dyt"), "model.norm_mlp", "parallel_shared_norm=True"),
+    (dict(final_norm=False, norm_final="dyt"), "model.norm_final", "final_norm=False"),
 ])
 def test_bad_keys_name_the_key(over, key, listed):
     from forge.config import MoEConfig
