@@ -70,6 +70,11 @@ def test_prmsnorm_is_rmsnorm_at_p1_and_uses_only_the_first_features():
     x2 = x.clone()
     x2[2:] = torch.tensor([-5.0, 1e3])
     torch.testing.assert_close(norm(x2)[:2], norm(x)[:2])
+    offset = NORM["prmsnorm"](4, _cfg(norm_offset=1.0, prmsnorm_pct=0.5, norm_eps=0.0))
+    with torch.no_grad():                               # Gemma's offset: scale = offset + w, w init 0
+        offset.weight.fill_(5.0)
+        offset.init_constants()
+    torch.testing.assert_close(offset(x), x / math.sqrt(12.5))
     assert PRMSNorm(10, pct=0.3).k == 3 and PRMSNorm(10, pct=0.25).k == 3 and PRMSNorm(10, pct=0.01).k == 1
 
 

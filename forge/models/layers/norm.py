@@ -91,12 +91,19 @@ class ScaleNorm(nn.Module):
         return (_w(self.weight, self.grad_group) * xf / xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)).to(x.dtype)
 
 
-class PRMSNorm(RMSNorm):
-    """RMSNorm whose mean square is taken over the first k = ceil(pct * D) features only."""
+class PRMSNorm(nn.Module):
+    """RMSNorm whose mean square is taken over the first k = ceil(pct * D) features only. (No
+    stat_group: the first k features of a dimension split over tp ranks live on some ranks only.)"""
 
     def __init__(self, dim, pct=1.0, eps=1e-6, offset=0.0):
-        super().__init__(dim, eps, offset)
+        super().__init__()
+        self.eps, self.offset = eps, offset
         self.k = max(1, math.ceil(round(pct * dim, 6)))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+        self.grad_group = None
+
+    def init_constants(self):
+        self.weight.fill_(1.0 - self.offset)
 
     def forward(self, x):  # (..., D) -> (..., D)
         xf = x.float()
