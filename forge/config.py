@@ -89,6 +89,7 @@ class ModelConfig:
     hsnorm_radius_learned: bool = True      # hyperspherenorm: r a learned scalar (else fixed)
     # mlp
     mlp: str = "glu"                        # MLP registry key: mlp (act(x W1) W2) | glu (act(x Wg) * x Wu) W2
+                                            # | dual_path | kan | identity (forge/models/layers/mlp.py)
     activation: str = "silu"                # ACTIVATION registry key
     d_ff: Optional[int] = None              # exact hidden size, else ff_mult * d_model rounded up
     ff_mult: float = 4.0

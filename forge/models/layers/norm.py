@@ -8,7 +8,8 @@ prmsnorm:           y = x / sqrt(mean(x[:k]^2) + eps) * (offset + w),  k = ceil(
                     (partial RMSNorm, Zhang & Sennrich 2019: the statistic from the first k
                     features, applied to all D; k = D is RMSNorm)
 hyperspherenorm:    y = r * x / max(||x||, eps)                      (||y|| = r: onto the sphere of
-                    radius r; r a learned scalar, init hsnorm_radius or sqrt(D), or fixed)
+                    radius r; r a learned scalar, init hsnorm_radius or sqrt(D), or fixed;
+                    learned from sqrt(D) it is scalenorm's function)
 dyt:                y = gamma * tanh(alpha * x) + beta               (Dynamic Tanh, Zhu et al. 2025:
                     alpha a learned scalar, init dyt_alpha_init; gamma ones, beta zeros; no statistic)
 identity:           y = x
