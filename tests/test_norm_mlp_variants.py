@@ -265,6 +265,8 @@ def test_hf_representability_sees_the_new_keys():
     for over in (dict(norm_attn="dyt"), dict(norm_final="identity"), dict(mlp="kan"), dict(activation="mish"),
                  dict(mlp_up_bias=True)):
         assert representation_errors(llama, dataclasses.replace(PRESETS["tiny-llama"], **over)), over
+    both = dataclasses.replace(PRESETS["tiny-llama"], mlp_up_bias=True, mlp_down_bias=True)   # Llama's mlp_bias
+    assert representation_errors(llama, both) == []
     gpt = PRESETS["tiny-gpt2"]       # mlp_bias=true, spelled as the two switches, is the same model
     assert representation_errors(gpt2, dataclasses.replace(gpt, mlp_bias=False, mlp_up_bias=True,
                                                            mlp_down_bias=True)) == []

@@ -292,7 +292,7 @@ def _llama_like_to_hf(cfg: ModelConfig, *, attention_bias=True, mlp_bias=False, 
     if attention_bias:
         d["attention_bias"] = cfg.qkv_bias
     if mlp_bias:
-        d["mlp_bias"] = cfg.mlp_bias
+        d["mlp_bias"] = cfg.up_bias and cfg.down_bias   # one switch there: representable when both agree
     return d
 
 
