@@ -12,7 +12,7 @@ from forge.config import ConfigError, ModelConfig
 from forge.models.block import Block
 from forge.models.layers.mlp import (ACTIVATION, MLP, MLP_REGISTRY, DualPathMLP, IdentityMLP, KAN,
                                      build_activation, chebyshev_basis)
-from forge.models.layers.norm import NORM, DyT, HyperSphereNorm, IdentityNorm, PRMSNorm, RMSNorm, build_norm
+from forge.models.layers.norm import NORM, DyT, HyperSphereNorm, IdentityNorm, PRMSNorm, RMSNorm
 from forge.models.transformer import build_model
 
 from tests.distributed import run_distributed
