@@ -119,6 +119,11 @@ def hf_counterpart(cfg: ModelConfig):
     for k, v in checks.items():
         if getattr(cfg, k) != v:
             why.append(f"model.{k}={getattr(cfg, k)!r} (needs {v!r})")
+    for loc in ("attn", "mlp", "post", "final"):
+        if cfg.norm_at(loc) != "rmsnorm":
+            why.append(f"model.norm_{loc}={cfg.norm_at(loc)!r} (needs 'rmsnorm')")
+    if cfg.up_bias != cfg.mlp_bias or cfg.down_bias != cfg.mlp_bias:
+        why.append("model.mlp_up_bias / mlp_down_bias that differ from model.mlp_bias")
     if cfg.attention not in ("causal", "sliding"):
         why.append(f"model.attention={cfg.attention!r}")
     if cfg.moe.n_experts:

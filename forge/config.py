@@ -75,17 +75,29 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
     # norms
-    norm: str = "rmsnorm"                   # NORM registry key
+    norm: str = "rmsnorm"                   # NORM registry key, for every location not set below
+    norm_attn: Optional[str] = None         # attention-input norm (None = norm)
+    norm_mlp: Optional[str] = None          # MLP-input norm (None = norm)
+    norm_post: Optional[str] = None         # post-/peri-LN norms after attention and MLP (None = norm)
+    norm_final: Optional[str] = None        # final norm before the head (None = norm)
     norm_eps: float = 1e-5
     norm_bias: bool = True                  # LayerNorm bias
     norm_offset: float = 0.0                # RMSNorm scale = offset + weight (Gemma: 1.0)
+    dyt_alpha_init: float = 0.5             # dyt: initial value of the learned scalar alpha
+    prmsnorm_pct: float = 1.0               # prmsnorm: the RMS is taken over the first ceil(pct * D) features
+    hsnorm_radius: Optional[float] = None   # hyperspherenorm: radius r (None = sqrt(D))
+    hsnorm_radius_learned: bool = True      # hyperspherenorm: r a learned scalar (else fixed)
     # mlp
     mlp: str = "glu"                        # MLP registry key: mlp (act(x W1) W2) | glu (act(x Wg) * x Wu) W2
+                                            # | dual_path | kan | identity (forge/models/layers/mlp.py)
     activation: str = "silu"                # ACTIVATION registry key
     d_ff: Optional[int] = None              # exact hidden size, else ff_mult * d_model rounded up
     ff_mult: float = 4.0
     ff_multiple_of: int = 1
     mlp_bias: bool = False
+    mlp_up_bias: Optional[bool] = None      # bias of the input projections (in, gate, up; None = mlp_bias)
+    mlp_down_bias: Optional[bool] = None    # bias of the output projections (None = mlp_bias)
+    kan_degree: int = 3                     # kan: Chebyshev polynomials T_0 .. T_degree per input feature
     moe: MoEConfig = field(default_factory=MoEConfig)
     # block wiring
     block: str = "pre_ln"                   # BLOCK registry key
@@ -116,6 +128,18 @@ class ModelConfig:
         hidden = int(self.ff_mult * self.d_model)
         m = self.ff_multiple_of
         return m * ((hidden + m - 1) // m)
+
+    @property
+    def up_bias(self) -> bool:
+        return self.mlp_bias if self.mlp_up_bias is None else self.mlp_up_bias
+
+    @property
+    def down_bias(self) -> bool:
+        return self.mlp_bias if self.mlp_down_bias is None else self.mlp_down_bias
+
+    def norm_at(self, location: str) -> str:
+        """The NORM key of a location: attn | mlp | post | final (model.norm_<location>, else model.norm)."""
+        return getattr(self, f"norm_{location}") or self.norm
 
     @property
     def rotary_dim(self) -> int:
@@ -172,6 +196,30 @@ class ModelConfig:
                 raise ConfigError(f"model.moe.capacity_factor={self.moe.capacity_factor} must be positive or null")
             if self.moe.shared_gate and not self.moe.n_shared_experts:
                 raise ConfigError("model.moe.shared_gate=true needs model.moe.n_shared_experts > 0")
+        from forge.models.block import BLOCK
+        owned = BLOCK[self.block][0]
+        has = {"attn": "attn_norm" in owned,
+               "mlp": "mlp_norm" in owned and not (self.block == "parallel" and self.parallel_shared_norm),
+               "post": "post_attn_norm" in owned, "final": self.final_norm}
+        for loc, present in has.items():
+            if getattr(self, f"norm_{loc}") is not None and not present:
+                raise ConfigError(f"model.norm_{loc}={getattr(self, f'norm_{loc}')!r} is set but model.block="
+                                  f"{self.block!r} (parallel_shared_norm={self.parallel_shared_norm}, final_norm="
+                                  f"{self.final_norm}) has no such norm")
+        if not 0 < self.prmsnorm_pct <= 1:
+            raise ConfigError(f"model.prmsnorm_pct={self.prmsnorm_pct} must be in (0, 1]")
+        if self.hsnorm_radius is not None and self.hsnorm_radius <= 0:
+            raise ConfigError(f"model.hsnorm_radius={self.hsnorm_radius} must be positive or null")
+        if self.kan_degree < 1:
+            raise ConfigError(f"model.kan_degree={self.kan_degree} must be >= 1")
+        if self.moe.n_experts and self.mlp not in ("mlp", "glu"):
+            raise ConfigError(f"model.mlp={self.mlp!r} has no mixture-of-experts form (model.moe.n_experts > 0 "
+                              f"needs model.mlp in ['glu', 'mlp'])")
+        if self.moe.n_experts:
+            from forge.models.layers.mlp import activation_is_learned
+            if activation_is_learned(self.activation):
+                raise ConfigError(f"model.activation={self.activation!r} has learned parameters, which the "
+                                  f"stacked experts of model.moe.n_experts > 0 do not hold")
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
         return self

@@ -44,7 +44,7 @@ def make_moe(seed=0, **moe):
 
 def reference(m: MoE, cfg, x):
     """Per token: y = sum_{e in chosen} w_e E_e(x) + gate * S(x), written out with plain loops."""
-    moe, act = cfg.moe, ACTIVATION[cfg.activation]
+    moe, act = cfg.moe, ACTIVATION[cfg.activation]()
     ex = m.experts
     out = torch.zeros_like(x)
     for b in range(x.shape[0]):

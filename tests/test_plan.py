@@ -71,6 +71,11 @@ LAYOUTS = [
     (["model.preset=tiny-mixtral", "model.n_layers=4", "model.moe.first_dense=1", "model.moe.every=2",
       "model.moe.n_shared_experts=1", "model.moe.shared_gate=true", "model.mlp_bias=true", "parallel.ep=2",
       "parallel.tp=2"], 8),
+    (["model.preset=tiny-llama", "model.norm_attn=dyt", "model.norm_mlp=hyperspherenorm", "model.norm_final=prmsnorm",
+      "model.mlp=kan", "model.kan_degree=2", "model.mlp_up_bias=true", "parallel.tp=2",
+      "parallel.sequence_parallel=true"], 2),                                     # issue 16's norm and MLP kinds
+    (["model.preset=tiny-gpt2", "model.block=peri_ln", "model.norm_post=dyt", "model.mlp=dual_path",
+      "model.activation=prelu", "model.mlp_down_bias=false", "parallel.tp=2", "parallel.pp=2"], 4),
 ]
 
 

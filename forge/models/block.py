@@ -7,6 +7,7 @@ With A = attention, M = MLP, N* = norms, D = dropout:
     norm_after: h = x + D(N_pa(A(x)));           y = h + D(N_pm(M(h)))                 (OLMo 2)
     parallel:   y = x + D(A(N_a(x))) + D(M(N_m(x)))   with N_m = N_a when parallel_shared_norm
                                                                         (GPT-J, PaLM, Phi; NeoX: two norms)
+N_a is of kind model.norm_attn, N_m model.norm_mlp, N_pa and N_pm model.norm_post (each None: model.norm).
 """
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ class Block(nn.Module):
         super().__init__()
         tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         norms, self._wiring = BLOCK[cfg.block]
-        for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"):
+        for name, location in (("attn_norm", "attn"), ("mlp_norm", "mlp"), ("post_attn_norm", "post"),
+                               ("post_mlp_norm", "post")):
             shared = name == "mlp_norm" and cfg.block == "parallel" and cfg.parallel_shared_norm
             # under sequence parallelism a norm sees T/tp tokens: its gradients are summed over tp
-            norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None)
+            norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None, kind=cfg.norm_at(location))
             setattr(self, name, norm if name in norms and not shared else None)
         self.attn = Attention(cfg, layer_idx, ctx)
         self.mlp = build_mlp(cfg, layer_idx, ctx)

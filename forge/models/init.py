@@ -8,7 +8,8 @@ fills each parameter with a value that depends on (seed, Forge name) alone:
     W ~ N(0, std / sqrt(2 L))   outputs of a residual branch: the layers built with
                                 residual_output=True (attention wo, MLP / expert w_out)
     b = 0                       biases
-    norm gains                  their module's constants (`init_constants`: ones, 1 - offset, ...)
+    norm gains, scalars         their module's constants (`init_constants`: ones, 1 - offset, DyT's
+                                alpha, the sphere radius, the PReLU slope, ...)
 
 A random tensor is drawn at its full (unsharded) shape from a generator seeded with
 hash(seed, name) and then cut to this rank's part: chunk `tp_rank` along `partition_dim` (the

@@ -82,7 +82,8 @@ class Head(nn.Module):
 
 def final_norm(cfg: ModelConfig, ctx: ParallelContext = SINGLE) -> nn.Module:
     # under sequence parallelism the norm sees T/tp tokens: its gradients are summed over tp
-    return build_norm(cfg, grad_group=ctx.tp_group if ctx.sp else None) if cfg.final_norm else nn.Identity()
+    return (build_norm(cfg, grad_group=ctx.tp_group if ctx.sp else None, kind=cfg.norm_at("final"))
+            if cfg.final_norm else nn.Identity())
 
 
 @dataclass(frozen=True)

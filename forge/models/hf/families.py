@@ -292,7 +292,7 @@ def _llama_like_to_hf(cfg: ModelConfig, *, attention_bias=True, mlp_bias=False, 
     if attention_bias:
         d["attention_bias"] = cfg.qkv_bias
     if mlp_bias:
-        d["mlp_bias"] = cfg.mlp_bias
+        d["mlp_bias"] = cfg.up_bias and cfg.down_bias   # one switch there: representable when both agree
     return d
 
 
@@ -790,10 +790,23 @@ def canonical(cfg: ModelConfig) -> dict:
         d.pop(k)
     if cfg.position == "rope":
         d["rotary_pct"] = cfg.rotary_dim      # what the model uses
-    if cfg.norm != "layernorm":
+    locations = ("attn", "mlp", "post", "final")
+    d.update({f"norm_{loc}": cfg.norm_at(loc) for loc in locations})
+    norms = {cfg.norm, *(cfg.norm_at(loc) for loc in locations)}
+    d.update(mlp_up_bias=cfg.up_bias, mlp_down_bias=cfg.down_bias)
+    d.pop("mlp_bias")                         # what it sets is in mlp_up_bias / mlp_down_bias
+    d.pop("dyt_alpha_init")                   # an initial value only
+    if "layernorm" not in norms:
         d.pop("norm_bias")
-    if cfg.norm != "rmsnorm":
+    if not norms & {"rmsnorm", "prmsnorm"}:
         d.pop("norm_offset")
+    if "prmsnorm" not in norms:
+        d.pop("prmsnorm_pct")
+    if "hyperspherenorm" not in norms:
+        d.pop("hsnorm_radius")
+        d.pop("hsnorm_radius_learned")
+    if cfg.mlp != "kan":
+        d.pop("kan_degree")
     if cfg.block != "parallel":
         d.pop("parallel_shared_norm")
     return d

@@ -1,25 +1,101 @@
 """Feed-forward layers (registry MLP) and activations (registry ACTIVATION).
 
-mlp: y = act(x W_in + b) W_out + b             (GPT-2, NeoX, Phi: gelu; squared ReLU: relu2)
-glu: y = (act(x W_gate) * (x W_up)) W_out      (SwiGLU: act=silu; GeGLU: act=gelu/gelu_tanh)
-W_in / W_gate / W_up are column-parallel and W_out row-parallel, so a gated pair stays on the
-same rank: rank i holds columns i of both gate and up.
+With h = x W_in + b_up (d -> F), act the ACTIVATION entry, and the down biases b_down:
+mlp:       y = act(h) W_out + b_down                    (GPT-2, NeoX, Phi: gelu; squared ReLU: relu2)
+glu:       y = (act(x W_gate + b_up) * (x W_up + b_up)) W_out + b_down
+                                                        (SwiGLU: act=silu; GeGLU: act=gelu/gelu_tanh)
+dual_path: y = act(h) W_out1 - act(-h) W_out2 + b_out1 + b_out2   (ReaLLM-Forge's DualPathMLP with zero
+           offsets: one up projection, a path through act and a mirrored path through -act(-h),
+           each with its own down projection; = MLP(W_in, W_out1) + MLP(-W_in, -W_out2))
+kan:       y = K_2(K_1(x)), two Kolmogorov-Arnold layers d -> F -> d, where
+           K(x)_j = sum_i sum_{k=0..K} c_{j,i,k} T_k(tanh(x_i)) + b_j
+           (T_k Chebyshev polynomials, K = model.kan_degree; per token, so causal)
+identity:  y = 0                                        (the block's MLP branch contributes nothing)
+Biases: model.mlp_up_bias on the input projections, model.mlp_down_bias on the output ones.
+
+Tensor parallelism: W_in / W_gate / W_up are column-parallel and W_out* row-parallel, so a gated pair
+stays on the same rank: rank i holds columns i of both gate and up. KAN is held as two linear maps
+over the basis phi(x) = [T_0(tanh x_1) .. T_K(tanh x_1), T_0(tanh x_2) ..] (n (K+1) features, i-major):
+K_1's coefficients (F, d (K+1)) are split by output rows j (column-parallel: rank r computes its
+F/tp hidden features from the whole x), K_2's (d, F (K+1)) by input columns (row-parallel: rank r
+expands its own hidden features, whose basis is the r-th contiguous chunk of phi(h), and the
+partial sums over i are all-reduced).
+
+Activations are modules built by ACTIVATION[key](group): the fixed ones wrap a torch function;
+prelu holds one learned slope (replicated: it enters through `copy_to`, so the partial gradients
+of ranks that see different hidden features are summed).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
+from forge.parallel.mappings import copy_to
+
+
+class Act(nn.Module):
+    """A fixed activation y = fn(x)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class PReLU(nn.Module):
+    """y = max(0, x) + a min(0, x), one learned slope a (init 0.25, torch.nn.PReLU's) for all features."""
+
+    INIT = 0.25
+
+    def __init__(self, group=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1,), self.INIT))
+        self.group = group
+
+    def init_constants(self):
+        self.weight.fill_(self.INIT)
+
+    def forward(self, x):
+        return F.prelu(x, copy_to(self.weight, self.group).to(x.dtype))
+
+
+def _fixed(fn):
+    return lambda group=None: Act(fn)
+
 
 ACTIVATION = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "relu2": lambda x: F.relu(x).square(),
-    "silu": F.silu,
+    "celu": _fixed(F.celu),
+    "elu": _fixed(F.elu),
+    "gelu": _fixed(F.gelu),
+    "gelu_tanh": _fixed(lambda x: F.gelu(x, approximate="tanh")),
+    "identity": _fixed(lambda x: x),
+    "leaky_relu": _fixed(F.leaky_relu),                 # negative slope 0.01
+    "mish": _fixed(F.mish),
+    "prelu": PReLU,
+    "relu": _fixed(F.relu),
+    "relu2": _fixed(lambda x: F.relu(x).square()),      # squared ReLU (Primer)
+    "relu6": _fixed(F.relu6),
+    "selu": _fixed(F.selu),
+    "sigmoid": _fixed(torch.sigmoid),
+    "silu": _fixed(F.silu),
+    "softplus": _fixed(F.softplus),
+    "softsign": _fixed(F.softsign),
+    "tanh": _fixed(torch.tanh),
 }
+
+
+def build_activation(cfg, group=None) -> nn.Module:
+    return ACTIVATION[cfg.activation](group)
+
+
+def activation_is_learned(key: str) -> bool:
+    with torch.device("meta"):
+        return any(True for _ in ACTIVATION[key]().parameters())
 
 
 class MLP(nn.Module):
@@ -27,9 +103,9 @@ class MLP(nn.Module):
         super().__init__()
         tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         d_ff = d_ff or cfg.ff_dim
-        self.act = ACTIVATION[cfg.activation]
-        self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel)
-        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel,
+        self.act = build_activation(cfg, tp_group)
+        self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sequence_parallel)
+        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sequence_parallel,
                                        residual_output=True)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
@@ -41,11 +117,11 @@ class GLU(nn.Module):
         super().__init__()
         tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         d_ff = d_ff or cfg.ff_dim
-        self.act = ACTIVATION[cfg.activation]
+        self.act = build_activation(cfg, tp_group)
         col = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True)
-        self.w_gate = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, **col)
-        self.w_up = ColumnParallelLinear(cfg.d_model, d_ff, cfg.mlp_bias, **col)
-        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.mlp_bias, tp_group, sequence_parallel=sequence_parallel,
+        self.w_gate = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, **col)
+        self.w_up = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, **col)
+        self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sequence_parallel,
                                        residual_output=True)
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
 
@@ -54,4 +130,56 @@ class GLU(nn.Module):
         return self.w_out(self.act(self.w_gate(x)) * self.w_up(x))
 
 
-MLP_REGISTRY = {"mlp": MLP, "glu": GLU}
+class DualPathMLP(nn.Module):
+    def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
+        super().__init__()
+        tp_group, sp = ctx.tp_group, ctx.sp
+        d_ff = d_ff or cfg.ff_dim
+        self.act = build_activation(cfg, tp_group)
+        self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sp)
+        row = dict(group=tp_group, sequence_parallel=sp, residual_output=True)
+        self.w_out1 = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, **row)
+        self.w_out2 = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, **row)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D)
+        h = self.w_in(x)                                                 # (B, T, F/tp)
+        return self.w_out1(self.act(h)) + self.w_out2(-self.act(-h))
+
+
+def chebyshev_basis(x, degree: int):
+    """(..., n) -> (..., n (degree + 1)): [T_0(t_i), ..., T_degree(t_i)] for each i in turn, t = tanh(x),
+    T_0 = 1, T_1 = t, T_{k+1} = 2 t T_k - T_{k-1}."""
+    t = torch.tanh(x)
+    basis = [torch.ones_like(t), t]
+    for _ in range(2, degree + 1):
+        basis.append(2 * t * basis[-1] - basis[-2])
+    return torch.stack(basis[:degree + 1], dim=-1).flatten(-2)
+
+
+class KAN(nn.Module):
+    def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
+        super().__init__()
+        tp_group, sp = ctx.tp_group, ctx.sp
+        d_ff, self.degree = d_ff or cfg.ff_dim, cfg.kan_degree
+        n = cfg.kan_degree + 1
+        self.w_in = ColumnParallelLinear(cfg.d_model * n, d_ff, cfg.up_bias, tp_group, sequence_parallel=sp,
+                                         input_ready=True)                 # c_{j,i,k} at [j, i n + k]
+        self.w_out = RowParallelLinear(d_ff * n, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sp,
+                                       residual_output=True)
+        self.tp_group, self.sequence_parallel = tp_group, sp
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D)
+        x = enter_tp_region(x, self.tp_group, self.sequence_parallel)     # (B, T, D)
+        h = self.w_in(chebyshev_basis(x, self.degree))                   # (B, T, D n) -> (B, T, F/tp)
+        return self.w_out(chebyshev_basis(h, self.degree))               # (B, T, F/tp n) -> (B, T, D)
+
+
+class IdentityMLP(nn.Module):
+    def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
+        super().__init__()
+
+    def forward(self, x):  # (B, T, D) -> zeros (B, T, D)
+        return torch.zeros_like(x)
+
+
+MLP_REGISTRY = {"mlp": MLP, "glu": GLU, "dual_path": DualPathMLP, "kan": KAN, "identity": IdentityMLP}

@@ -2,7 +2,7 @@
 
     y = sum_{e in top-k(x)} w_e(x) E_e(x)  [+ g(x) S(x)]        (B, T, D) -> (B, T, D)
 
-E_e: routed experts, each an MLP of model.mlp's kind (mlp | glu, model.activation, model.mlp_bias)
+E_e: routed experts, each an MLP of model.mlp's kind (mlp | glu, model.activation, model.mlp_up/down_bias)
 with hidden size moe.d_ff (default model d_ff); S: the shared experts (moe.n_shared_experts of
 hidden moe.shared_d_ff, held as one MLP of hidden n_shared * shared_d_ff, which computes their sum),
 always active, optionally gated by g = sigmoid(x W_g) (moe.shared_gate, Qwen2-MoE). Routing:
@@ -14,7 +14,7 @@ Parameters (names under `layers.{i}.mlp.`), experts stacked along dim 0 (this ra
     router.expert_bias                  (E,)         buffer, only with moe.bias_update_rate > 0
     experts.w_gate.weight, w_up.weight  (E/ep, F, D) glu        experts.w_in.weight (E/ep, F, D) mlp
     experts.w_out.weight                (E/ep, D, F)
-    experts.*.bias                      (E/ep, F) / (E/ep, D) with model.mlp_bias
+    experts.*.bias                      (E/ep, F) / (E/ep, D) with model.mlp_up_bias / mlp_down_bias
     shared.*                            the usual MLP / GLU module         dense
     shared_gate.weight                  (1, D)       dense
 Expert parameters carry `expert = True` (dim 0 is the expert dim, split over ep), and, for
@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge.models.layers.mlp import ACTIVATION, MLP_REGISTRY
+from forge.models.layers.mlp import MLP_REGISTRY, build_activation
 from forge.models.layers.moe_dispatch import capacity_for, dispatch_combine
 from forge.models.layers.moe_router import (Router, attach_aux_loss, get_aux_loss_scale, load_balancing_loss,
                                             set_aux_loss_scale, z_loss)
@@ -95,13 +95,13 @@ class Experts(nn.Module):
         tp = group_size(tp_group)
         if d_ff % tp:
             raise ValueError(f"expert hidden size {d_ff} is not divisible by parallel.tp={tp}")
-        f, d, bias = d_ff // tp, cfg.d_model, cfg.mlp_bias
-        self.glu, self.act, self.tp_group = cfg.mlp == "glu", ACTIVATION[cfg.activation], tp_group
+        f, d = d_ff // tp, cfg.d_model
+        self.glu, self.act, self.tp_group = cfg.mlp == "glu", build_activation(cfg), tp_group
         self.out_bias_here = group_rank(tp_group) == 0        # a row-parallel bias is added once
         names = ("w_gate", "w_up") if self.glu else ("w_in",)
         for name in names:
-            setattr(self, name, _Stacked(n_local, f, d, bias))
-        self.w_out = _Stacked(n_local, d, f, bias, residual_output=True)
+            setattr(self, name, _Stacked(n_local, f, d, cfg.up_bias))
+        self.w_out = _Stacked(n_local, d, f, cfg.down_bias, residual_output=True)
         for name, p in self.named_parameters():
             p.expert = True
             if ep > 1:                            # at ep=1 experts are reduced like dense parameters
