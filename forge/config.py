@@ -403,6 +403,7 @@ class JobConfig:
             raise ConfigError(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
+            check_range("data.seq_len (= model.max_seq_len)", self.data.seq_len, low=2)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.blend is not None and len(self.data.blend) != len(self.data.paths):

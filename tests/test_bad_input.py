@@ -265,3 +265,22 @@ def _mismatch(rank, world):
 def test_rank_config_mismatch_on_two_processes():
     from tests.distributed import run_distributed
     run_distributed(_mismatch, 2)
+
+
+@pytest.mark.slow
+def test_truncated_deepspeed_file_of_an_older_checkpoint(trained, tmp_path):
+    """Checkpoints written before the sharded optimizer hold DeepSpeed's ds/*.pt files: a
+    truncated one is a CheckpointError naming the checkpoint's ds/ files and the previous step."""
+    import json
+    run, cache = copy_run(trained, tmp_path)
+    newest = run / "checkpoints" / "step_00000004"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    state.pop("sharded_optimizer")
+    (newest / "trainer_state.json").write_text(json.dumps(state))
+    (newest / "ds").mkdir()
+    torch.save({"module": {}}, newest / "ds" / "mp_rank_00_model_states.pt")
+    truncate(newest / "ds" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError) as e:
+        train(load_config(None, tiny_args(run, cache, "train.max_steps=6", "train.resume=auto")))
+    msg = str(e.value)
+    assert str(newest / "ds" / "mp_rank_00_model_states.pt") in msg and "train.resume=" in msg and "step_00000002" in msg, msg

@@ -108,7 +108,7 @@ BAD_VALUES = [
     ("data.split=[-0.5, 1.0, 0.5]", ["data.split[0]", ">= 0"]), ("data.split=[0, 0, 0]", ["data.split", "positive sum"]),
     ("data.split=[.nan, 1, 0]", ["data.split[0]", "finite"]), ("data.split=[1, 1, 1, 1]", ["data.split", "three"]),
     ("data.blend=[-1.0]", ["data.blend[0]"]), ("data.vocab_size=0", ["data.vocab_size"]),
-    ("data.seq_len=1", ["data.seq_len", ">= 2"]),
+    ("data.seq_len=1", ["data.seq_len", ">= 2"]), ("model.max_seq_len=1", ["data.seq_len", "model.max_seq_len"]),
     ("train.max_steps=0", ["train.max_steps", ">= 1"]), ("train.micro_batch_size=0", ["train.micro_batch_size"]),
     ("train.grad_accum=0", ["train.grad_accum"]), ("train.eval_steps=0", ["train.eval_steps"]),
     ("train.save_interval=-1", ["train.save_interval", "0 = never"]), ("train.eval_interval=-5", ["train.eval_interval"]),

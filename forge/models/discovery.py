@@ -1,9 +1,10 @@
 """Where a training run keeps its checkpoints, shared by training, generation and conversion:
 
     OUT/checkpoints/step_{step:08d}/{model/, COMPLETE, ...}     (forge.train.checkpoint writes them)
-A step dir counts once its COMPLETE marker exists; `model/` is its Forge model folder. Training
-(resume), `forge generate`, `forge convert` and `forge.from_pretrained` all refuse a step dir
-without the marker, and its `model/` folder, through `complete_model_folder`.
+A step dir counts once its COMPLETE marker exists; `model/` is its Forge model folder.
+`forge generate`, `forge convert` and `forge.from_pretrained` (and train.init_from, through
+convert's resolver) refuse a step dir without the marker, or its `model/` folder, through
+`complete_model_folder`; training's train.resume checks the same marker (`is_complete`).
 """
 from __future__ import annotations
 

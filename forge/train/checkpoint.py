@@ -147,8 +147,18 @@ def set_aside(paths: list[str], out_dir: str) -> list[tuple[str, str]]:
         new = os.path.join(dest, os.path.basename(os.path.normpath(p)))
         os.rename(p, new)
         moved.append((p, new))
+    remaining = list_checkpoints(out_dir)
+    if remaining:                           # `latest` names a step dir that is still there
+        _write_latest(out_dir, remaining[-1][1])
     _fsync_dir(checkpoints_dir(out_dir))
     return moved
+
+
+def _write_latest(out_dir: str, path: str) -> None:
+    latest = os.path.join(checkpoints_dir(out_dir), LATEST)
+    with open(latest + ".tmp", "w") as f:
+        f.write(os.path.basename(path) + "\n")
+    os.replace(latest + ".tmp", latest)
 
 
 # ---------------------------------------------------------------- compatibility
@@ -329,10 +339,7 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(path)
-            latest = os.path.join(checkpoints_dir(out_dir), LATEST)
-            with open(latest + ".tmp", "w") as f:
-                f.write(os.path.basename(path) + "\n")
-            os.replace(latest + ".tmp", latest)
+            _write_latest(out_dir, path)
     dist.barrier()
     return path
 
@@ -404,7 +411,7 @@ def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = F
         load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     except Exception as e:          # noqa: BLE001 - torch.load of a truncated ds/*.pt: RuntimeError, EOFError, ...
-        file = getattr(e, "filename", None) or os.path.join(path, DS_TAG)
+        file = getattr(e, "filename", None) or _unreadable_zip(os.path.join(path, DS_TAG)) or os.path.join(path, DS_TAG)
         err = unreadable(path, file, e)
         err.rank_local = True
         raise err from None
@@ -414,6 +421,20 @@ def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = F
         _restore_experts(engine.module, cfg.model, path, groups)
     state["rng"] = _load_rng(path)
     return state
+
+
+def _unreadable_zip(folder: str) -> Optional[str]:
+    """The first *.pt file under `folder` whose zip directory (at its end: torch.save's format)
+    does not read, i.e. a truncated file; None when all do. Reads no tensor data."""
+    import zipfile
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        file = os.path.join(folder, name)
+        if name.endswith(".pt"):
+            try:
+                zipfile.ZipFile(file).close()
+            except (OSError, zipfile.BadZipFile):
+                return file
+    return None
 
 
 def _load_rng(path: str):
