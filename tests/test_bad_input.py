@@ -284,3 +284,26 @@ def test_truncated_deepspeed_file_of_an_older_checkpoint(trained, tmp_path):
         train(load_config(None, tiny_args(run, cache, "train.max_steps=6", "train.resume=auto")))
     msg = str(e.value)
     assert str(newest / "ds" / "mp_rank_00_model_states.pt") in msg and "train.resume=" in msg and "step_00000002" in msg, msg
+
+
+@pytest.mark.parametrize("error, errno_, words", [
+    (OSError(errno.ENOSPC, "No space left on device", "/d/x.bin"), errno.ENOSPC, ["disk full", "/d/x.bin", "/d"]),
+    (Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on "
+               "device\" }) (os error 28)"), errno.ENOSPC, ["disk full", "/d"]),             # safetensors
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 252800 vs 252692"), errno.EIO,
+     ["short write", "disk or quota full", "/d"]),                                          # torch.save
+    (OSError(errno.EACCES, "Permission denied", "/d/y"), errno.EACCES, ["cannot write", "Permission denied", "/d/y"]),
+])
+def test_write_errors_are_named(error, errno_, words):
+    """models.io.writing turns each writer's report of a failed write into one WriteError that
+    keeps the errno, names the path and says "disk full" for ENOSPC."""
+    from forge.models.io import writing
+    with pytest.raises(WriteError) as e:
+        with writing("/d"):
+            raise error
+    assert e.value.errno == errno_
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    with pytest.raises(KeyError):                   # anything else passes through unchanged
+        with writing("/d"):
+            raise KeyError("x")

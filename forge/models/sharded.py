@@ -104,7 +104,9 @@ def write_parts(folder: str, rank: int, parts: list[Part]) -> dict:
         entry = entries.setdefault(p.name, {"shape": list(p.global_shape), "dtype": _dtype_name(p.tensor.dtype),
                                             "parts": []})
         entry["parts"].append(part)
-    save_file(tensors, os.path.join(folder, file))
+    from forge.models.io import writing
+    with writing(os.path.join(folder, file)):           # a full disk names this file
+        save_file(tensors, os.path.join(folder, file))
     return entries
 
 
@@ -140,10 +142,12 @@ def _part_numel(p: dict) -> int:
 
 
 def write_index(folder: str, index: dict) -> None:
+    from forge.models.io import writing
     tmp = os.path.join(folder, INDEX_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, os.path.join(folder, INDEX_FILE))
+    with writing(os.path.join(folder, INDEX_FILE)):
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, os.path.join(folder, INDEX_FILE))
 
 
 def is_sharded_folder(path: str) -> bool:

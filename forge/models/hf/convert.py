@@ -327,7 +327,11 @@ def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
                                 f"pytorch_model.bin or pytorch_model.bin.index.json)")
     sd = {}
     for b in bins:
-        sd.update(torch.load(b, map_location="cpu", weights_only=True))
+        try:
+            sd.update(torch.load(b, map_location="cpu", weights_only=True))
+        except Exception as e:             # noqa: BLE001 - a truncated zip: RuntimeError, EOFError, ...
+            raise ValueError(f"weight file {b!r} cannot be read ({type(e).__name__}: {e}): it is truncated or "
+                             "corrupt; download or copy it again") from None
     return sd
 
 
