@@ -3,7 +3,9 @@
 `load_config("configs/x.yaml", ["model.n_layers=4", "optim.lr=3e-4"])` returns a validated
 `JobConfig`. Precedence, lowest first: dataclass defaults < `model.preset` < YAML < overrides.
 Every key is checked against the dataclass fields (unknown key -> error naming it), every value
-against the field's type, and the model against itself (`ModelConfig.validate`), before any work.
+against the field's type, and every section against its ranges (each section's `validate`: numbers
+finite and in range, NaN and inf refused) and the model against itself (`ModelConfig.validate`),
+before any work.
 """
 from __future__ import annotations
 
