@@ -3,13 +3,16 @@
 `load_config("configs/x.yaml", ["model.n_layers=4", "optim.lr=3e-4"])` returns a validated
 `JobConfig`. Precedence, lowest first: dataclass defaults < `model.preset` < YAML < overrides.
 Every key is checked against the dataclass fields (unknown key -> error naming it), every value
-against the field's type, and the model against itself (`ModelConfig.validate`), before any work.
+against the field's type, and every section against its ranges (each section's `validate`: numbers
+finite and in range, NaN and inf refused) and the model against itself (`ModelConfig.validate`),
+before any work.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -21,6 +24,32 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_range(key: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
+                low_open: bool = False, high_open: bool = False, optional: bool = False,
+                what: str = "") -> None:
+    """Raise ConfigError naming `key` unless `value` is a finite number in the interval given
+    by low/high (open ends where low_open/high_open); None passes when `optional`. NaN and inf
+    never pass (every numeric field of the config is a finite quantity)."""
+    if value is None and optional:
+        return
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    want = what or (f"in {lo}, {hi}" if low is not None and high is not None else
+                    f"{'>' if low_open else '>='} {low:g}" if low is not None else
+                    f"{'<' if high_open else '<='} {high:g}" if high is not None else "a number")
+    null = " or null" if optional else ""
+    if not _is_number(value) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number {want}{null}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{key}={value!r} must be {want}{null}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ConfigError(f"{key}={value!r} must be {want}{null}")
 
 
 @dataclass
@@ -40,6 +69,20 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0   # aux-loss-free balancing (DeepSeek-V3); 0 = off
+
+    def validate(self, prefix: str = "model.moe") -> "MoEConfig":
+        """Every count is >= 0 (sizes >= 1 where set), the coefficients finite and >= 0."""
+        check_range(f"{prefix}.n_experts", self.n_experts, low=0)
+        check_range(f"{prefix}.n_shared_experts", self.n_shared_experts, low=0)
+        check_range(f"{prefix}.top_k", self.top_k, low=1)
+        check_range(f"{prefix}.every", self.every, low=1)
+        check_range(f"{prefix}.first_dense", self.first_dense, low=0)
+        for k in ("d_ff", "shared_d_ff"):
+            check_range(f"{prefix}.{k}", getattr(self, k), low=1, optional=True)
+        check_range(f"{prefix}.capacity_factor", self.capacity_factor, low=0, low_open=True, optional=True)
+        for k in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            check_range(f"{prefix}.{k}", getattr(self, k), low=0)
+        return self
 
 
 @dataclass
@@ -151,6 +194,24 @@ class ModelConfig:
             return self.attention_pattern[i % len(self.attention_pattern)]
         return self.attention
 
+    def validate_ranges(self) -> None:
+        """The numeric fields' ranges: sizes >= 1 (where set), rope_theta, norm_eps, init_std,
+        ff_mult, embed_scale and the caps/scales > 0, rotary_pct in (0, 1], all finite."""
+        for k in ("n_kv_heads", "head_dim", "d_ff"):
+            check_range(f"model.{k}", getattr(self, k), low=1, optional=True)
+        check_range("model.ff_multiple_of", self.ff_multiple_of, low=1)
+        check_range("model.rope_original_max_seq_len", self.rope_original_max_seq_len, low=1)
+        for k in ("rope_theta", "norm_eps", "init_std", "ff_mult", "embed_scale", "rope_scaling_factor",
+                  "rope_low_freq_factor", "rope_high_freq_factor"):
+            check_range(f"model.{k}", getattr(self, k), low=0, low_open=True)
+        for k in ("attn_softcap", "attn_scale", "logit_softcap", "qkv_clip"):
+            check_range(f"model.{k}", getattr(self, k), low=0, low_open=True, optional=True)
+        check_range("model.rotary_pct", self.rotary_pct, low=0, high=1, low_open=True)
+        check_range("model.norm_offset", self.norm_offset)
+        for k in ("dropout", "attn_dropout"):
+            check_range(f"model.{k}", getattr(self, k), low=0, high=1, high_open=True)
+        self.moe.validate()
+
     def validate(self) -> "ModelConfig":
         from forge.models.registry import REGISTRIES
         for key, reg in REGISTRIES.items():
@@ -163,6 +224,7 @@ class ModelConfig:
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"model.{k}={getattr(self, k)} must be positive")
+        self.validate_ranges()
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
         if self.n_heads % self.kv_heads:
@@ -236,6 +298,17 @@ class ParallelConfig:
     offload_optimizer: bool = False
     ds_config: Optional[str] = None         # a template from ds_configs/ (DeepSpeed-only settings)
 
+    def validate(self) -> "ParallelConfig":
+        """tp, pp, ep >= 1; zero_stage one of 0-3; pp_partition parameters | uniform | type:REGEX."""
+        for k in ("tp", "pp", "ep"):
+            check_range(f"parallel.{k}", getattr(self, k), low=1)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not one of [0, 1, 2, 3]")
+        if self.pp_partition not in ("parameters", "uniform") and not self.pp_partition.startswith("type:"):
+            raise ConfigError(f"parallel.pp_partition={self.pp_partition!r} is not one of ['parameters', "
+                              "'type:REGEX', 'uniform']")
+        return self
+
 
 @dataclass
 class DataConfig:
@@ -247,6 +320,22 @@ class DataConfig:
     vocab_size: int = 4096                  # for a tokenizer trained here (bpe)
     seq_len: Optional[int] = None           # sample length; None = model.max_seq_len
     cache_dir: Optional[str] = None         # where sample indices are cached (default: beside the data)
+
+    def validate(self) -> "DataConfig":
+        """split: three finite weights >= 0 with a positive sum; blend: finite weights >= 0 with a
+        positive sum; vocab_size >= 1; seq_len >= 2 (inputs and next-token targets) where set."""
+        for name, weights in (("split", self.split), ("blend", self.blend)):
+            if weights is None:
+                continue
+            for i, w in enumerate(weights):
+                check_range(f"data.{name}[{i}]", w, low=0)
+            if not weights or sum(weights) <= 0:
+                raise ConfigError(f"data.{name}={weights} must hold weights >= 0 with a positive sum")
+        if len(self.split) > 3:
+            raise ConfigError(f"data.split={self.split} has more than three (train, valid, test) weights")
+        check_range("data.vocab_size", self.vocab_size, low=1)
+        check_range("data.seq_len", self.seq_len, low=2, optional=True)
+        return self
 
 
 @dataclass
@@ -261,6 +350,24 @@ class OptimConfig:
     schedule: str = "cosine"                # cosine | wsd | constant
     warmup_steps: int = 100
     decay_frac: float = 0.2                 # wsd: fraction of max_steps spent decaying
+
+    def validate(self) -> "OptimConfig":
+        """lr finite > 0, min_lr in [0, lr], betas in [0, 1), eps > 0, weight_decay >= 0,
+        grad_clip >= 0 (0 = off), warmup_steps >= 0, decay_frac in [0, 1]; NaN and inf refused."""
+        check_range("optim.lr", self.lr, low=0, low_open=True)
+        check_range("optim.min_lr", self.min_lr, low=0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        for k in ("beta1", "beta2"):
+            check_range(f"optim.{k}", getattr(self, k), low=0, high=1, high_open=True)
+        check_range("optim.eps", self.eps, low=0, low_open=True)
+        check_range("optim.weight_decay", self.weight_decay, low=0)
+        check_range("optim.grad_clip", self.grad_clip, low=0, what=">= 0 (0 turns clipping off)")
+        check_range("optim.warmup_steps", self.warmup_steps, low=0)
+        check_range("optim.decay_frac", self.decay_frac, low=0, high=1)
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"optim.schedule={self.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
+        return self
 
 
 @dataclass
@@ -282,6 +389,35 @@ class TrainConfig:
     compile: bool = False
     linear_backend: str = "aten"            # aten | onednn | auto: fp32 CPU linears (forge.kernels)
 
+    def validate(self) -> "TrainConfig":
+        """max_steps, micro_batch_size, grad_accum, eval_steps >= 1; the intervals >= 0 (0 = never);
+        the choices known; out_dir a directory or creatable as one (checked before anything is
+        written: an existing file there, or above it, is an error)."""
+        for k in ("max_steps", "micro_batch_size", "grad_accum", "eval_steps"):
+            check_range(f"train.{k}", getattr(self, k), low=1)
+        for k in ("save_interval", "eval_interval", "log_interval"):
+            check_range(f"train.{k}", getattr(self, k), low=0, what=">= 0 (0 = never)")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
+        if self.linear_backend not in ("aten", "onednn", "auto"):
+            raise ConfigError(f"train.linear_backend={self.linear_backend!r} is not one of ['aten', 'auto', 'onednn']")
+        if self.activation_checkpointing not in ("none", "full", "attention"):
+            raise ConfigError(f"train.activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                              "['attention', 'full', 'none']")
+        if not self.out_dir:
+            raise ConfigError("train.out_dir is empty; name the run directory (e.g. train.out_dir=runs/x)")
+        node = os.path.abspath(self.out_dir)
+        while node and not os.path.exists(node):
+            parent = os.path.dirname(node)
+            if parent == node:
+                break
+            node = parent
+        if os.path.exists(node) and not os.path.isdir(node):
+            what = "is a file" if node == os.path.abspath(self.out_dir) else f"lies under the file {node!r}"
+            raise ConfigError(f"train.out_dir={self.out_dir!r} {what}, not a directory; choose another "
+                              "train.out_dir (nothing was written)")
+        return self
+
 
 @dataclass
 class LogConfig:
@@ -301,15 +437,10 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "JobConfig":
+        """Each section's own checks (its `validate`), then the checks across sections."""
         self.model.validate()
-        if self.train.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision={self.train.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
-        if self.train.linear_backend not in ("aten", "onednn", "auto"):
-            raise ConfigError(f"train.linear_backend={self.train.linear_backend!r} is not one of ['aten', 'auto', 'onednn']")
-        if self.optim.schedule not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"optim.schedule={self.optim.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
-        if self.parallel.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage={self.parallel.zero_stage} is not one of [0, 1, 2, 3]")
+        for section in (self.parallel, self.data, self.optim, self.train):
+            section.validate()
         moe, ep = self.model.moe, self.parallel.ep
         if moe.n_experts and self.parallel.zero_stage == 3:
             raise ConfigError("parallel.zero_stage=3 with a mixture-of-experts model (model.moe.n_experts > 0) is not "
@@ -322,6 +453,7 @@ class JobConfig:
             raise ConfigError(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
+            check_range("data.seq_len (= model.max_seq_len)", self.data.seq_len, low=2)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.blend is not None and len(self.data.blend) != len(self.data.paths):
@@ -463,8 +595,13 @@ def model_from_dict(d: dict, prefix: str = "model") -> ModelConfig:
 
 
 def config_from_dict(d: dict) -> JobConfig:
+    if not isinstance(d or {}, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {d!r}")
     d = dict(d or {})
-    model = model_from_dict(d.pop("model", {}) or {})
+    model = d.pop("model", {}) or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping (a section of model.* keys), got {model!r}")
+    model = model_from_dict(model)
     cfg = build_dataclass(JobConfig, d)
     cfg.model = model
     return cfg.validate()

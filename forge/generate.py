@@ -189,14 +189,12 @@ def resolve_model_folder(path: str, flag: str = "--checkpoint") -> str:
         raise FileNotFoundError(f"{flag} {path!r} does not exist")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{flag} {path!r} is not a directory")
+    from forge.models.discovery import complete_model_folder
+    step_model = complete_model_folder(path)        # a step dir (or its model/): COMPLETE checked
+    if step_model is not None and is_forge_folder(step_model):
+        return step_model
     if is_forge_folder(path):
         return path
-    model_dir = os.path.join(path, "model")
-    if os.path.isdir(model_dir) and is_forge_folder(model_dir):
-        if not os.path.isfile(os.path.join(path, "COMPLETE")):
-            raise FileNotFoundError(f"checkpoint {path!r} is incomplete (no COMPLETE marker: it was being "
-                                    f"written when the run stopped); use an earlier step")
-        return model_dir
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from forge.models.hf.convert import newest_checkpoint_model
         return newest_checkpoint_model(path)

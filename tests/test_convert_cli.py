@@ -83,20 +83,20 @@ def test_cli_round_trip(hf_dir, tmp_path):
         assert (_logits(forge.from_pretrained(path), ids) - ref).abs().max() <= 1e-4
 
     # refuse to overwrite a non-empty output unless --force; a failed run leaves the old output intact
-    assert main(["--to", "hf", "--input", fg, "--output", hf2]) == 1
+    assert main(["--to", "hf", "--input", fg, "--output", hf2]) == 2
     assert main(["--to", "hf", "--input", fg, "--output", hf2, "--force", "--dtype", "bf16"]) == 0
     assert AutoModelForCausalLM.from_pretrained(hf2).dtype == torch.bfloat16
-    assert main(["--from", "hf", "--input", fg, "--output", str(tmp_path / "x")]) == 1    # wrong direction
+    assert main(["--from", "hf", "--input", fg, "--output", str(tmp_path / "x")]) == 2    # wrong direction
 
 
 def test_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     json.dump({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, open(bad / "config.json", "w"))
-    assert main(["--from", "hf", "--input", str(bad), "--output", str(tmp_path / "o")]) == 1
+    assert main(["--from", "hf", "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "BertForMaskedLM" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert main(["--to", "hf", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 1
+    assert main(["--to", "hf", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
 
 
 def test_from_pretrained_run_dir(tmp_path):

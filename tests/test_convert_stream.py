@@ -225,13 +225,13 @@ def test_export_errors_leave_nothing(tmp_path, capsys):
     src = str(tmp_path / "forge")
     write_sharded(src, cfg, [sd])
     out = tmp_path / "hf"
-    assert main(["--to", "hf", "--input", src, "--output", str(out)]) == 1
+    assert main(["--to", "hf", "--input", src, "--output", str(out)]) == 2
     assert "missing tensors ['layers.1.attn.wk.weight']" in capsys.readouterr().err
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
     with pytest.raises(SystemExit):
         main(["--to", "hf", "--input", src, "--output", str(out), "--max-shard-size", "5 parsecs"])
     assert "5 parsecs" in capsys.readouterr().err
-    assert main(["--from", "hf", "--input", src, "--output", str(out), "--max-shard-size", "1GB"]) == 1
+    assert main(["--from", "hf", "--input", src, "--output", str(out), "--max-shard-size", "1GB"]) == 2
 
 
 # ---------------------------------------------------------------- sharded inputs to every loader

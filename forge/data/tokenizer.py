@@ -90,11 +90,10 @@ class Tokenizer:
         config = {}
         for name in ("special_tokens_map.json", CONFIG_FILE):         # the latter wins
             if os.path.exists(os.path.join(folder, name)):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    config.update({k: v for k, v in json.load(f).items() if v is not None})
-        from tokenizers import Tokenizer as Backend
+                config.update({k: v for k, v in _read_json_object(os.path.join(folder, name)).items()
+                               if v is not None})
         if os.path.exists(file):
-            backend = Backend.from_file(file)
+            backend = _read_backend(file)
         elif os.path.isdir(path):
             backend = _backend_via_transformers(path)
         else:
@@ -123,6 +122,50 @@ class Tokenizer:
                 and (spec.get("decoder") or {}).get("type") == "Fuse"):
             return CharTokenizer(backend, eod, bos, pad)
         return Tokenizer(backend, eod, bos, pad)
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file that cannot be read or parsed; the message names the file."""
+
+
+def _read_json_object(file: str) -> dict:
+    """The JSON object in `file`, or TokenizerFileError naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerFileError(f"tokenizer file {file!r} cannot be read ({type(e).__name__}: {e}); it is "
+                                 "truncated or corrupt: copy it again from its source (or re-run forge prepare)") from None
+    if not isinstance(value, dict):
+        raise TokenizerFileError(f"tokenizer file {file!r} holds {type(value).__name__}, not a JSON object; "
+                                 "copy it again from its source")
+    return value
+
+
+def _read_backend(file: str):
+    """A `tokenizers.Tokenizer` from tokenizer.json `file`, or TokenizerFileError naming it."""
+    from tokenizers import Tokenizer as Backend
+    try:
+        return Backend.from_file(file)
+    except Exception as e:          # noqa: BLE001 - tokenizers raises its own Exception for bad JSON
+        raise TokenizerFileError(f"tokenizer file {file!r} does not parse as a Hugging Face tokenizer.json "
+                                 f"({e}); it is truncated or corrupt: copy it again from its source "
+                                 "(or re-run forge prepare)") from None
+
+
+def check_tokenizer_files(folder: str) -> list[str]:
+    """Parse every tokenizer file of `folder` that is present (tokenizer.json and the JSON files
+    beside it) before anything is copied or converted; TokenizerFileError names the first bad
+    one. Returns the names checked."""
+    checked = []
+    for name in ("special_tokens_map.json", CONFIG_FILE, "added_tokens.json", "vocab.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            _read_json_object(os.path.join(folder, name))
+            checked.append(name)
+    if os.path.isfile(os.path.join(folder, TOKENIZER_FILE)):
+        _read_backend(os.path.join(folder, TOKENIZER_FILE))
+        checked.append(TOKENIZER_FILE)
+    return checked
 
 
 def _token_name(value) -> Optional[str]:

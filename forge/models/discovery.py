@@ -2,6 +2,9 @@
 
     OUT/checkpoints/step_{step:08d}/{model/, COMPLETE, ...}     (forge.train.checkpoint writes them)
 A step dir counts once its COMPLETE marker exists; `model/` is its Forge model folder.
+`forge generate`, `forge convert` and `forge.from_pretrained` (and train.init_from, through
+convert's resolver) refuse a step dir without the marker, or its `model/` folder, through
+`complete_model_folder`; training's train.resume checks the same marker (`is_complete`).
 """
 from __future__ import annotations
 
@@ -45,3 +48,38 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
     """The newest complete checkpoint of a run dir, or None."""
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
+
+
+class IncompleteCheckpointError(FileNotFoundError):
+    """A checkpoint step dir without its COMPLETE marker (its save was interrupted)."""
+
+
+def _is_step_dir(path: str) -> bool:
+    return bool(STEP_RE.match(os.path.basename(os.path.normpath(path))))
+
+
+def require_complete(step: str) -> None:
+    """Raise IncompleteCheckpointError naming `step` (and the newest complete step beside it)
+    unless it holds the COMPLETE marker."""
+    if is_complete(step):
+        return
+    root = os.path.dirname(os.path.normpath(step))
+    older = [p for _, p in list_checkpoints(os.path.dirname(root))] if os.path.basename(root) == CHECKPOINTS else []
+    hint = f"use an earlier complete one, e.g. {older[-1]!r}" if older else "use an earlier complete checkpoint"
+    raise IncompleteCheckpointError(f"checkpoint {step!r} is incomplete (no {COMPLETE} marker: it was being "
+                                    f"written when the run stopped); {hint}")
+
+
+def complete_model_folder(path: str) -> Optional[str]:
+    """The model folder that `path` names when it is a checkpoint step dir or the `model/` folder
+    of one: `step/model` (or `path` itself), after checking the step's COMPLETE marker (raises
+    IncompleteCheckpointError). None when `path` is neither (a plain model folder, a run dir)."""
+    norm = os.path.normpath(os.fspath(path))
+    if os.path.basename(norm) == MODEL_DIR and _is_step_dir(os.path.dirname(norm)):
+        require_complete(os.path.dirname(norm))
+        return path
+    if os.path.isdir(os.path.join(norm, MODEL_DIR)) and (_is_step_dir(norm) or os.path.exists(
+            os.path.join(norm, COMPLETE)) or os.path.exists(os.path.join(norm, "trainer_state.json"))):
+        require_complete(norm)
+        return os.path.join(path, MODEL_DIR)
+    return None

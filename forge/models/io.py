@@ -5,8 +5,9 @@ crash never leaves a half-written folder under the final name.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import errno
 import os
 import shutil
 import tempfile
@@ -24,6 +25,58 @@ FOLDER_CONTENTS = f"{CONFIG_FILE} + {WEIGHTS_FILE}, or {CONFIG_FILE} + a sharded
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class WriteError(OSError):
+    """Writing a checkpoint or an export failed; the message names the path and, for ENOSPC,
+    says the disk is full. `errno` is kept (ENOSPC where the writer reported no space)."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _no_space(e: BaseException) -> bool:
+    # OSError from Python writes; safetensors' Rust writer reports "No space left on device (os
+    # error 28)"; torch.save's zip writer reports only "unexpected pos N vs M" (short write)
+    text = str(e)
+    return getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text
+
+
+def describe_write_error(e: BaseException, where: str) -> str:
+    """A one-line account of a failed write under `where`: the file (when known), "disk full"
+    for ENOSPC, and what to do."""
+    file = getattr(e, "filename", None)
+    at = f"{file!r}" if file and os.path.abspath(str(file)) != os.path.abspath(where) else f"{where!r}"
+    if file and at != f"{where!r}":
+        at += f" (under {where!r})"
+    if _no_space(e):
+        return (f"disk full (ENOSPC: no space left on device) while writing {at}; free space on that disk or "
+                "write to another one")
+    if "unexpected pos" in str(e):          # torch.save: a short write (usually a full disk or quota)
+        return f"short write while writing {at} ({e}): is the disk or quota full?; free space or write elsewhere"
+    reason = getattr(e, "strerror", None) or str(e)
+    return f"cannot write {at}: {reason}"
+
+
+@contextlib.contextmanager
+def writing(where: str, under: str | None = None):
+    """Turn an error of the writes inside into WriteError(describe_write_error): OSError, and
+    the errors of safetensors' and torch.save's writers that stand for one. With `under`, an
+    OSError naming a file outside that folder (a read of an input) passes through unchanged."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        file = getattr(e, "filename", None)
+        if under and file and not _no_space(e) and not os.path.abspath(str(file)).startswith(
+                os.path.abspath(under) + os.sep):
+            raise
+        raise WriteError(e.errno or errno.EIO, describe_write_error(e, where)) from e
+    except Exception as e:          # noqa: BLE001 - SafetensorError, torch's RuntimeError
+        if _no_space(e) or "unexpected pos" in str(e):
+            raise WriteError(errno.ENOSPC if _no_space(e) else errno.EIO, describe_write_error(e, where)) from e
+        raise
 
 
 def is_forge_folder(path: str) -> bool:
@@ -56,24 +109,37 @@ def save_state_folder(state: dict[str, torch.Tensor], cfg_dict: dict, path: str,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS_FILE))
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            yaml.safe_dump(cfg_dict, f, sort_keys=False)
-        if tokenizer_dir and os.path.isdir(tokenizer_dir):
-            for name in os.listdir(tokenizer_dir):
-                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        with writing(path):
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS_FILE))
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                yaml.safe_dump(cfg_dict, f, sort_keys=False)
+            if tokenizer_dir and os.path.isdir(tokenizer_dir):
+                for name in os.listdir(tokenizer_dir):
+                    shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def read_model_config(path: str) -> ModelConfig:
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        tree = yaml.safe_load(f) or {}
-    model = tree.get("model", tree)
+    """The ModelConfig of a Forge model folder's config.yaml; a missing, unparsable or
+    non-mapping file is a ConfigError naming it."""
+    from forge.config import ConfigError
+    file = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(file) as f:
+            tree = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{file!r} is missing; a Forge model folder holds {FOLDER_CONTENTS}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{file!r} does not parse as YAML ({e}): it is truncated or corrupt; copy it again "
+                          "(a checkpoint's run dir holds the same config as config.yaml)") from None
+    model = tree.get("model", tree) if isinstance(tree, dict) else tree
+    if not isinstance(model, dict):
+        raise ConfigError(f"{file!r}: expected a mapping of model.* keys, got {type(model).__name__}; copy it again")
     model = {k: v for k, v in model.items() if k != "preset"}   # the resolved fields are all there
     return model_from_dict(model, prefix=f"{path}/{CONFIG_FILE}: model").validate()
 
@@ -101,14 +167,14 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
 def weight_dtypes(path: str) -> dict[str, torch.dtype]:
     """The stored dtype of every tensor of a Forge model folder (one file or sharded), read from
     the index or the safetensors header alone (no tensor data)."""
-    from safetensors import safe_open
-
-    from forge.models.sharded import is_sharded_folder
+    from forge.models.sharded import is_sharded_folder, open_safetensors, read_index
     if is_sharded_folder(path):
-        with open(os.path.join(path, INDEX_FILE)) as f:
-            return {k: getattr(torch, e["dtype"]) for k, e in json.load(f)["tensors"].items()}
-    with safe_open(os.path.join(path, WEIGHTS_FILE), framework="pt") as f:
+        return {k: getattr(torch, e["dtype"]) for k, e in read_index(path)["tensors"].items()}
+    f = open_safetensors(os.path.join(path, WEIGHTS_FILE))
+    try:
         return {k: SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()] for k in f.keys()}
+    finally:
+        f.__exit__(None, None, None)
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:

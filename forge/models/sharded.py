@@ -31,6 +31,43 @@ INDEX_FILE = "forge_index.json"
 FORMAT = "forge-sharded"
 
 
+class WeightFileError(ValueError):
+    """A weight file (safetensors) or index that is missing, truncated or corrupt; the message
+    names the file and what to do."""
+
+
+REDO = ("re-create it (copy or convert it again; for a training checkpoint, resume from an earlier "
+        "complete step)")
+
+
+def open_safetensors(file: str):
+    """An open `safe_open` handle on `file` (entered; close with __exit__), or WeightFileError
+    naming the file: safetensors checks at open that the header parses and that its tensors
+    cover the file exactly, so a truncated file is caught here, before any tensor is read."""
+    try:
+        f = safe_open(file, framework="pt")
+        return f.__enter__()
+    except FileNotFoundError:
+        raise WeightFileError(f"weight file {file!r} is missing; {REDO}") from None
+    except Exception as e:          # noqa: BLE001 - SafetensorError is a plain Exception
+        raise WeightFileError(f"weight file {file!r} is not a readable safetensors file ({e}): it is truncated "
+                              f"or corrupt; {REDO}") from None
+
+
+def read_index(folder: str) -> dict:
+    """The parsed forge_index.json of a sharded folder, or WeightFileError naming it."""
+    path = os.path.join(folder, INDEX_FILE)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightFileError(f"{path}: not a readable Forge index ({e}); {REDO}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("tensors"), dict):
+        got = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise WeightFileError(f"{path}: format {got!r} is not {FORMAT!r} with a 'tensors' map; {REDO}")
+    return index
+
+
 def shard_file(rank: int) -> str:
     return f"shard-{rank:05d}.safetensors"
 
@@ -67,7 +104,9 @@ def write_parts(folder: str, rank: int, parts: list[Part]) -> dict:
         entry = entries.setdefault(p.name, {"shape": list(p.global_shape), "dtype": _dtype_name(p.tensor.dtype),
                                             "parts": []})
         entry["parts"].append(part)
-    save_file(tensors, os.path.join(folder, file))
+    from forge.models.io import writing
+    with writing(os.path.join(folder, file)):           # a full disk names this file
+        save_file(tensors, os.path.join(folder, file))
     return entries
 
 
@@ -103,10 +142,12 @@ def _part_numel(p: dict) -> int:
 
 
 def write_index(folder: str, index: dict) -> None:
+    from forge.models.io import writing
     tmp = os.path.join(folder, INDEX_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, os.path.join(folder, INDEX_FILE))
+    with writing(os.path.join(folder, INDEX_FILE)):
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, os.path.join(folder, INDEX_FILE))
 
 
 def is_sharded_folder(path: str) -> bool:
@@ -128,26 +169,17 @@ class WeightReader:
     def __post_init__(self):
         from forge.models.io import WEIGHTS_FILE
         if is_sharded_folder(self.folder):
-            path = os.path.join(self.folder, INDEX_FILE)
-            try:
-                with open(path) as f:
-                    index = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: not a readable Forge index ({e})") from None
-            if index.get("format") != FORMAT:
-                raise ValueError(f"{path}: format {index.get('format')!r} is not {FORMAT!r}")
-            self._index = index["tensors"]
+            self._index = read_index(self.folder)["tensors"]
             return
         single = os.path.join(self.folder, WEIGHTS_FILE)
         if not os.path.isfile(single):
             raise FileNotFoundError(f"{self.folder!r} holds neither {INDEX_FILE} nor {WEIGHTS_FILE}")
-        with safe_open(single, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shape = list(sl.get_shape())
-                self._index[key] = {"shape": shape, "dtype": None,
-                                    "parts": [{"file": WEIGHTS_FILE, "key": key, "start": [0] * len(shape),
-                                               "shape": shape}]}
+        f = self._open(WEIGHTS_FILE)
+        for key in f.keys():
+            shape = list(f.get_slice(key).get_shape())
+            self._index[key] = {"shape": shape, "dtype": None,
+                                "parts": [{"file": WEIGHTS_FILE, "key": key, "start": [0] * len(shape),
+                                           "shape": shape}]}
 
     def __enter__(self):
         return self
@@ -162,8 +194,7 @@ class WeightReader:
 
     def _open(self, file):
         if file not in self._files:
-            f = safe_open(os.path.join(self.folder, file), framework="pt")
-            self._files[file] = f.__enter__()
+            self._files[file] = open_safetensors(os.path.join(self.folder, file))
         return self._files[file]
 
     def names(self) -> list[str]:
@@ -212,12 +243,17 @@ class WeightReader:
         holds nothing, and how many it holds."""
         f = self._open(part["file"])
         region = tuple(slice(a, a + n) for a, n in zip(lo, size))
+        try:
+            stored = f.get_slice(part["key"])
+        except Exception as e:          # noqa: BLE001 - SafetensorError: the index names a key the file lacks
+            raise WeightFileError(f"weight file {os.path.join(self.folder, part['file'])!r} has no tensor "
+                                  f"{part['key']!r} that {INDEX_FILE} names ({e}); {REDO}") from None
         if "flat" not in part:
-            piece = f.get_slice(part["key"])[region] if size else f.get_slice(part["key"])[:]
+            piece = stored[region] if size else stored[:]
             return piece, piece.numel()
         # a flat range of the box (a ZeRO 3 partition): place it in the box, then cut the region
         a, b = part["flat"]
-        flat = f.get_slice(part["key"])[:]
+        flat = stored[:]
         box = torch.zeros(part["shape"], dtype=flat.dtype)
         held = torch.zeros(part["shape"], dtype=torch.bool)
         box.view(-1)[a:b] = flat

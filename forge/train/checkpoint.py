@@ -20,9 +20,20 @@ same step is saved again. `train.resume`: `none` (start fresh; an out_dir that a
 checkpoints is an error, so nothing is overwritten), `auto` (the newest complete checkpoint in
 train.out_dir, or a fresh start when there is none) or a path (a step dir, or a run / checkpoints
 dir whose newest complete checkpoint is taken; missing or incomplete -> error).
+
+Resuming from an older step than the newest of train.out_dir (e.g. because the newest is
+corrupt) moves the newer step dirs aside, to OUT/superseded/<time>/ (`set_aside`), before the
+run writes anything: no complete checkpoint is ever deleted to make room for the resumed run.
+
+A file of a checkpoint that cannot be read (truncated, corrupt, missing) is a CheckpointError
+naming the file and the `train.resume=...` of the newest complete checkpoint before it. A write
+that fails (ENOSPC: "disk full") is a CheckpointWriteError naming the path; the step dir then
+has no COMPLETE marker, so it is never resumed from.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -46,7 +57,33 @@ LATEST = "latest"
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint that is missing, incomplete or does not fit the configured run."""
+    """A checkpoint that is missing, incomplete, unreadable or does not fit the configured run.
+    `rank_local`: only the rank that raised it can see it (its own files), so that rank reports it."""
+    rank_local = False
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the step dir has no COMPLETE."""
+
+
+def resume_hint(path: str) -> str:
+    """What to do about an unreadable checkpoint `path`: the train.resume= of the newest complete
+    checkpoint older than it in the same checkpoints dir, or a fresh start when there is none."""
+    norm = os.path.normpath(path)
+    m = STEP_RE.match(os.path.basename(norm))
+    root = os.path.dirname(norm)
+    if m and os.path.basename(root) == CHECKPOINTS:
+        older = [p for s, p in list_checkpoints(os.path.dirname(root)) if s < int(m.group(1))]
+        if older:
+            return (f"resume from the previous complete checkpoint with train.resume={older[-1]} (the newer step "
+                    "dirs are then moved aside to superseded/, not deleted)")
+    return "there is no earlier complete checkpoint: start a fresh run in another train.out_dir"
+
+
+def unreadable(path: str, file: str, e: BaseException) -> CheckpointError:
+    """CheckpointError: `file` of checkpoint `path` cannot be read, and what to do."""
+    return CheckpointError(f"checkpoint {path!r}: {file!r} cannot be read ({type(e).__name__}: {e}); it is "
+                           f"truncated or corrupt: {resume_hint(path)}")
 
 
 # ---------------------------------------------------------------- layout and discovery
@@ -78,14 +115,50 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
 
 
 def read_state(path: str) -> dict:
+    """The trainer_state.json of checkpoint `path`; a missing or unreadable one is a
+    CheckpointError naming the file and the checkpoint to resume from instead."""
     file = os.path.join(path, STATE_FILE)
     try:
         with open(file) as f:
-            return json.load(f)
+            state = json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path!r} has no {STATE_FILE}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path!r}: {STATE_FILE} does not parse: {e}") from None
+        raise CheckpointError(f"checkpoint {path!r} has no {STATE_FILE}; {resume_hint(path)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise unreadable(path, file, e) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise unreadable(path, file, ValueError("not an object with an integer 'step'"))
+    return state
+
+
+def set_aside(paths: list[str], out_dir: str) -> list[tuple[str, str]]:
+    """Move step dirs `paths` (newer than the checkpoint a run resumes from) to
+    OUT/superseded/<UTC time>/ so the resumed run can write those steps again without deleting
+    them; returns (old, new) paths. Rank 0 only; COMPLETE markers move with their dirs."""
+    if not paths:
+        return []
+    dest = os.path.join(out_dir, "superseded", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    n = 0
+    while os.path.exists(dest + (f"-{n}" if n else "")):
+        n += 1
+    dest += f"-{n}" if n else ""
+    os.makedirs(dest)
+    moved = []
+    for p in paths:
+        new = os.path.join(dest, os.path.basename(os.path.normpath(p)))
+        os.rename(p, new)
+        moved.append((p, new))
+    remaining = list_checkpoints(out_dir)
+    if remaining:                           # `latest` names a step dir that is still there
+        _write_latest(out_dir, remaining[-1][1])
+    _fsync_dir(checkpoints_dir(out_dir))
+    return moved
+
+
+def _write_latest(out_dir: str, path: str) -> None:
+    latest = os.path.join(checkpoints_dir(out_dir), LATEST)
+    with open(latest + ".tmp", "w") as f:
+        f.write(os.path.basename(path) + "\n")
+    os.replace(latest + ".tmp", latest)
 
 
 # ---------------------------------------------------------------- compatibility
@@ -238,37 +311,67 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
     from forge.layout.optim import low_precision, optimizer_step, rank_optimizer_parts
     path = step_dir(out_dir, step)
     rank = dist.rank()
-    if rank == 0:
-        if os.path.exists(path):             # a partial save of this step, or a rewound run
-            marker = os.path.join(path, COMPLETE)
-            if os.path.exists(marker):
-                os.remove(marker)
-            shutil.rmtree(path)
-        os.makedirs(os.path.join(path, MODEL_DIR))
-        os.makedirs(os.path.join(path, OPTIM_DIR))
+    with _writing_checkpoint(path):
+        if rank == 0:
+            if os.path.exists(path):             # a partial save of this step, or a rewound run
+                marker = os.path.join(path, COMPLETE)
+                if os.path.exists(marker):
+                    os.remove(marker)
+                shutil.rmtree(path)
+            os.makedirs(os.path.join(path, MODEL_DIR))
+            os.makedirs(os.path.join(path, OPTIM_DIR))
     dist.barrier()
-    _save_model_shards(engine, cfg, groups, os.path.join(path, MODEL_DIR), tokenizer_dir)
-    _write_sharded(os.path.join(path, OPTIM_DIR), rank_optimizer_parts(
-        engine, cfg.model, groups, forge_name_of(engine.module, cfg.model), low_precision(engine)))
-    from forge.train.precision import loss_scaler_state
-    state = dict(state, optimizer_step=optimizer_step(engine), sharded_optimizer=True,
-                 loss_scaler=loss_scaler_state(engine))
-    torch.save(rng_state(), _rng_file(path, rank))
+    with _writing_checkpoint(path):
+        _save_model_shards(engine, cfg, groups, os.path.join(path, MODEL_DIR), tokenizer_dir)
+        _write_sharded(os.path.join(path, OPTIM_DIR), rank_optimizer_parts(
+            engine, cfg.model, groups, forge_name_of(engine.module, cfg.model), low_precision(engine)))
+        from forge.train.precision import loss_scaler_state
+        state = dict(state, optimizer_step=optimizer_step(engine), sharded_optimizer=True,
+                     loss_scaler=loss_scaler_state(engine))
+        _save_torch(rng_state(), _rng_file(path, rank))
     dist.barrier()
     if rank == 0:
-        full = dict(state, step=step, config=cfg.to_dict(), config_hash=cfg.hash(), time=time.time())
-        _write_json_durable(os.path.join(path, STATE_FILE), full)
-        _fsync_tree(path)
-        with open(os.path.join(path, COMPLETE), "w") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(path)
-        latest = os.path.join(checkpoints_dir(out_dir), LATEST)
-        with open(latest + ".tmp", "w") as f:
-            f.write(os.path.basename(path) + "\n")
-        os.replace(latest + ".tmp", latest)
+        with _writing_checkpoint(path):
+            full = dict(state, step=step, config=cfg.to_dict(), config_hash=cfg.hash(), time=time.time())
+            _write_json_durable(os.path.join(path, STATE_FILE), full)
+            _fsync_tree(path)
+            with open(os.path.join(path, COMPLETE), "w") as f:
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(path)
+            _write_latest(out_dir, path)
     dist.barrier()
     return path
+
+
+@contextlib.contextmanager
+def _writing_checkpoint(path: str):
+    """A failed write inside is a CheckpointWriteError naming the file ("disk full" for ENOSPC);
+    COMPLETE is written last, so the step dir stays incomplete and is never resumed from."""
+    from forge.models.io import WriteError, writing
+    try:
+        with writing(path):
+            yield
+    except WriteError as e:
+        err = CheckpointWriteError(f"saving checkpoint {path!r} failed: {e}; the step dir is not marked "
+                                   f"{COMPLETE}, so it is never resumed from (train.resume=auto takes the "
+                                   "previous complete checkpoint)")
+        err.rank_local = True
+        raise err from e
+
+
+def _save_torch(obj: Any, file: str) -> None:
+    """torch.save through an in-memory buffer and a plain write, so that a full disk is an
+    OSError(ENOSPC) naming `file` (torch's zip writer reports it as "unexpected pos N vs M")."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        with open(file, "wb") as f:
+            f.write(buf.getbuffer())
+    except OSError as e:
+        if e.filename is None:
+            e.filename = file
+        raise
 
 
 def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = False) -> dict:
@@ -292,8 +395,11 @@ def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = F
             load_rank_weights(engine.module, cfg.model, groups, model_dir, name_of)
             load_rank_optimizer(engine, cfg.model, groups, optim_dir, model_dir, name_of,
                                 int(state.get("optimizer_step", state["step"])))
-        except (OSError, KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path!r}: cannot read its model/ and optim/ files: {e}") from None
+        except (OSError, KeyError, ValueError) as e:    # WeightFileError (a ValueError) names the file
+            err = CheckpointError(f"checkpoint {path!r}: cannot read its model/ and optim/ files: {e}; "
+                                  f"{resume_hint(path)}")
+            err.rank_local = True
+            raise err from None
         from forge.train.precision import load_loss_scaler_state
         load_loss_scaler_state(engine, state.get("loss_scaler"))
         # per-rank RNG streams carry over only to the same layout
@@ -301,8 +407,14 @@ def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = F
         return state
     if not os.path.isdir(os.path.join(path, DS_TAG)):
         raise CheckpointError(f"checkpoint {path!r} has no DeepSpeed state ({DS_TAG}/)")
-    load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    try:
+        load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except Exception as e:          # noqa: BLE001 - torch.load of a truncated ds/*.pt: RuntimeError, EOFError, ...
+        file = getattr(e, "filename", None) or _unreadable_zip(os.path.join(path, DS_TAG)) or os.path.join(path, DS_TAG)
+        err = unreadable(path, file, e)
+        err.rank_local = True
+        raise err from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the engine state under {os.path.join(path, DS_TAG)!r}")
     if groups is not None and groups.ep > 1:
@@ -311,12 +423,36 @@ def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = F
     return state
 
 
+def _unreadable_zip(folder: str) -> Optional[str]:
+    """The first *.pt file under `folder` whose zip directory (at its end: torch.save's format)
+    does not read, i.e. a truncated file; None when all do. Reads no tensor data."""
+    import zipfile
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        file = os.path.join(folder, name)
+        if name.endswith(".pt"):
+            try:
+                zipfile.ZipFile(file).close()
+            except (OSError, zipfile.BadZipFile):
+                return file
+    return None
+
+
 def _load_rng(path: str):
     """This rank's saved RNG states (rank 0's where this rank has none), or None."""
     rng_file = _rng_file(path, dist.rank())
     if not os.path.isfile(rng_file):
         rng_file = _rng_file(path, 0)
-    return torch.load(rng_file, weights_only=False) if os.path.isfile(rng_file) else None
+    if not os.path.isfile(rng_file):
+        return None
+    try:
+        state = torch.load(rng_file, weights_only=False)
+        if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+            raise ValueError("not a dict of python/numpy/torch RNG states")
+    except Exception as e:          # noqa: BLE001 - torch.load of a truncated file: RuntimeError, EOFError, ...
+        err = unreadable(path, rng_file, e)
+        err.rank_local = True
+        raise err from None
+    return state
 
 
 def _restore_experts(model, cfg, path: str, groups) -> None:

@@ -10,6 +10,7 @@ number when stopped by SIGINT / SIGTERM (after saving a checkpoint).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -26,6 +27,17 @@ def user_keys(path: str | None, overrides: list[str]) -> frozenset:
             tree = yaml.safe_load(f) or {}
     return frozenset(flatten_dict(tree if isinstance(tree, dict) else {})) | frozenset(
         flatten_dict(parse_overrides(overrides)))
+
+
+def _report(kind: str, e: ConfigError) -> None:
+    """Print a config/checkpoint error once: every rank finds the same one (same config, same
+    files), so rank 0 prints it; an error that only this rank can see (`e.rank_local`, e.g. its
+    own RNG file) is printed by the rank that found it, prefixed with its rank."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        print(f"forge train: {kind}: {e}", file=sys.stderr)
+    elif getattr(e, "rank_local", False):
+        print(f"forge train: rank {rank}: {kind}: {e}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = train(cfg, explicit_vocab="model.vocab_size" in explicit, explicit=explicit)
         except CheckpointError as e:
-            print(f"forge train: checkpoint error: {e}", file=sys.stderr)
+            _report("checkpoint error", e)
             return 2
     except ConfigError as e:
-        print(f"forge train: config error: {e}", file=sys.stderr)
+        _report("config error", e)
         return 2
     if result.interrupted:
         return 128 + int(result.interrupted)

@@ -139,15 +139,31 @@ def _build_data(cfg: JobConfig, rank: int, world: int):
         return build_data(cfg.data, seed=cfg.train.seed, work_dir=cfg.train.out_dir, rank=rank, world_size=world)
 
 
+def config_mismatch(configs: list[dict], limit: int = 12) -> Optional[str]:
+    """None when every rank's resolved config dict (`configs[r]`) equals rank 0's; else lines
+    naming each differing key with rank 0's value and the other rank's."""
+    lines = []
+    for r, other in enumerate(configs[1:], start=1):
+        for key, (a, b) in ckpt.config_diff(configs[0], other).items():
+            lines.append(f"  {key}: rank 0 {a!r}, rank {r} {b!r}")
+    if not lines:
+        return None
+    more = f"\n  ... ({len(lines) - limit} more)" if len(lines) > limit else ""
+    return "\n".join(lines[:limit]) + more
+
+
 def check_same_config(cfg: JobConfig) -> None:
-    """Every rank must run the same resolved config: compare hashes (an error, not a hang)."""
+    """Every rank must run the same resolved config: compare hashes, and on a mismatch gather
+    the configs and name the keys that differ (an error on every rank, not a hang)."""
     if dist.world_size() == 1:
         return
     hashes = [None] * dist.world_size()
     torch.distributed.all_gather_object(hashes, cfg.hash())
     if len(set(hashes)) > 1:
+        configs = [None] * dist.world_size()
+        torch.distributed.all_gather_object(configs, cfg.to_dict())
         bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
-        raise ConfigError(f"ranks {bad} resolved a different config than rank 0 (hashes {sorted(set(hashes))}); "
+        raise ConfigError(f"ranks {bad} resolved a different config than rank 0:\n{config_mismatch(configs)}\n"
                           "start every rank with the same config file and overrides")
 
 
@@ -180,13 +196,11 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
             raise ckpt.CheckpointError(
                 f"train.out_dir={out_dir!r} already holds checkpoints (newest: {existing[-1][1]}); "
                 "pass train.resume=auto to continue that run, or choose another train.out_dir (nothing was written)")
-    else:
-        newer = [p for s, p in ckpt.list_checkpoints(out_dir) if s > ckpt.read_state(resume_path).get("step", 0)]
-        if newer:
-            raise ckpt.CheckpointError(
-                f"train.out_dir={out_dir!r} holds checkpoints newer than {resume_path!r} ({newer[-1]}) that this run "
-                "would overwrite; move them away or choose another train.out_dir (nothing was written)")
     state0 = ckpt.read_state(resume_path) if resume_path else None
+    # complete step dirs newer than the one resumed from (e.g. a corrupt newest one): set aside to
+    # OUT/superseded/ once every check has passed (see _run), never overwritten; incomplete ones
+    # are replaced when their step is saved again, as after any crash
+    newer = [p for s, p in ckpt.list_checkpoints(out_dir) if s > int(state0["step"])] if state0 is not None else []
 
     dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
@@ -219,7 +233,7 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
         load_init_weights(model, cfg, groups, init_folder)
     engine = create_engine(cfg, model, groups)
     try:
-        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout)
+        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout, newer)
     finally:
         if hasattr(engine, "destroy"):
             try:
@@ -248,7 +262,8 @@ def build_rank_model(cfg: JobConfig, groups):
     return model
 
 
-def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout=False) -> TrainResult:
+def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout=False,
+         newer=()) -> TrainResult:
     from forge.data import batch_iterator
     main = dist.is_main()
     dp_rank, dp_size = groups.dp_rank, groups.dp
@@ -276,7 +291,9 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
 
     # ---- shared files (rank 0), now that every check passed
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
+    moved = []
     if main:
+        moved = ckpt.set_aside(list(newer), out_dir)
         os.makedirs(out_dir, exist_ok=True)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
         if hasattr(bundle.tokenizer, "save"):
@@ -287,6 +304,9 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     n_params = build_model(cfg.model, device="meta").num_params()     # the whole model, not this rank's part
     if resume_path:
         logger.write(f"resuming from {resume_path} (step {start_step}, {consumed} samples consumed)")
+        for old, new in moved:
+            logger.write(f"  {old} is newer than the checkpoint resumed from: moved aside to {new} (kept, not "
+                         "resumed from; delete it when no longer needed)")
         if relayout:
             logger.write("  under another layout than it was written with: weights and optimizer state read per "
                          "rank from its sharded model/ and optim/ files")

@@ -40,11 +40,12 @@ from urllib.parse import urlparse
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from forge.config import ModelConfig
 from forge.models.hf.families import FAMILIES, FamilySpec, Transform, UnsupportedModelError, representation_errors
-from forge.models.io import (CONFIG_FILE, FOLDER_CONTENTS, SAFETENSORS_DTYPES, WEIGHTS_FILE, is_forge_folder,
+from forge.models.io import (CONFIG_FILE, FOLDER_CONTENTS, SAFETENSORS_DTYPES, WEIGHTS_FILE, WriteError, writing,
+                             is_forge_folder,
                              load_model_folder, load_state_dict_strict, model_config_dict, read_model_config,
                              unique_state_dict, weight_dtypes)
 
@@ -263,9 +264,34 @@ def _names(keys, n: int = 8) -> str:
 
 
 # ---------------------------------------------------------------- HF folders
+def read_json(file: str) -> dict:
+    """The JSON object in `file`; a missing, truncated or corrupt file is a ValueError (OSError
+    when missing) naming it."""
+    try:
+        with open(file) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file!r} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file!r} does not parse as JSON ({e}): it is truncated or corrupt; download or "
+                         "copy the folder again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file!r} holds {type(value).__name__}, not a JSON object; download or copy it again")
+    return value
+
+
+def _load_safetensors(file: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; WeightFileError names a truncated or corrupt file."""
+    from forge.models.sharded import open_safetensors
+    f = open_safetensors(file)
+    try:
+        return {k: f.get_tensor(k) for k in f.keys()}
+    finally:
+        f.__exit__(None, None, None)
+
+
 def read_hf_config(path: str) -> dict:
-    with open(os.path.join(path, HF_CONFIG)) as f:
-        return json.load(f)
+    return read_json(os.path.join(path, HF_CONFIG))
 
 
 def family_for(hf_cfg: dict, source: str = "config.json") -> FamilySpec:
@@ -281,15 +307,17 @@ def family_for(hf_cfg: dict, source: str = "config.json") -> FamilySpec:
 def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder: model.safetensors, sharded safetensors, or pytorch_model*.bin."""
     def shards(index):
-        with open(os.path.join(path, index)) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(os.path.join(path, index)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{os.path.join(path, index)!r} has no 'weight_map'; download or copy it again")
+        return sorted(set(weight_map.values()))
     st = os.path.join(path, "model.safetensors")
     if os.path.isfile(st):
-        return load_file(st)
+        return _load_safetensors(st)
     if os.path.isfile(st + ".index.json"):
         sd = {}
         for name in shards("model.safetensors.index.json"):
-            sd.update(load_file(os.path.join(path, name)))
+            sd.update(_load_safetensors(os.path.join(path, name)))
         return sd
     bins = ([os.path.join(path, n) for n in shards("pytorch_model.bin.index.json")]
             if os.path.isfile(os.path.join(path, "pytorch_model.bin.index.json"))
@@ -299,7 +327,11 @@ def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
                                 f"pytorch_model.bin or pytorch_model.bin.index.json)")
     sd = {}
     for b in bins:
-        sd.update(torch.load(b, map_location="cpu", weights_only=True))
+        try:
+            sd.update(torch.load(b, map_location="cpu", weights_only=True))
+        except Exception as e:             # noqa: BLE001 - a truncated zip: RuntimeError, EOFError, ...
+            raise ValueError(f"weight file {b!r} cannot be read ({type(e).__name__}: {e}): it is truncated or "
+                             "corrupt; download or copy it again") from None
     return sd
 
 
@@ -407,6 +439,10 @@ def resolve(path: str) -> tuple[str, str]:
     """("forge" | "hf", folder) for a Forge folder, run dir, checkpoint dir, HF folder or hub id."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        from forge.models.discovery import complete_model_folder
+        step_model = complete_model_folder(path)    # a step dir (or its model/): COMPLETE checked
+        if step_model is not None and is_forge_folder(step_model):
+            return "forge", step_model
         if is_forge_folder(path):
             return "forge", path
         if os.path.isfile(os.path.join(path, HF_CONFIG)):
@@ -437,10 +473,17 @@ def from_pretrained(path, dtype=torch.float32):
 
 
 # ---------------------------------------------------------------- writing
+def describe_os_error(e: OSError, args) -> str:
+    """An OSError outside the writes (a missing or unreadable input), with its file."""
+    file = getattr(e, "filename", None)
+    return f"{e.strerror}: {file!r}" if file and e.strerror else str(e)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str, force: bool = False):
     """Yield a temporary sibling of `out`; on success it replaces `out` (refused when `out` exists
-    and is non-empty, unless force)."""
+    and is non-empty, unless force). A failed write (WriteError: ENOSPC says "disk full") leaves
+    `out` as it was."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not force and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(f"{out!r} exists and is not empty; pass --force to overwrite it")
@@ -448,7 +491,8 @@ def atomic_dir(out: str, force: bool = False):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent)
     try:
-        yield tmp
+        with writing(out, under=tmp):
+            yield tmp
         old = None
         if os.path.lexists(out):           # move the old output aside, swap the new one in, then delete
             old = tmp + "-old"
@@ -476,8 +520,7 @@ def _token_ids(folder: str) -> dict:
     for name in (HF_SOURCE, "generation_config.json"):
         p = os.path.join(folder, name)
         if os.path.isfile(p):
-            with open(p) as f:
-                d = json.load(f)
+            d = read_json(p)
             for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 if d.get(k) is not None:
                     ids.setdefault(k, d[k])
@@ -676,8 +719,7 @@ def write_hf_folder(out: str, cfg: ModelConfig, weights, dtype=None, arch: str |
     if src_dir:
         ids = _token_ids(src_dir)
         if not arch and os.path.isfile(os.path.join(src_dir, HF_SOURCE)):
-            with open(os.path.join(src_dir, HF_SOURCE)) as f:
-                prefer, strict = json.load(f).get("architecture"), False
+            prefer, strict = read_json(os.path.join(src_dir, HF_SOURCE)).get("architecture"), False
     spec = pick_family(cfg, prefer, strict)
     layout, tensors = forge_to_hf_stream(spec, cfg, weights, dtype, source=src_dir or "model")
     with atomic_dir(out, force) as tmp:
@@ -722,6 +764,10 @@ def _size_arg(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when written; 2 for a bad input (a missing, incomplete or corrupt folder or
+    file, named in the message) or an output that cannot be written (nothing is left under
+    --output then: the folder is written aside and renamed into place)."""
+    from forge.data.tokenizer import check_tokenizer_files
     args = _parser().parse_args(argv)
     try:
         if args.from_ == "hf":
@@ -731,13 +777,13 @@ def main(argv: list[str] | None = None) -> int:
             kind, folder = resolve(args.input)
             if kind != "hf":
                 raise ValueError(f"{args.input!r} is a Forge model folder, not a Hugging Face one (use --to hf)")
+            check_tokenizer_files(folder)          # before any work: a broken tokenizer is never copied
             cfg, sd, spec, hf_cfg = hf_folder_to_forge(folder, dtype)
             source = {"architecture": spec.architecture}
             gen = os.path.join(folder, "generation_config.json")
             token_src = {}
             if os.path.isfile(gen):
-                with open(gen) as f:
-                    token_src = json.load(f)
+                token_src = read_json(gen)
             for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 v = hf_cfg.get(k, token_src.get(k))
                 if v is not None:
@@ -750,15 +796,20 @@ def main(argv: list[str] | None = None) -> int:
             if kind != "forge":
                 raise ValueError(f"{args.input!r} is a Hugging Face folder, not a Forge one (use --from hf)")
             cfg = read_model_config(folder)
+            check_tokenizer_files(folder)          # before any work: a broken tokenizer is never copied
             with FolderWeights(folder) as weights:
                 spec = write_hf_folder(args.output, cfg, weights, args.dtype and DTYPES[args.dtype], args.arch,
                                        folder, args.force, args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
             files = sorted(n for n in os.listdir(args.output) if n.endswith(".safetensors"))
             print(f"wrote Hugging Face folder {args.output} ({spec.architecture}, {len(files)} safetensors "
                   f"file{'s' if len(files) > 1 else ''}, {args.dtype or 'stored dtype'})")
-    except (ValueError, OSError, RuntimeError) as e:
+    except OSError as e:                   # a WriteError says already what and where
+        print(f"forge convert: error: {e if isinstance(e, WriteError) else describe_os_error(e, args)}",
+              file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as e:
         print(f"forge convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
