@@ -197,7 +197,7 @@ class QKScale(nn.Module):
         super().__init__()
         L = cfg.max_seq_len
         self.init = cfg.qk_norm_scale if cfg.qk_norm_scale is not None else math.log2(L * L - L)
-        self.weight = nn.Parameter(torch.tensor(float(self.init)))
+        self.weight = nn.Parameter(torch.full((1,), float(self.init)))   # (1,): DeepSpeed flattens no 0-d tensors
         self.tp_group = tp_group
 
     def init_constants(self):
