@@ -414,3 +414,17 @@ def test_forge_train_tp2_equals_one_process(tmp_path_factory):
     for name, ref in ref_weights.items():
         err = (weights[name] - ref).norm() / ref.norm().clamp_min(1e-12)
         assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
+
+
+def test_plan_keeps_the_score_term_only_for_one_unchunked_explicit_chunk():
+    """forge plan's activations: a non-softmax score function stores s x s scores (5as/h) only when
+    one chunk holds the whole sequence; longer sequences recompute chunk by chunk (no term)."""
+    from forge.plan import _activation_terms
+    base = ["model.preset=tiny-llama", "data.seq_len=64", "model.attention_softmax=relumax"]
+    one, _, txt_one = _activation_terms(load_config(None, base + ["model.attention_chunk=64"]))
+    chunked, _, txt = _activation_terms(load_config(None, base + ["model.attention_chunk=16"]))
+    softmax, _, _ = _activation_terms(load_config(None, ["model.preset=tiny-llama", "data.seq_len=64"]))
+    cfg = load_config(None, base)
+    s, b, h, a = 64, cfg.train.micro_batch_size, cfg.model.d_model, cfg.model.n_heads
+    assert chunked == softmax and "+ 5as" not in txt
+    assert one - chunked == 2 * s * b * h * 5 * a * s / h and "+ 5as" in txt_one   # fp32: twice the bytes
