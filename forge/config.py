@@ -43,6 +43,11 @@ class MoEConfig:
     bias_update_rate: float = 0.0   # aux-loss-free balancing (DeepSeek-V3); 0 = off
 
 
+# model.output_softmax -> (base, temperature) of p_v = b^(z_v / t) / sum_u b^(z_u / t) over the vocabulary
+OUTPUT_SOFTMAX = {"softmax": lambda m: (math.e, 1.0), "softermax": lambda m: (2.0, 1.0),
+                  "strongermax": lambda m: (m.strongermax_base, m.strongermax_temperature)}
+
+
 @dataclass
 class ModelConfig:
     """Every architectural difference between families is a field here (never a model name)."""
@@ -81,6 +86,7 @@ class ModelConfig:
     qk_norm_scale: Optional[float] = None   # l2_scale: initial g; None = log2(L^2 - L), L = max_seq_len
     qk_head_dim: Optional[int] = None       # query/key width per head (None = head_dim)
     v_head_dim: Optional[int] = None        # value width per head (None = head_dim); wo reads n_heads * v_head_dim
+    output_softmax: str = "softmax"         # next-token distribution: softmax | softermax (2^z) | strongermax
     # positions
     position: str = "rope"                  # POSITION registry key
     rope_theta: float = 10000.0
@@ -135,6 +141,15 @@ class ModelConfig:
         return m * ((hidden + m - 1) // m)
 
     @property
+    def output_logit_factor(self) -> float:
+        """ln(b) / t of model.output_softmax: the head multiplies its logits by it, so that softmax
+        of what it returns (the loss, sampling) is b^(z/t) / sum b^(z/t). 1 for softmax."""
+        if self.output_softmax == "softmax":
+            return 1.0
+        base, temperature = OUTPUT_SOFTMAX[self.output_softmax](self)
+        return math.log(base) / temperature
+
+    @property
     def qk_hd(self) -> int:
         return self.qk_head_dim or self.hd
 
@@ -159,6 +174,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={v} must be positive")
         if self.strongermax_base == 1.0:
             raise ConfigError("model.strongermax_base=1 makes every weight equal; use a base > 0 other than 1")
+        if self.output_softmax not in OUTPUT_SOFTMAX:
+            raise ConfigError(f"model.output_softmax={self.output_softmax!r} is not one of {sorted(OUTPUT_SOFTMAX)} "
+                              "(the normalised score functions: the loss and sampling need a distribution)")
         if self.polymax_x_intercept >= 0:
             raise ConfigError(f"model.polymax_x_intercept={self.polymax_x_intercept} must be negative")
         if self.consmax_gamma == 0:

@@ -289,6 +289,7 @@ def test_identity_attention_adds_nothing_and_holds_no_weights():
     (["model.qk_norm_scale=2.0"], "model.qk_norm_scale"),
     (["model.attention_chunk=0"], "model.attention_chunk"),
     (["model.polymax_x_intercept=1.0"], "model.polymax_x_intercept"),
+    (["model.output_softmax=relumax"], "model.output_softmax='relumax' is not one of .'softermax', 'softmax'"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -428,3 +429,24 @@ def test_plan_keeps_the_score_term_only_for_one_unchunked_explicit_chunk():
     s, b, h, a = 64, cfg.train.micro_batch_size, cfg.model.d_model, cfg.model.n_heads
     assert chunked == softmax and "+ 5as" not in txt
     assert one - chunked == 2 * s * b * h * 5 * a * s / h and "+ 5as" in txt_one   # fp32: twice the bytes
+
+
+@pytest.mark.parametrize("kw", [dict(output_softmax="softermax"),
+                                dict(output_softmax="strongermax", strongermax_base=5.0, strongermax_temperature=0.7)],
+                         ids=["softermax", "strongermax"])
+def test_output_softmax_loss_and_sampling_use_the_variant(kw):
+    """With the same weights as a softmax model whose logits are z: the loss is -log(b^(z_y/t) /
+    sum b^(z/t)) and the distribution sampled from is b^(z/t) / sum b^(z/t) (base 2, t 1 for
+    softermax); greedy decoding is unchanged (the map is monotone)."""
+    from forge.generate import generate
+    base, t = (2.0, 1.0) if kw["output_softmax"] == "softermax" else (5.0, 0.7)
+    plain, variant = model_of(), model_of(**kw)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        z = plain(ids[:, :-1]).double()
+        p = base ** (z / t) / (base ** (z / t)).sum(-1, keepdim=True)
+        nll = -torch.log(p.gather(-1, ids[:, 1:, None])).mean()
+        logits = variant(ids[:, :-1])
+        torch.testing.assert_close(variant.loss(logits, ids[:, 1:]).double(), nll, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.softmax(logits.double(), -1), p, atol=1e-6, rtol=1e-5)
+    assert torch.equal(generate(variant, ids[:, :4], 6, temperature=0.0), generate(plain, ids[:, :4], 6, temperature=0.0))

@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION, Rotary
@@ -37,7 +38,6 @@ from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, enter_tp_region
 from forge.parallel.mappings import copy_to, group_rank, group_size
 from forge.parallel.random import tp_stream
-from torch.utils.checkpoint import checkpoint
 
 
 class KVCache:
