@@ -450,3 +450,15 @@ def test_output_softmax_loss_and_sampling_use_the_variant(kw):
         torch.testing.assert_close(variant.loss(logits, ids[:, 1:]).double(), nll, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.softmax(logits.double(), -1), p, atol=1e-6, rtol=1e-5)
     assert torch.equal(generate(variant, ids[:, :4], 6, temperature=0.0), generate(plain, ids[:, :4], 6, temperature=0.0))
+
+
+@pytest.mark.parametrize("kw", [dict(attention_softmax="consmax"), dict(qk_norm="l2_scale"), dict(v_head_dim=8),
+                                dict(output_softmax="softermax"), dict(attention_pattern=["identity", "causal"])],
+                         ids=["consmax", "l2-scale", "v-width", "output-softermax", "identity"])
+def test_hugging_face_export_refuses_the_new_kinds(kw):
+    """No Llama-family counterpart: conversion names the field instead of writing a wrong model."""
+    import dataclasses
+    from forge.models.hf.families import FAMILIES, representation_errors
+    from forge.models.presets import PRESETS
+    errs = representation_errors(FAMILIES["LlamaForCausalLM"], dataclasses.replace(PRESETS["tiny-llama"], **kw))
+    assert errs and any(k in errs[0] for k in (*kw, "layer_kinds"))
