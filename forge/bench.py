@@ -113,7 +113,8 @@ def hf_counterpart(cfg: ModelConfig):
     checks = {"position": "rope", "norm": "rmsnorm", "mlp": "glu", "activation": "silu", "block": "pre_ln",
               "qk_norm": "none", "norm_offset": 0.0, "embed_scale": 1.0, "final_norm": True,
               "rope_interleaved": False, "rotary_pct": 1.0, "head_bias": False, "attn_softcap": None,
-              "logit_softcap": None, "attn_scale": None, "attention_pattern": None}
+              "logit_softcap": None, "attn_scale": None, "attention_pattern": None,
+              "attention_softmax": "softmax", "qk_head_dim": None, "v_head_dim": None}
     if hasattr(cfg, "qkv_clip"):
         checks["qkv_clip"] = None
     for k, v in checks.items():

@@ -85,6 +85,11 @@ class MoEConfig:
         return self
 
 
+# model.output_softmax -> (base, temperature) of p_v = b^(z_v / t) / sum_u b^(z_u / t) over the vocabulary
+OUTPUT_SOFTMAX = {"softmax": lambda m: (math.e, 1.0), "softermax": lambda m: (2.0, 1.0),
+                  "strongermax": lambda m: (m.strongermax_base, m.strongermax_temperature)}
+
+
 @dataclass
 class ModelConfig:
     """Every architectural difference between families is a field here (never a model name)."""
@@ -103,10 +108,27 @@ class ModelConfig:
     local_window: Optional[int] = None      # for "local": causal attention inside blocks of this size
     qkv_bias: bool = False
     attn_out_bias: bool = False
-    qk_norm: str = "none"                   # none | head (Qwen3: per head) | full (OLMo2: whole q/k)
+    qk_norm: str = "none"                   # QK_NORM key: none | head (Qwen3) | full (OLMo2) | l2_scale (Henry 2020)
     attn_softcap: Optional[float] = None    # scores -> cap * tanh(scores / cap)  (Gemma 2)
     attn_scale: Optional[float] = None      # None = head_dim ** -0.5
     qkv_clip: Optional[float] = None        # clamp q, k, v projections to [-c, c] (OLMo clip_qkv)
+    # attention score functions, qk-norm scale, head widths (forge.models.layers.scores, attention)
+    attention_softmax: str = "softmax"      # SCORE key; softmax = SDPA; others explicit, in query chunks
+    attention_chunk: int = 256              # queries per chunk of explicit scores: O(T * chunk) per head
+    attention_divisor: Optional[float] = None   # relumax..squareplus, polymax: p = f(s) / d; None: d = visible keys
+    consmax_per_head: bool = True           # consmax: one (beta, gamma) per head, else one pair per layer
+    consmax_beta: float = 2.0               # consmax: initial beta (p = e^(s - beta) / gamma)
+    consmax_gamma: float = 100.0            # consmax: initial gamma
+    strongermax_base: float = math.e        # strongermax: p = base^(s/temperature) / sum
+    strongermax_temperature: float = 1.0
+    polymax_x_intercept: float = -100.0     # polymax: 0 below x0, linear to y0 at 0, s^power + y0 above
+    polymax_y_intercept: float = 1.0
+    polymax_power: float = 2.0
+    squareplus_b: float = 4 * math.log(2) ** 2   # squareplus: (s + sqrt(s^2 + b)) / 2
+    qk_norm_scale: Optional[float] = None   # l2_scale: initial g; None = log2(L^2 - L), L = max_seq_len
+    qk_head_dim: Optional[int] = None       # query/key width per head (None = head_dim)
+    v_head_dim: Optional[int] = None        # value width per head (None = head_dim); wo reads n_heads * v_head_dim
+    output_softmax: str = "softmax"         # next-token distribution: softmax | softermax (2^z) | strongermax
     # positions
     position: str = "rope"                  # POSITION registry key
     rope_theta: float = 10000.0
@@ -185,8 +207,56 @@ class ModelConfig:
         return getattr(self, f"norm_{location}") or self.norm
 
     @property
+    def output_logit_factor(self) -> float:
+        """ln(b) / t of model.output_softmax: the head multiplies its logits by it, so that softmax
+        of what it returns (the loss, sampling) is b^(z/t) / sum b^(z/t). 1 for softmax."""
+        if self.output_softmax == "softmax":
+            return 1.0
+        base, temperature = OUTPUT_SOFTMAX[self.output_softmax](self)
+        return math.log(base) / temperature
+
+    @property
+    def qk_hd(self) -> int:
+        return self.qk_head_dim or self.hd
+
+    @property
+    def v_hd(self) -> int:
+        return self.v_head_dim or self.hd
+
+    @property
     def rotary_dim(self) -> int:
-        return int(self.hd * self.rotary_pct)
+        return int(self.qk_hd * self.rotary_pct)
+
+    def _validate_attention_variants(self) -> None:
+        """Score functions, qk_norm=l2_scale and head widths (the registries checked their keys)."""
+        kinds = set(self.attention_pattern or [self.attention])
+        if self.attention_softmax != "softmax" and "linear" in kinds:
+            raise ConfigError(f"model.attention_softmax={self.attention_softmax!r} needs attention scores; "
+                              "model.attention='linear' has none (use causal, sliding or local)")
+        for key in ("attention_chunk", "qk_head_dim", "v_head_dim", "attention_divisor", "strongermax_base",
+                    "strongermax_temperature", "polymax_power"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                raise ConfigError(f"model.{key}={v} must be positive")
+        if self.strongermax_base == 1.0:
+            raise ConfigError("model.strongermax_base=1 makes every weight equal; use a base > 0 other than 1")
+        if self.output_softmax not in OUTPUT_SOFTMAX:
+            raise ConfigError(f"model.output_softmax={self.output_softmax!r} is not one of {sorted(OUTPUT_SOFTMAX)} "
+                              "(the normalised score functions: the loss and sampling need a distribution)")
+        if self.polymax_x_intercept >= 0:
+            raise ConfigError(f"model.polymax_x_intercept={self.polymax_x_intercept} must be negative")
+        if self.consmax_gamma == 0:
+            raise ConfigError("model.consmax_gamma must be non-zero (p = e^(s - beta) / gamma)")
+        if self.squareplus_b < 0:
+            raise ConfigError(f"model.squareplus_b={self.squareplus_b} must be >= 0")
+        if self.qk_norm == "l2_scale":
+            if self.attn_scale is not None:
+                raise ConfigError("model.attn_scale is set but model.qk_norm='l2_scale' learns the score scale "
+                                  "(set model.qk_norm_scale for its initial value)")
+            if self.qk_norm_scale is None and self.max_seq_len < 2:
+                raise ConfigError("model.qk_norm='l2_scale' with model.max_seq_len < 2 needs model.qk_norm_scale")
+        elif self.qk_norm_scale is not None:
+            raise ConfigError(f"model.qk_norm_scale is set but model.qk_norm={self.qk_norm!r} (needs 'l2_scale')")
 
     def layer_attention(self, i: int) -> str:
         """Attention kind of layer i: the pattern entry (cycled) or the global kind."""
@@ -213,7 +283,11 @@ class ModelConfig:
         self.moe.validate()
 
     def validate(self) -> "ModelConfig":
+        from forge.models.layers.attention import REFUSED_ATTENTION
         from forge.models.registry import REGISTRIES
+        for kind in self.attention_pattern or [self.attention]:
+            if kind in REFUSED_ATTENTION:
+                raise ConfigError(f"model.attention={kind!r} is not implemented: {REFUSED_ATTENTION[kind]}")
         for key, reg in REGISTRIES.items():
             values = getattr(self, key)
             for v in (values if isinstance(values, list) else [values]):
@@ -237,8 +311,7 @@ class ModelConfig:
                 raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of ['linear', 'llama3', 'none']")
         if self.qkv_clip is not None and self.qkv_clip <= 0:
             raise ConfigError(f"model.qkv_clip={self.qkv_clip} must be positive or null")
-        if self.qk_norm not in ("none", "head", "full"):
-            raise ConfigError(f"model.qk_norm={self.qk_norm!r} is not one of ['full', 'head', 'none']")
+        self._validate_attention_variants()
         kinds = set(self.attention_pattern or [self.attention])
         for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
             w = getattr(self, key)

@@ -65,9 +65,11 @@ with s = data.seq_len, b = train.micro_batch_size, h = model.d_model, a = model.
 t = parallel.tp. The 5 a s / h term (attention scores, softmax, its dropout mask) is left out
 where Forge's attention runs through SDPA (causal, sliding, local: flash / memory-efficient
 kernels, which never store the s x s scores; linear attention is O(s)) and kept only with
-model.attn_softcap (an explicit fp32 softmax). The formula is Korthikanti's GPT block (4h MLP,
-multi-head attention): GLU MLPs, GQA and MoE's top-k experts per token move the 34 by a few
-s b h, not modelled. Pipeline (1F1B): stage p holds min(pp - p, train.grad_accum) micro batches
+model.attn_softcap (an explicit fp32 softmax), or with a model.attention_softmax other than softmax
+when s <= model.attention_chunk (one chunk of explicit scores, kept for backward; longer sequences
+keep only each chunk's inputs and recompute its scores in backward: no s x s term). The formula
+is Korthikanti's GPT block (4h MLP, multi-head attention): GLU MLPs, GQA and MoE's top-k
+experts per token move the 34 by a few s b h, not modelled. Pipeline (1F1B): stage p holds min(pp - p, train.grad_accum) micro batches
 in flight (Korthikanti 4.2, Megatron-LM), its layers' activations times that. The stage holding
 the head adds the fp32 logits, 4 s b V / t bytes (V = padded vocabulary).
 
@@ -231,10 +233,15 @@ def _activation_terms(cfg: JobConfig) -> tuple[float, float, str]:
     mode = cfg.train.activation_checkpointing
     scale = 2 if cfg.train.precision == "fp32" else 1
     linear, lin_txt = (34, "34") if t == 1 else ((34 / t, "34/t") if sp else (10 + 24 / t, "10 + 24/t"))
-    explicit = m.attn_softcap is not None
+    if m.attention_softmax == "softmax":
+        explicit, why = m.attn_softcap is not None, "explicit softmax (attn_softcap)"
+    else:       # one checkpointed chunk of queries at a time, unless one chunk holds every query
+        explicit, why = s <= m.attention_chunk, f"explicit {m.attention_softmax} in one chunk"
     scores, sc_txt = (5 * a * s / (h * t), " + 5as/(ht)") if explicit else (0.0, "")
     whole = scale * s * b * h * (linear + scores)
-    why = "explicit softmax (attn_softcap)" if explicit else "flash/SDPA: no 5as/h term"
+    if not explicit:
+        why = ("flash/SDPA: no 5as/h term" if m.attention_softmax == "softmax" else
+               f"{m.attention_softmax} in checkpointed chunks of {m.attention_chunk} queries: no 5as/h term")
     if mode == "full":
         keep = scale * 2 * s * b * h / (t if sp else 1)
         return keep, whole, f"full recompute: 2sbh{'/t' if sp else ''} per layer + one layer sbh({lin_txt}{sc_txt})"

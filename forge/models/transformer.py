@@ -2,7 +2,9 @@
 
     x_0 = D(embed_scale * E[ids] (+ P[pos]))        (B, T) -> (B, T, D)
     x_l = Block_l(x_{l-1})                          (B, T, D)
-    logits = softcap(N(x_L) W_head + b)             (B, T, V)  (V/tp per rank under tensor parallelism)
+    logits = f softcap(N(x_L) W_head + b)           (B, T, V)  (V/tp per rank under tensor parallelism)
+              f = ln(b) / t of model.output_softmax (1 for softmax): loss and sampling take softmax of
+              the returned logits, which is b^(z/t) / sum b^(z/t)
 `decoder_stages` lists these parts in order (Forge name, kind, constructor); `Transformer` and the
 pipeline (forge.layout.pipeline) are both assembled from that one list, so a pipeline stage holds
 exactly the modules one process would. With tied embeddings the head reuses E.
@@ -62,6 +64,7 @@ class Head(nn.Module):
         self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, tp), cfg.head_bias, ctx.tp_group,
                                          sequence_parallel=ctx.sp, skip_weight=not own_weight)
         self.softcap = cfg.logit_softcap
+        self.factor = cfg.output_logit_factor      # model.output_softmax: softmax(factor z) = b^(z/t) / sum
         local = padded_vocab(cfg, tp) // tp
         self.vocab = (ctx.tp_rank * local, local, cfg.vocab_size)    # (start, local, vocab)
         self.padded = self.vocab[0] + local > cfg.vocab_size
@@ -75,6 +78,8 @@ class Head(nn.Module):
         logits = self.proj(x, weight)
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
+        if self.factor != 1.0:
+            logits = logits * self.factor
         if self.padded:
             logits = logits.masked_fill(self.pad_mask, float("-inf"))
         return logits
