@@ -74,6 +74,11 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    position_pattern: Optional[list[str]] = None    # per-layer POSITION keys (cycled) for the in-attention
+                                            # position: e.g. ["rope", "rope", "rope", "none"] = NoPE every 4th
+                                            # layer (SmolLM3); None = model.position on every layer
+    rope_theta_local: Optional[float] = None        # rope base of sliding/local layers, unscaled (Gemma 3
+                                            # rope_local_base_freq); None = rope_theta and rope_scaling there
     # norms
     norm: str = "rmsnorm"                   # NORM registry key, for every location not set below
     norm_attn: Optional[str] = None         # attention-input norm (None = norm)
@@ -151,6 +156,16 @@ class ModelConfig:
             return self.attention_pattern[i % len(self.attention_pattern)]
         return self.attention
 
+    def layer_position(self, i: int) -> str:
+        """In-attention position kind of layer i: the position_pattern entry (cycled) or model.position."""
+        if self.position_pattern:
+            return self.position_pattern[i % len(self.position_pattern)]
+        return self.position
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.position == "rope" or "rope" in (self.position_pattern or [])
+
     def validate(self) -> "ModelConfig":
         from forge.models.registry import REGISTRIES
         for key, reg in REGISTRIES.items():
@@ -167,7 +182,17 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
-        if self.position == "rope":
+        if self.position_pattern is not None:
+            from forge.models.layers.position import POSITION
+            if not self.position_pattern:
+                raise ConfigError("model.position_pattern must be a non-empty list or null")
+            embed = sorted(k for k in set(self.position_pattern) if "embed" in POSITION[k])
+            if embed:
+                raise ConfigError(f"model.position_pattern entries {embed} add to the embeddings, not per layer; "
+                                  f"use model.position for them (pattern entries: rope, alibi, none)")
+        if self.rope_theta_local is not None and self.rope_theta_local <= 0:
+            raise ConfigError(f"model.rope_theta_local={self.rope_theta_local} must be positive or null")
+        if self.uses_rope:
             if self.rotary_dim % 2 or self.rotary_dim == 0:
                 raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
                                   f"= {self.rotary_dim} must be even and positive")

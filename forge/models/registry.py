@@ -9,6 +9,7 @@ REGISTRIES = {
     "attention": ATTENTION,
     "attention_pattern": ATTENTION,
     "position": POSITION,
+    "position_pattern": POSITION,
     "norm": NORM,
     "norm_attn": NORM,
     "norm_mlp": NORM,

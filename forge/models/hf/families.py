@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from forge.config import ModelConfig, MoEConfig
+from forge.models.layers.position import POSITION
 
 
 class UnsupportedModelError(ValueError):
@@ -264,10 +265,10 @@ LLAMA_IGNORE = (r".*rotary_emb\.inv_freq$",)
 
 
 def _llama_like_from_hf(c, *, act_key="hidden_act", eps_key="rms_norm_eps", qkv_bias=None, out_bias=None,
-                        sliding=False, layer_types=False, **extra) -> ModelConfig:
+                        sliding=False, layer_types=False, rope=None, **extra) -> ModelConfig:
     d = _base(c)
     attention_bias = bool(_get(c, "attention_bias", False))
-    d.update(_rope_from_hf(c, partial_ok=False))
+    d.update(_rope_from_hf(c, partial_ok=False) if rope is None else rope)
     d.update(mlp="glu", activation=_act_from_hf(_get(c, act_key, "silu")), d_ff=c.intermediate_size,
              mlp_bias=bool(_get(c, "mlp_bias", False)), norm="rmsnorm", norm_eps=float(_get(c, eps_key, 1e-6)),
              qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
@@ -778,7 +779,15 @@ def canonical(cfg: ModelConfig) -> dict:
         d.pop("local_window")
     rope = ["rope_theta", "rotary_pct", "rope_interleaved", "rope_scaling", "rope_scaling_factor",
             "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
-    if cfg.position != "rope":
+    positions = tuple(cfg.layer_position(i) for i in range(cfg.n_layers))
+    d.update(position=cfg.position if "embed" in POSITION[cfg.position] else None, layer_positions=positions)
+    d.pop("position_pattern")
+    local_rope = any(p == "rope" and k in ("sliding", "local") for p, k in zip(positions, d["layer_kinds"]))
+    if not local_rope or cfg.rope_theta_local is None:
+        d.pop("rope_theta_local")
+        if local_rope:                        # None means: as the global layers
+            d["rope_theta_local"] = None
+    if not cfg.uses_rope:
         drop = rope
     elif cfg.rope_scaling == "none":
         drop = rope[4:]

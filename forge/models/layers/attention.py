@@ -14,6 +14,7 @@ parallelism each rank holds n_heads/tp query and n_kv_heads/tp key/value heads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -146,11 +147,15 @@ class Attention(nn.Module):
             self.q_norm = self._full_norm(cfg, self.n_heads, tp_group)
             self.k_norm = (build_norm(cfg, cfg.kv_heads * hd, grad_group=tp_group) if self.kv_replicated
                            else self._full_norm(cfg, self.n_kv, tp_group))
-        pos_cls = POSITION[cfg.position].get("attention")
+        position = cfg.layer_position(layer_idx)         # model.position_pattern entry, else model.position
+        pos_cls = POSITION[position].get("attention")
         if pos_cls is None:
             self.pos = None
-        elif cfg.position == "alibi":
+        elif position == "alibi":
             self.pos = pos_cls(cfg, group_rank(tp_group) * self.n_heads, self.n_heads)
+        elif position == "rope" and self.kind in ("sliding", "local") and cfg.rope_theta_local is not None:
+            # Gemma 3: local layers rotate with their own base and without the global layers' scaling
+            self.pos = pos_cls(dataclasses.replace(cfg, rope_theta=cfg.rope_theta_local, rope_scaling="none"))
         else:
             self.pos = pos_cls(cfg)
 
