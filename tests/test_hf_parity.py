@@ -57,6 +57,11 @@ CASES = [
      dict(LLAMA, partial_rotary_factor=0.5, qk_layernorm=True)),
     ("olmo-clip-qkv", "olmo", "OlmoForCausalLM", dict(LLAMA, clip_qkv=0.5)),
     ("olmo2", "olmo2", "Olmo2ForCausalLM", dict(LLAMA)),
+    # NoPE on every 2nd layer (no_rope_layer_interval), sliding windows on the NoPE layers
+    ("smollm3-nope-window", "smollm3", "SmolLM3ForCausalLM",
+     dict(LLAMA, num_hidden_layers=3, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=8,
+          pad_token_id=0, bos_token_id=1, eos_token_id=2,
+          rope_parameters=dict(rope_type="default", rope_theta=500.0))),
 ]
 
 DIFFS: dict[str, float] = {}

@@ -69,6 +69,30 @@ def test_rope_theta_local_applies_to_sliding_layers_only_and_unscaled():
     torch.testing.assert_close(plain.layers["0"].attn.pos.inv_freq, model.layers["1"].attn.pos.inv_freq)
 
 
+@pytest.mark.parametrize("preset, arch", [("tiny-smollm3", "SmolLM3ForCausalLM")])
+def test_tiny_preset_written_as_its_family_gives_transformers_logits(preset, arch, tmp_path):
+    """Forge -> HF direction for the presets (NoPE every 4th layer, 5 local : 1 global with two rope bases
+    and global linear scaling, fused qkv/gate_up): transformers loads the folder with equal logits."""
+    from transformers import AutoModelForCausalLM
+    from forge.models.hf.convert import pick_family, write_hf_folder
+    from forge.models.io import unique_state_dict
+    from forge.models.presets import PRESETS
+    cfg = dataclasses.replace(PRESETS[preset], max_seq_len=64)
+    model = _randomised(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    assert pick_family(cfg, prefer=arch).architecture == arch
+    write_hf_folder(str(tmp_path / "hf"), cfg, unique_state_dict(model), torch.float32, arch=arch)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
+    assert type(hf).__name__ == arch
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model(ids)).abs().max().item()
+    assert diff <= 1e-4, f"{preset}: max |forge - transformers| = {diff}"
+
+
 def test_plan_counts_each_layers_position_buffers():
     """forge plan builds one block per kind; a NoPE layer (no inv_freq buffer) is a kind of its own."""
     from forge.config import load_config

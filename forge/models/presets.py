@@ -125,5 +125,11 @@ for _family, _base, _kw, _moe in (
     PRESETS[f"tiny-{_family}"] = dataclasses.replace(PRESETS[_base], **{**_TINY, **_kw},
                                                      moe=MoEConfig(**_TINY_MOE, **_moe))
 
+# per-layer positions (SmolLM3: NoPE on every 4th layer)
+PRESETS["smollm3-3b"] = _p(**_LLAMA, vocab_size=128256, d_model=2048, n_layers=36, n_heads=16, n_kv_heads=4,
+                           d_ff=11008, max_seq_len=65536, rope_theta=5000000.0, norm_eps=1e-6, tie_embeddings=True,
+                           position_pattern=["rope", "rope", "rope", "none"])
+PRESETS["tiny-smollm3"] = dataclasses.replace(PRESETS["smollm3-3b"], **{**_TINY, "n_layers": 4, "n_kv_heads": 2})
+
 for _name, _cfg in PRESETS.items():
     _cfg.validate()

@@ -568,6 +568,40 @@ def phi_map():
 
 
 
+# ---------------------------------------------------------------- SmolLM3, Gemma 3, Phi-3
+def _cycle(per_layer: list[str]):
+    """Per-layer keys -> (the key, None) when all agree, else (None, the shortest cycle reproducing them)."""
+    if len(set(per_layer)) == 1:
+        return per_layer[0], None
+    p = next(p for p in range(1, len(per_layer) + 1)
+             if all(per_layer[i] == per_layer[i % p] for i in range(len(per_layer))))
+    return None, per_layer[:p]
+
+
+def smollm3_from_hf(d):
+    c = hf_config_object(d, "smollm3")
+    n = c.num_hidden_layers
+    uses = list(_get(c, "no_rope_layers", [1] * n))[:n]           # 1 = RoPE, 0 = NoPE (per layer)
+    position, pattern = _cycle(["rope" if u else "none" for u in uses])
+    extra = dict(position="none", position_pattern=None) if position == "none" else \
+        dict(position="rope", position_pattern=pattern)
+    if not _get(c, "use_sliding_window", False):                  # layer_types only bind with it on
+        c.layer_types = ["full_attention"] * n
+    return _llama_like_from_hf(c, layer_types=True, **extra)
+
+
+def smollm3_to_hf(cfg):
+    d = _llama_like_to_hf(cfg, mlp_bias=True)
+    types = _layer_types_to_hf(cfg)
+    sliding = "sliding_attention" in types
+    d.update(no_rope_layers=[int(cfg.layer_position(i) == "rope") for i in range(cfg.n_layers)],
+             layer_types=types, use_sliding_window=sliding, sliding_window=cfg.sliding_window if sliding else None)
+    bad = sorted({cfg.layer_position(i) for i in range(cfg.n_layers)} - {"rope", "none"})
+    if bad:
+        raise UnsupportedModelError(f"per-layer positions {bad} have no SmolLM3 equivalent (rope or none)")
+    return d
+
+
 # ---------------------------------------------------------------- mixture-of-experts families
 # Experts are stored per expert on disk ("...experts.{e}.w1.weight", what transformers'
 # save_pretrained writes) and stacked in Forge ("layers.{i}.mlp.experts.w_gate.weight", (E, F, D)).
@@ -756,6 +790,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "Qwen3MoeForCausalLM": _moe_spec("Qwen3MoeForCausalLM", "qwen3_moe", qwen3_moe_from_hf, qwen3_moe_to_hf,
                                      qwen_moe_rules(shared=False)),
     "OlmoeForCausalLM": _moe_spec("OlmoeForCausalLM", "olmoe", olmoe_from_hf, olmoe_to_hf, qwen_moe_rules(shared=False)),
+    "SmolLM3ForCausalLM": _spec("SmolLM3ForCausalLM", "smollm3", smollm3_from_hf, smollm3_to_hf, llama_map()),
 }
 
 
