@@ -69,7 +69,8 @@ def test_rope_theta_local_applies_to_sliding_layers_only_and_unscaled():
     torch.testing.assert_close(plain.layers["0"].attn.pos.inv_freq, model.layers["1"].attn.pos.inv_freq)
 
 
-@pytest.mark.parametrize("preset, arch", [("tiny-smollm3", "SmolLM3ForCausalLM")])
+@pytest.mark.parametrize("preset, arch", [("tiny-smollm3", "SmolLM3ForCausalLM"),
+                                          ("tiny-gemma3", "Gemma3ForCausalLM")])
 def test_tiny_preset_written_as_its_family_gives_transformers_logits(preset, arch, tmp_path):
     """Forge -> HF direction for the presets (NoPE every 4th layer, 5 local : 1 global with two rope bases
     and global linear scaling, fused qkv/gate_up): transformers loads the folder with equal logits."""

@@ -602,6 +602,37 @@ def smollm3_to_hf(cfg):
     return d
 
 
+class _RopeOnly:                       # the attributes _rope_from_hf reads, for one layer type's parameters
+    def __init__(self, rp):
+        self.rope_parameters, self.layer_types = rp, None
+
+
+def gemma3_from_hf(d):
+    c = hf_config_object(d, "gemma3_text")
+    _reject_unless(c, "use_bidirectional_attention", (False,))
+    rp = c.rope_parameters
+    local = dict(rp["sliding_attention"])
+    if local.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"rope_type {local['rope_type']!r} on sliding layers is not supported "
+                                    "(Forge rotates local layers by rope_theta_local, unscaled)")
+    return _llama_like_from_hf(
+        c, act_key="hidden_activation", layer_types=True, block="peri_ln", qk_norm="head",
+        attn_softcap=None if c.attn_logit_softcapping is None else float(c.attn_logit_softcapping),
+        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping),
+        attn_scale=c.query_pre_attn_scalar ** -0.5, **_gemma_extra(c.hidden_size),
+        rope=_rope_from_hf(_RopeOnly(dict(rp["full_attention"])), partial_ok=False),
+        rope_theta_local=float(local["rope_theta"]))
+
+
+def gemma3_to_hf(cfg):
+    d = gemma2_to_hf(cfg)
+    full = d["rope_parameters"]
+    local = ({"rope_type": "default", "rope_theta": cfg.rope_theta_local} if cfg.rope_theta_local is not None
+             else dict(full))
+    d["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    return d
+
+
 # ---------------------------------------------------------------- mixture-of-experts families
 # Experts are stored per expert on disk ("...experts.{e}.w1.weight", what transformers'
 # save_pretrained writes) and stacked in Forge ("layers.{i}.mlp.experts.w_gate.weight", (E, F, D)).
@@ -791,6 +822,7 @@ FAMILIES: dict[str, FamilySpec] = {
                                      qwen_moe_rules(shared=False)),
     "OlmoeForCausalLM": _moe_spec("OlmoeForCausalLM", "olmoe", olmoe_from_hf, olmoe_to_hf, qwen_moe_rules(shared=False)),
     "SmolLM3ForCausalLM": _spec("SmolLM3ForCausalLM", "smollm3", smollm3_from_hf, smollm3_to_hf, llama_map()),
+    "Gemma3ForCausalLM": _spec("Gemma3ForCausalLM", "gemma3_text", gemma3_from_hf, gemma3_to_hf, gemma2_map()),
 }
 
 
