@@ -68,6 +68,10 @@ CASES = [
           query_pre_attn_scalar=24, rope_parameters={
               "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=5000.0),
               "sliding_attention": dict(rope_type="default", rope_theta=50.0)})),
+    # fused qkv_proj / gate_up_proj; partial rotary (Phi-4-mini) and a window, which no Llama-like family holds
+    ("phi3-fused-partial-window", "phi3", "Phi3ForCausalLM",
+     dict(LLAMA, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+          rope_parameters=dict(rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5))),
 ]
 
 DIFFS: dict[str, float] = {}

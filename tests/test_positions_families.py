@@ -70,7 +70,8 @@ def test_rope_theta_local_applies_to_sliding_layers_only_and_unscaled():
 
 
 @pytest.mark.parametrize("preset, arch", [("tiny-smollm3", "SmolLM3ForCausalLM"),
-                                          ("tiny-gemma3", "Gemma3ForCausalLM")])
+                                          ("tiny-gemma3", "Gemma3ForCausalLM"),
+                                          ("tiny-phi3", "Phi3ForCausalLM")])
 def test_tiny_preset_written_as_its_family_gives_transformers_logits(preset, arch, tmp_path):
     """Forge -> HF direction for the presets (NoPE every 4th layer, 5 local : 1 global with two rope bases
     and global linear scaling, fused qkv/gate_up): transformers loads the folder with equal logits."""
@@ -92,6 +93,16 @@ def test_tiny_preset_written_as_its_family_gives_transformers_logits(preset, arc
     with torch.no_grad():
         diff = (hf(ids).logits - model(ids)).abs().max().item()
     assert diff <= 1e-4, f"{preset}: max |forge - transformers| = {diff}"
+
+
+def test_phi3_longrope_is_refused_clearly():
+    from forge.models.hf import UnsupportedModelError
+    from forge.models.hf.families import phi3_from_hf
+    d = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96, vocab_size=100,
+             max_position_embeddings=256, original_max_position_embeddings=64,
+             rope_scaling=dict(type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8))
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        phi3_from_hf(d)
 
 
 def test_plan_counts_each_layers_position_buffers():

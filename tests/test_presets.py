@@ -19,6 +19,7 @@ PUBLISHED = {
     # gemma-3-1b-pt; gemma-3-4b's language model alone (the 4.30B checkpoint less its SigLIP tower and
     # projector: transformers' Gemma3ForCausalLM built on that text config on the meta device)
     "gemma3-1b": 999_885_952, "gemma3-4b": 3_880_263_168,
+    "phi3-mini": 3_821_079_552,                               # Phi-3-mini-4k-instruct ("3.82B")
 }
 
 

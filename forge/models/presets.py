@@ -144,5 +144,10 @@ PRESETS["tiny-gemma3"] = dataclasses.replace(PRESETS["gemma3-1b"], **{
     **_TINY, "n_layers": 6, "n_kv_heads": 2, "head_dim": 32, "embed_scale": 8.0, "sliding_window": 16,
     "attn_scale": 32 ** -0.5, "rope_scaling": "linear", "rope_scaling_factor": 8.0})
 
+# Phi-3-mini-4k (HF stores fused qkv_proj / gate_up_proj; its window 2047 covers every layer)
+PRESETS["phi3-mini"] = _p(**_LLAMA, vocab_size=32064, d_model=3072, n_layers=32, n_heads=32, d_ff=8192,
+                          max_seq_len=4096, attention="sliding", sliding_window=2047)
+PRESETS["tiny-phi3"] = dataclasses.replace(PRESETS["phi3-mini"], **{**_TINY, "n_kv_heads": 2, "sliding_window": 16})
+
 for _name, _cfg in PRESETS.items():
     _cfg.validate()

@@ -633,6 +633,57 @@ def gemma3_to_hf(cfg):
     return d
 
 
+def _phi3_qkv_to_forge(ts, cfg):             # qkv_proj rows = [q (H*hd) | k (Hkv*hd) | v (Hkv*hd)]
+    q, kv = cfg.n_heads * cfg.hd, cfg.kv_heads * cfg.hd
+    return [t.contiguous() for t in ts[0].split([q, kv, kv], dim=0)]
+
+
+def _chunk2_to_forge(ts, cfg):               # gate_up_proj rows = [gate (F) | up (F)]
+    return [t.contiguous() for t in ts[0].chunk(2, dim=0)]
+
+
+def phi3_from_hf(d):
+    c = hf_config_object(d, "phi3")
+    kind = (c.rope_parameters or {}).get("rope_type", "default")
+    if kind != "default":
+        raise UnsupportedModelError(f"Phi-3 rope_type {kind!r} (long-context LongRoPE) is not supported yet; "
+                                    "supported: default (the 4k-context models)")
+    d = _base(c)
+    d.update(_rope_from_hf(c, partial_ok=True))
+    d.update(mlp="glu", activation=_act_from_hf(c.hidden_act), d_ff=c.intermediate_size, norm="rmsnorm",
+             norm_eps=float(c.rms_norm_eps), dropout=float(_get(c, "resid_pdrop", 0.0)),
+             attn_dropout=float(_get(c, "attention_dropout", 0.0)))
+    if _get(c, "sliding_window", None) and c.sliding_window < c.max_position_embeddings:
+        d.update(attention="sliding", sliding_window=int(c.sliding_window))
+    return ModelConfig(**d).validate()
+
+
+def phi3_to_hf(cfg):
+    d = _common_to_hf(cfg)
+    kinds = {cfg.layer_attention(i) for i in range(cfg.n_layers)}
+    d.update(num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ff_dim, rms_norm_eps=cfg.norm_eps,
+             hidden_act=_act_to_hf(cfg.activation, "gelu_pytorch_tanh"), resid_pdrop=cfg.dropout,
+             embd_pdrop=cfg.dropout, attention_dropout=cfg.attn_dropout,
+             original_max_position_embeddings=cfg.max_seq_len,
+             sliding_window=cfg.sliding_window if kinds == {"sliding"} else None, **_rope_to_hf(cfg, partial=True))
+    return d
+
+
+def phi3_rules():
+    L, F = "model.layers.{i}.", "layers.{i}."
+    key_map = {"model.embed_tokens.weight": "embed.tok.weight", "model.norm.weight": "norm.weight",
+               "lm_head.weight": "head.proj.weight",
+               L + "input_layernorm.weight": F + "attn_norm.weight",
+               L + "post_attention_layernorm.weight": F + "mlp_norm.weight",
+               L + "self_attn.o_proj.weight": F + "attn.wo.weight", L + "mlp.down_proj.weight": F + "mlp.w_out.weight"}
+    transforms = [
+        Transform("phi3_qkv_split", (L + "self_attn.qkv_proj.weight",),
+                  tuple(F + f"attn.{w}.weight" for w in ("wq", "wk", "wv")), _phi3_qkv_to_forge, _chunk3_to_hf),
+        Transform("gate_up_split", (L + "mlp.gate_up_proj.weight",),
+                  (F + "mlp.w_gate.weight", F + "mlp.w_up.weight"), _chunk2_to_forge, _chunk3_to_hf)]
+    return key_map, transforms
+
+
 # ---------------------------------------------------------------- mixture-of-experts families
 # Experts are stored per expert on disk ("...experts.{e}.w1.weight", what transformers'
 # save_pretrained writes) and stacked in Forge ("layers.{i}.mlp.experts.w_gate.weight", (E, F, D)).
@@ -823,6 +874,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "OlmoeForCausalLM": _moe_spec("OlmoeForCausalLM", "olmoe", olmoe_from_hf, olmoe_to_hf, qwen_moe_rules(shared=False)),
     "SmolLM3ForCausalLM": _spec("SmolLM3ForCausalLM", "smollm3", smollm3_from_hf, smollm3_to_hf, llama_map()),
     "Gemma3ForCausalLM": _spec("Gemma3ForCausalLM", "gemma3_text", gemma3_from_hf, gemma3_to_hf, gemma2_map()),
+    "Phi3ForCausalLM": _spec("Phi3ForCausalLM", "phi3", phi3_from_hf, phi3_to_hf, *phi3_rules()),
 }
 
 
