@@ -139,6 +139,11 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    position_pattern: Optional[list[str]] = None    # per-layer POSITION keys (cycled) for the in-attention
+                                            # position: e.g. ["rope", "rope", "rope", "none"] = NoPE every 4th
+                                            # layer (SmolLM3); None = model.position on every layer
+    rope_theta_local: Optional[float] = None        # rope base of sliding/local layers, unscaled (Gemma 3
+                                            # rope_local_base_freq); None = rope_theta and rope_scaling there
     # norms
     norm: str = "rmsnorm"                   # NORM registry key, for every location not set below
     norm_attn: Optional[str] = None         # attention-input norm (None = norm)
@@ -282,6 +287,16 @@ class ModelConfig:
             check_range(f"model.{k}", getattr(self, k), low=0, high=1, high_open=True)
         self.moe.validate()
 
+    def layer_position(self, i: int) -> str:
+        """In-attention position kind of layer i: the position_pattern entry (cycled) or model.position."""
+        if self.position_pattern:
+            return self.position_pattern[i % len(self.position_pattern)]
+        return self.position
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.position == "rope" or "rope" in (self.position_pattern or [])
+
     def validate(self) -> "ModelConfig":
         from forge.models.layers.attention import REFUSED_ATTENTION
         from forge.models.registry import REGISTRIES
@@ -303,7 +318,16 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
-        if self.position == "rope":
+        if self.position_pattern is not None:
+            from forge.models.layers.position import POSITION
+            if not self.position_pattern:
+                raise ConfigError("model.position_pattern must be a non-empty list or null")
+            embed = sorted(k for k in set(self.position_pattern) if "embed" in POSITION[k])
+            if embed:
+                raise ConfigError(f"model.position_pattern entries {embed} add to the embeddings, not per layer; "
+                                  f"use model.position for them (pattern entries: rope, alibi, none)")
+        check_range("model.rope_theta_local", self.rope_theta_local, low=0, low_open=True, optional=True)
+        if self.uses_rope:
             if self.rotary_dim % 2 or self.rotary_dim == 0:
                 raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
                                   f"= {self.rotary_dim} must be even and positive")

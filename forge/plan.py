@@ -154,7 +154,8 @@ def _build_layers(cfg: JobConfig, groups) -> list[_Layer]:
     layers = []
     for spec in specs:
         block = spec.module_args[0].index if spec.typename is BlockPipe else None
-        kind = (spec.typename, None if block is None else (m.layer_attention(block), is_moe_layer(m, block)))
+        kind = (spec.typename, None if block is None else (m.layer_attention(block), m.layer_position(block),
+                                                           is_moe_layer(m, block)))
         if kind not in built:
             try:
                 with torch.device("meta"):

@@ -57,6 +57,21 @@ CASES = [
      dict(LLAMA, partial_rotary_factor=0.5, qk_layernorm=True)),
     ("olmo-clip-qkv", "olmo", "OlmoForCausalLM", dict(LLAMA, clip_qkv=0.5)),
     ("olmo2", "olmo2", "Olmo2ForCausalLM", dict(LLAMA)),
+    # NoPE on every 2nd layer (no_rope_layer_interval), sliding windows on the NoPE layers
+    ("smollm3-nope-window", "smollm3", "SmolLM3ForCausalLM",
+     dict(LLAMA, num_hidden_layers=3, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=8,
+          pad_token_id=0, bos_token_id=1, eos_token_id=2,
+          rope_parameters=dict(rope_type="default", rope_theta=500.0))),
+    # 1 global : 1 local, linear rope scaling on global layers only, own rope base on local layers
+    ("gemma3-qknorm-local-rope", "gemma3_text", "Gemma3ForCausalLM",
+     dict(LLAMA, num_hidden_layers=3, head_dim=16, sliding_window=8, sliding_window_pattern=2,
+          query_pre_attn_scalar=24, rope_parameters={
+              "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=5000.0),
+              "sliding_attention": dict(rope_type="default", rope_theta=50.0)})),
+    # fused qkv_proj / gate_up_proj; partial rotary (Phi-4-mini) and a window, which no Llama-like family holds
+    ("phi3-fused-partial-window", "phi3", "Phi3ForCausalLM",
+     dict(LLAMA, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+          rope_parameters=dict(rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5))),
 ]
 
 DIFFS: dict[str, float] = {}

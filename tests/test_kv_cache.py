@@ -32,6 +32,9 @@ CASES = {
     "softcap": dict(attention="sliding", sliding_window=6, attn_softcap=5.0, logit_softcap=10.0),
     "qk-norm": dict(qk_norm="head"),
     "parallel-block": dict(block="parallel", norm="layernorm"),
+    "nope-pattern": dict(position_pattern=["rope", "none"]),
+    "rope-theta-local": dict(attention_pattern=["sliding", "causal"], sliding_window=4, rope_theta_local=100.0,
+                             rope_scaling="linear", rope_scaling_factor=4.0),
 }
 
 

@@ -15,6 +15,11 @@ PUBLISHED = {
     "gemma2-2b": 2_614_341_888, "phi-2": 2_779_683_840, "pythia-160m": 162_322_944,
     "pythia-410m": 405_334_016, "pythia-1b": 1_011_781_632, "gpt-j-6b": 6_050_882_784,
     "olmo-1b": 1_176_764_416, "olmo2-1b": 1_484_916_736, "llama3-70b": 70_553_706_496,
+    "smollm3-3b": 3_075_098_624,                              # SmolLM3-3B ("3.08B")
+    # gemma-3-1b-pt; gemma-3-4b's language model alone (the 4.30B checkpoint less its SigLIP tower and
+    # projector: transformers' Gemma3ForCausalLM built on that text config on the meta device)
+    "gemma3-1b": 999_885_952, "gemma3-4b": 3_880_263_168,
+    "phi3-mini": 3_821_079_552,                               # Phi-3-mini-4k-instruct ("3.82B")
 }
 
 

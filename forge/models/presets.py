@@ -125,5 +125,29 @@ for _family, _base, _kw, _moe in (
     PRESETS[f"tiny-{_family}"] = dataclasses.replace(PRESETS[_base], **{**_TINY, **_kw},
                                                      moe=MoEConfig(**_TINY_MOE, **_moe))
 
+# per-layer positions (SmolLM3: NoPE on every 4th layer)
+PRESETS["smollm3-3b"] = _p(**_LLAMA, vocab_size=128256, d_model=2048, n_layers=36, n_heads=16, n_kv_heads=4,
+                           d_ff=11008, max_seq_len=65536, rope_theta=5000000.0, norm_eps=1e-6, tie_embeddings=True,
+                           position_pattern=["rope", "rope", "rope", "none"])
+PRESETS["tiny-smollm3"] = dataclasses.replace(PRESETS["smollm3-3b"], **{**_TINY, "n_layers": 4, "n_kv_heads": 2})
+
+# Gemma 3: 5 local : 1 global layers, local rope base 10k (unscaled), global 1M (linear x8 from 4B up), qk-norm
+_GEMMA3 = _with(_GEMMA, vocab_size=262144, max_seq_len=32768, head_dim=256, block="peri_ln", qk_norm="head",
+                attention_pattern=["sliding"] * 5 + ["causal"], attn_scale=256 ** -0.5, rope_theta=1000000.0,
+                rope_theta_local=10000.0)
+PRESETS["gemma3-1b"] = _p(**_GEMMA3, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1, d_ff=6912,
+                          sliding_window=512, embed_scale=math.sqrt(1152))
+PRESETS["gemma3-4b"] = _p(**_with(_GEMMA3, vocab_size=262208, max_seq_len=131072), d_model=2560, n_layers=34,
+                          n_heads=8, n_kv_heads=4, d_ff=10240, sliding_window=1024, embed_scale=math.sqrt(2560),
+                          rope_scaling="linear", rope_scaling_factor=8.0)      # text model only
+PRESETS["tiny-gemma3"] = dataclasses.replace(PRESETS["gemma3-1b"], **{
+    **_TINY, "n_layers": 6, "n_kv_heads": 2, "head_dim": 32, "embed_scale": 8.0, "sliding_window": 16,
+    "attn_scale": 32 ** -0.5, "rope_scaling": "linear", "rope_scaling_factor": 8.0})
+
+# Phi-3-mini-4k (HF stores fused qkv_proj / gate_up_proj; its window 2047 covers every layer)
+PRESETS["phi3-mini"] = _p(**_LLAMA, vocab_size=32064, d_model=3072, n_layers=32, n_heads=32, d_ff=8192,
+                          max_seq_len=4096, attention="sliding", sliding_window=2047)
+PRESETS["tiny-phi3"] = dataclasses.replace(PRESETS["phi3-mini"], **{**_TINY, "n_kv_heads": 2, "sliding_window": 16})
+
 for _name, _cfg in PRESETS.items():
     _cfg.validate()

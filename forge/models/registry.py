@@ -12,6 +12,7 @@ REGISTRIES = {
     "attention_softmax": SCORE,
     "qk_norm": QK_NORM,
     "position": POSITION,
+    "position_pattern": POSITION,
     "norm": NORM,
     "norm_attn": NORM,
     "norm_mlp": NORM,

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from forge.config import ModelConfig, MoEConfig
+from forge.models.layers.position import POSITION
 
 
 class UnsupportedModelError(ValueError):
@@ -264,10 +265,10 @@ LLAMA_IGNORE = (r".*rotary_emb\.inv_freq$",)
 
 
 def _llama_like_from_hf(c, *, act_key="hidden_act", eps_key="rms_norm_eps", qkv_bias=None, out_bias=None,
-                        sliding=False, layer_types=False, **extra) -> ModelConfig:
+                        sliding=False, layer_types=False, rope=None, **extra) -> ModelConfig:
     d = _base(c)
     attention_bias = bool(_get(c, "attention_bias", False))
-    d.update(_rope_from_hf(c, partial_ok=False))
+    d.update(_rope_from_hf(c, partial_ok=False) if rope is None else rope)
     d.update(mlp="glu", activation=_act_from_hf(_get(c, act_key, "silu")), d_ff=c.intermediate_size,
              mlp_bias=bool(_get(c, "mlp_bias", False)), norm="rmsnorm", norm_eps=float(_get(c, eps_key, 1e-6)),
              qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
@@ -567,6 +568,122 @@ def phi_map():
 
 
 
+# ---------------------------------------------------------------- SmolLM3, Gemma 3, Phi-3
+def _cycle(per_layer: list[str]):
+    """Per-layer keys -> (the key, None) when all agree, else (None, the shortest cycle reproducing them)."""
+    if len(set(per_layer)) == 1:
+        return per_layer[0], None
+    p = next(p for p in range(1, len(per_layer) + 1)
+             if all(per_layer[i] == per_layer[i % p] for i in range(len(per_layer))))
+    return None, per_layer[:p]
+
+
+def smollm3_from_hf(d):
+    c = hf_config_object(d, "smollm3")
+    n = c.num_hidden_layers
+    uses = list(_get(c, "no_rope_layers", [1] * n))[:n]           # 1 = RoPE, 0 = NoPE (per layer)
+    position, pattern = _cycle(["rope" if u else "none" for u in uses])
+    extra = dict(position="none", position_pattern=None) if position == "none" else \
+        dict(position="rope", position_pattern=pattern)
+    if not _get(c, "use_sliding_window", False):                  # layer_types only bind with it on
+        c.layer_types = ["full_attention"] * n
+    return _llama_like_from_hf(c, layer_types=True, **extra)
+
+
+def smollm3_to_hf(cfg):
+    d = _llama_like_to_hf(cfg, mlp_bias=True)
+    types = _layer_types_to_hf(cfg)
+    sliding = "sliding_attention" in types
+    d.update(no_rope_layers=[int(cfg.layer_position(i) == "rope") for i in range(cfg.n_layers)],
+             layer_types=types, use_sliding_window=sliding, sliding_window=cfg.sliding_window if sliding else None)
+    bad = sorted({cfg.layer_position(i) for i in range(cfg.n_layers)} - {"rope", "none"})
+    if bad:
+        raise UnsupportedModelError(f"per-layer positions {bad} have no SmolLM3 equivalent (rope or none)")
+    return d
+
+
+class _RopeOnly:                       # the attributes _rope_from_hf reads, for one layer type's parameters
+    def __init__(self, rp):
+        self.rope_parameters, self.layer_types = rp, None
+
+
+def gemma3_from_hf(d):
+    c = hf_config_object(d, "gemma3_text")
+    _reject_unless(c, "use_bidirectional_attention", (False,))
+    rp = c.rope_parameters
+    local = dict(rp["sliding_attention"])
+    if local.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"rope_type {local['rope_type']!r} on sliding layers is not supported "
+                                    "(Forge rotates local layers by rope_theta_local, unscaled)")
+    return _llama_like_from_hf(
+        c, act_key="hidden_activation", layer_types=True, block="peri_ln", qk_norm="head",
+        attn_softcap=None if c.attn_logit_softcapping is None else float(c.attn_logit_softcapping),
+        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping),
+        attn_scale=c.query_pre_attn_scalar ** -0.5, **_gemma_extra(c.hidden_size),
+        rope=_rope_from_hf(_RopeOnly(dict(rp["full_attention"])), partial_ok=False),
+        rope_theta_local=float(local["rope_theta"]))
+
+
+def gemma3_to_hf(cfg):
+    d = gemma2_to_hf(cfg)
+    full = d["rope_parameters"]
+    local = ({"rope_type": "default", "rope_theta": cfg.rope_theta_local} if cfg.rope_theta_local is not None
+             else dict(full))
+    d["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    return d
+
+
+def _phi3_qkv_to_forge(ts, cfg):             # qkv_proj rows = [q (H*hd) | k (Hkv*hd) | v (Hkv*hd)]
+    q, kv = cfg.n_heads * cfg.hd, cfg.kv_heads * cfg.hd
+    return [t.contiguous() for t in ts[0].split([q, kv, kv], dim=0)]
+
+
+def _chunk2_to_forge(ts, cfg):               # gate_up_proj rows = [gate (F) | up (F)]
+    return [t.contiguous() for t in ts[0].chunk(2, dim=0)]
+
+
+def phi3_from_hf(d):
+    c = hf_config_object(d, "phi3")
+    kind = (c.rope_parameters or {}).get("rope_type", "default")
+    if kind != "default":
+        raise UnsupportedModelError(f"Phi-3 rope_type {kind!r} (long-context LongRoPE) is not supported yet; "
+                                    "supported: default (the 4k-context models)")
+    d = _base(c)
+    d.update(_rope_from_hf(c, partial_ok=True))
+    d.update(mlp="glu", activation=_act_from_hf(c.hidden_act), d_ff=c.intermediate_size, norm="rmsnorm",
+             norm_eps=float(c.rms_norm_eps), dropout=float(_get(c, "resid_pdrop", 0.0)),
+             attn_dropout=float(_get(c, "attention_dropout", 0.0)))
+    if _get(c, "sliding_window", None) and c.sliding_window < c.max_position_embeddings:
+        d.update(attention="sliding", sliding_window=int(c.sliding_window))
+    return ModelConfig(**d).validate()
+
+
+def phi3_to_hf(cfg):
+    d = _common_to_hf(cfg)
+    kinds = {cfg.layer_attention(i) for i in range(cfg.n_layers)}
+    d.update(num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ff_dim, rms_norm_eps=cfg.norm_eps,
+             hidden_act=_act_to_hf(cfg.activation, "gelu_pytorch_tanh"), resid_pdrop=cfg.dropout,
+             embd_pdrop=cfg.dropout, attention_dropout=cfg.attn_dropout,
+             original_max_position_embeddings=cfg.max_seq_len,
+             sliding_window=cfg.sliding_window if kinds == {"sliding"} else None, **_rope_to_hf(cfg, partial=True))
+    return d
+
+
+def phi3_rules():
+    L, F = "model.layers.{i}.", "layers.{i}."
+    key_map = {"model.embed_tokens.weight": "embed.tok.weight", "model.norm.weight": "norm.weight",
+               "lm_head.weight": "head.proj.weight",
+               L + "input_layernorm.weight": F + "attn_norm.weight",
+               L + "post_attention_layernorm.weight": F + "mlp_norm.weight",
+               L + "self_attn.o_proj.weight": F + "attn.wo.weight", L + "mlp.down_proj.weight": F + "mlp.w_out.weight"}
+    transforms = [
+        Transform("phi3_qkv_split", (L + "self_attn.qkv_proj.weight",),
+                  tuple(F + f"attn.{w}.weight" for w in ("wq", "wk", "wv")), _phi3_qkv_to_forge, _chunk3_to_hf),
+        Transform("gate_up_split", (L + "mlp.gate_up_proj.weight",),
+                  (F + "mlp.w_gate.weight", F + "mlp.w_up.weight"), _chunk2_to_forge, _chunk3_to_hf)]
+    return key_map, transforms
+
+
 # ---------------------------------------------------------------- mixture-of-experts families
 # Experts are stored per expert on disk ("...experts.{e}.w1.weight", what transformers'
 # save_pretrained writes) and stacked in Forge ("layers.{i}.mlp.experts.w_gate.weight", (E, F, D)).
@@ -755,6 +872,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "Qwen3MoeForCausalLM": _moe_spec("Qwen3MoeForCausalLM", "qwen3_moe", qwen3_moe_from_hf, qwen3_moe_to_hf,
                                      qwen_moe_rules(shared=False)),
     "OlmoeForCausalLM": _moe_spec("OlmoeForCausalLM", "olmoe", olmoe_from_hf, olmoe_to_hf, qwen_moe_rules(shared=False)),
+    "SmolLM3ForCausalLM": _spec("SmolLM3ForCausalLM", "smollm3", smollm3_from_hf, smollm3_to_hf, llama_map()),
+    "Gemma3ForCausalLM": _spec("Gemma3ForCausalLM", "gemma3_text", gemma3_from_hf, gemma3_to_hf, gemma2_map()),
+    "Phi3ForCausalLM": _spec("Phi3ForCausalLM", "phi3", phi3_from_hf, phi3_to_hf, *phi3_rules()),
 }
 
 
@@ -778,7 +898,15 @@ def canonical(cfg: ModelConfig) -> dict:
         d.pop("local_window")
     rope = ["rope_theta", "rotary_pct", "rope_interleaved", "rope_scaling", "rope_scaling_factor",
             "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
-    if cfg.position != "rope":
+    positions = tuple(cfg.layer_position(i) for i in range(cfg.n_layers))
+    d.update(position=cfg.position if "embed" in POSITION[cfg.position] else None, layer_positions=positions)
+    d.pop("position_pattern")
+    local_rope = any(p == "rope" and k in ("sliding", "local") for p, k in zip(positions, d["layer_kinds"]))
+    if not local_rope or cfg.rope_theta_local is None:
+        d.pop("rope_theta_local")
+        if local_rope:                        # None means: as the global layers
+            d["rope_theta_local"] = None
+    if not cfg.uses_rope:
         drop = rope
     elif cfg.rope_scaling == "none":
         drop = rope[4:]

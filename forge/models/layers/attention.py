@@ -24,6 +24,7 @@ or model.qk_norm_scale; g replaces the 1/sqrt(hd) scale.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -258,11 +259,15 @@ class Attention(nn.Module):
         # a score function other than softmax (None: SDPA's softmax)
         self.score = None if cfg.attention_softmax == "softmax" else SCORE[cfg.attention_softmax](
             cfg, self.n_heads, tp_group)
-        pos_cls = POSITION[cfg.position].get("attention")
+        position = cfg.layer_position(layer_idx)         # model.position_pattern entry, else model.position
+        pos_cls = POSITION[position].get("attention")
         if pos_cls is None:
             self.pos = None
-        elif cfg.position == "alibi":
+        elif position == "alibi":
             self.pos = pos_cls(cfg, group_rank(tp_group) * self.n_heads, self.n_heads)
+        elif position == "rope" and self.kind in ("sliding", "local") and cfg.rope_theta_local is not None:
+            # Gemma 3: local layers rotate with their own base and without the global layers' scaling
+            self.pos = pos_cls(dataclasses.replace(cfg, rope_theta=cfg.rope_theta_local, rope_scaling="none"))
         else:
             self.pos = pos_cls(cfg)
 

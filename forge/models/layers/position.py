@@ -7,6 +7,9 @@ rope:       rotate pairs of q/k channels by angle t * theta^(-2i/r) over the fir
             Scaling: linear (t / factor) or Llama 3 (wavelength-dependent inverse frequencies).
 alibi:      score(i, j) += -m_h * (i - j), slopes m_h = 2^(-8 h / H) (Press et al., 2022)
 none:       no position information (causal masking alone).
+Per layer: model.position_pattern (cycled over layers, like attention_pattern) picks the in-attention
+kind of each layer, e.g. ["rope", "rope", "rope", "none"] = NoPE on every 4th layer (SmolLM3); and
+model.rope_theta_local gives sliding/local layers their own unscaled rope base (Gemma 3).
 Modules with derived buffers recompute them in `init_buffers` (after a meta-device build).
 """
 from __future__ import annotations
