@@ -57,6 +57,9 @@ CASES = [
      dict(LLAMA, partial_rotary_factor=0.5, qk_layernorm=True)),
     ("olmo-clip-qkv", "olmo", "OlmoForCausalLM", dict(LLAMA, clip_qkv=0.5)),
     ("olmo2", "olmo2", "Olmo2ForCausalLM", dict(LLAMA)),
+    ("granite-multipliers-tied", "granite", "GraniteForCausalLM",
+     dict(LLAMA, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.0625,
+          logits_scaling=5.0, tie_word_embeddings=True, attention_bias=True)),
 ]
 
 DIFFS: dict[str, float] = {}
