@@ -159,7 +159,7 @@ def test_learned_scale_starts_at_embed_scale_and_learns():
     cfg = ModelConfig(**BASE, embed_scale=2.5)
     fixed = build_model(cfg, seed=7)
     learned = build_model(dataclasses.replace(cfg, embed_scale_learned=True), seed=7)
-    assert learned.embed.scale_param.item() == 2.5 and learned.embed.scale_param.shape == ()
+    assert learned.embed.scale_param.item() == 2.5 and learned.embed.scale_param.shape == (1,)
     assert learned.num_params() == fixed.num_params() + 1
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     ref = fixed(ids)
@@ -221,3 +221,27 @@ def test_factorised_learned_scale_tp2_trains_like_one_process(tmp_path_factory):
             err = (weights[name] - ref).norm() / ref.norm().clamp_min(1e-12)
             assert err <= 1e-5 or (name.endswith("attn.wk.bias") and (weights[name] - ref).abs().max()
                                    <= 2 * STEPS * LR), f"sp={sp} {name}: relative difference {err:.2e}"
+
+
+def test_pipeline_layers_apply_granite_scalars():
+    """The pipeline's layer list (EmbedPipe, BlockPipe x L, NormPipe, tied head), run in order in one
+    process with the Transformer's weights, gives the Transformer's logits: the embedding scale,
+    residual multiplier, attention scale and logit divisor are all applied on the pipeline path."""
+    from forge.layout.pipeline import forge_name, pipeline_specs
+    from forge.models.presets import PRESETS
+    cfg = PRESETS["tiny-granite"]
+    assert (cfg.embed_scale, cfg.residual_multiplier, cfg.logit_divisor) == (12.0, 0.22, 8.0)
+    model = build_model(cfg, seed=9)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    specs = pipeline_specs(cfg)
+    layers = [s.build() for s in specs]
+    sd = dict(model.named_parameters())
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            for n, p in layer.named_parameters():
+                p.copy_(sd[forge_name(f"{i}.{n}", cfg.n_layers)])
+        x = ids
+        for spec, layer in zip(specs, layers):
+            fn = getattr(spec, "forward_fn", None)
+            x = fn(layer, x) if fn is not None else layer(x)
+        torch.testing.assert_close(x, model(ids), atol=1e-6, rtol=1e-6)

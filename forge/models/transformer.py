@@ -52,8 +52,9 @@ class Embedding(nn.Module):
         pos_cls = POSITION[cfg.position].get("embed")
         self.pos = pos_cls(cfg) if pos_cls else None
         self.scale, self.dropout = cfg.embed_scale, cfg.dropout
-        # a learned scalar s (initialised at embed_scale by init_constants)
-        self.scale_param = nn.Parameter(torch.empty(())) if cfg.embed_scale_learned else None
+        # a learned scalar s (initialised at embed_scale by init_constants); shape (1,), not (): DeepSpeed's
+        # engine broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as
+        self.scale_param = nn.Parameter(torch.empty(1)) if cfg.embed_scale_learned else None
 
     def init_constants(self):
         if self.scale_param is not None:
