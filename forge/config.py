@@ -241,9 +241,6 @@ class ModelConfig:
         return self.n_embd_wte or self.d_model
 
     def _validate_embeddings(self) -> None:
-        from forge.models.init import EMBED_INIT
-        if self.embed_init not in EMBED_INIT:
-            raise ConfigError(f"model.embed_init={self.embed_init!r} is not one of {sorted(EMBED_INIT)}")
         if self.n_embd_wte is not None and not 0 < self.n_embd_wte < self.d_model:
             raise ConfigError(f"model.n_embd_wte={self.n_embd_wte} must be in [1, model.d_model={self.d_model}) "
                               f"or null (no factorisation)")
