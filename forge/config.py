@@ -355,10 +355,6 @@ class JobConfig:
             raise ConfigError(f"parallel.ep={ep} needs a mixture-of-experts model (model.moe.n_experts > 0)")
         if moe.n_experts and moe.n_experts % ep:
             raise ConfigError(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
-        if self.parallel.pp > 1 and self.model.tie_embeddings and self.model.n_embd_wte:
-            raise ConfigError("model.n_embd_wte with model.tie_embeddings=true is not supported with parallel.pp > 1 "
-                              "(the tied head's down-projection would live in the pipeline's tied copy); use "
-                              "model.tie_embeddings=false or parallel.pp=1")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
         if self.data.seq_len > self.model.max_seq_len:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forge.config import ConfigError, ModelConfig, load_config
+from forge.config import ConfigError, ModelConfig
 from forge.models import build_model
 from forge.models.init import EMBED_INIT, WeightInit
 from forge.parallel.context import ParallelContext
@@ -142,9 +142,6 @@ def test_factorised_config_errors():
         ModelConfig(**BASE, n_embd_wte=32).validate()
     with pytest.raises(ConfigError, match="model.tie_embed_proj=true needs"):
         ModelConfig(**BASE, n_embd_wte=8, tie_embed_proj=True).validate()
-    with pytest.raises(ConfigError, match="model.n_embd_wte with model.tie_embeddings=true is not supported with "
-                                          "parallel.pp > 1"):
-        load_config(None, ["model.n_embd_wte=16", "model.tie_embeddings=true", "parallel.pp=2"])
 
 
 def test_factorised_model_has_no_hf_family():
@@ -203,14 +200,17 @@ EMBED_OVERRIDES = ["model.n_embd_wte=32", "model.tie_embeddings=true", "model.em
 
 
 @pytest.mark.slow
-def test_factorised_learned_scale_tp2_trains_like_one_process(tmp_path_factory):
+def test_factorised_learned_scale_tp2_pp2_train_like_one_process(tmp_path_factory):
+    """tp=2, tp=2 with sequence parallelism, and pp=2 (the head's down-projection in its own
+    pipeline layer, the table tied across stages): the same losses and final weights as one process."""
     from tests.test_parallel_layouts import LR, STEPS, cache_dir, job, run
     d = cache_dir.__wrapped__(tmp_path_factory)          # the shards, built once
     ref_losses, ref_weights, _ = run(job(str(tmp_path_factory.mktemp("ref")), d, "tiny-llama", 1)
                                      + EMBED_OVERRIDES, 1)
-    for sp in ("false", "true"):
-        losses, weights, _ = run(job(str(tmp_path_factory.mktemp(f"tp2-sp{sp}")), d, "tiny-llama", 1, tp=2,
-                                     sequence_parallel=sp) + EMBED_OVERRIDES, 2)
+    for sp, parallel in (("tp2", dict(tp=2)), ("tp2-sp", dict(tp=2, sequence_parallel="true")),
+                         ("pp2", dict(pp=2))):
+        losses, weights, _ = run(job(str(tmp_path_factory.mktemp(sp)), d, "tiny-llama", 1, **parallel)
+                                 + EMBED_OVERRIDES, 2)
         assert len(losses) == STEPS
         for a, b in zip(losses, ref_losses):
             assert abs(a - b) <= 1e-5 * abs(b), (sp, losses, ref_losses)
@@ -220,16 +220,20 @@ def test_factorised_learned_scale_tp2_trains_like_one_process(tmp_path_factory):
         for name, ref in ref_weights.items():
             err = (weights[name] - ref).norm() / ref.norm().clamp_min(1e-12)
             assert err <= 1e-5 or (name.endswith("attn.wk.bias") and (weights[name] - ref).abs().max()
-                                   <= 2 * STEPS * LR), f"sp={sp} {name}: relative difference {err:.2e}"
+                                   <= 2 * STEPS * LR), f"{sp} {name}: relative difference {err:.2e}"
 
 
-def test_pipeline_layers_apply_granite_scalars():
-    """The pipeline's layer list (EmbedPipe, BlockPipe x L, NormPipe, tied head), run in order in one
-    process with the Transformer's weights, gives the Transformer's logits: the embedding scale,
-    residual multiplier, attention scale and logit divisor are all applied on the pipeline path."""
+@pytest.mark.parametrize("factorised", [{}, {"n_embd_wte": 16}, {"n_embd_wte": 16, "tie_embed_proj": True}],
+                         ids=["granite", "factorised-own-down", "factorised-tied-down"])
+def test_pipeline_layers_apply_granite_scalars(factorised):
+    """The pipeline's layer list (EmbedPipe, BlockPipe x L, NormPipe, [HeadDownPipe,] tied head),
+    run in order in one process with the Transformer's weights, gives the Transformer's logits: the
+    embedding scale, residual multiplier, attention scale and logit divisor are all applied on the
+    pipeline path, and a factorised tied head's down-projection (own, or the up-projection's
+    transpose) too. Every pipeline parameter is one of the Transformer's."""
     from forge.layout.pipeline import forge_name, pipeline_specs
     from forge.models.presets import PRESETS
-    cfg = PRESETS["tiny-granite"]
+    cfg = dataclasses.replace(PRESETS["tiny-granite"], **factorised)
     assert (cfg.embed_scale, cfg.residual_multiplier, cfg.logit_divisor) == (12.0, 0.22, 8.0)
     model = build_model(cfg, seed=9)
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -80,6 +80,7 @@ LAYOUTS = [
       "parallel.tp=2"], 2),                         # factorised tied table, up / down projections, learned scale
     (["model.preset=tiny-granite", "model.n_embd_wte=16", "model.tie_embeddings=false", "parallel.tp=2",
       "parallel.pp=2"], 4),                         # factorised untied table under a pipeline
+    (["model.preset=tiny-granite", "model.n_embd_wte=16", "parallel.tp=2", "parallel.pp=2"], 4),  # + HeadDownPipe
 ]
 
 

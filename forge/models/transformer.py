@@ -77,7 +77,9 @@ class Head(nn.Module):
     """Vocab-parallel output layer; the columns of padding tokens (ids >= vocab_size, present when
     tp does not divide the vocabulary) get logit -inf so they never carry probability."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE, own_weight=True):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE, own_weight=True, own_down=True):
+        """own_weight=False: the (tied) weight is passed to forward; own_down=False: the input arrives
+        down-projected already (a pipeline keeps a tied head's own down-projection out of the tied copy)."""
         super().__init__()
         tp = ctx.tp
         factorised = cfg.tie_embeddings and cfg.n_embd_wte
@@ -86,7 +88,7 @@ class Head(nn.Module):
                                          skip_weight=not own_weight)
         # a tied factorised head's down-projection Dn (E', D); with tie_embed_proj it is passed to forward
         self.down = (nn.Linear(cfg.d_model, cfg.n_embd_wte, bias=False)
-                     if factorised and not cfg.tie_embed_proj else None)
+                     if factorised and not cfg.tie_embed_proj and own_down else None)
         self.group, self.sp = ctx.tp_group, ctx.sp
         self.softcap, self.divisor = cfg.logit_softcap, cfg.logit_divisor
         local = padded_vocab(cfg, tp) // tp
