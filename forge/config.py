@@ -174,7 +174,17 @@ class ModelConfig:
     parallel_shared_norm: bool = True       # parallel block: one norm for attn+mlp (GPT-J, PaLM, Phi) or two (NeoX)
     # embeddings and head
     tie_embeddings: bool = False
-    embed_scale: float = 1.0                # Gemma: sqrt(d_model)
+    embed_scale: float = 1.0                # Gemma: sqrt(d_model); Granite: embedding_multiplier
+    embed_scale_learned: bool = False       # embed_scale a learned scalar parameter (initialised at embed_scale)
+    n_embd_wte: Optional[int] = None        # factorised embedding: table (V, n_embd_wte), learned up-projection
+                                            # to d_model; a tied head projects d_model -> n_embd_wte first
+    tie_embed_proj: bool = False            # that down-projection is the up-projection's transpose
+    embed_init: str = "gaussian"            # EMBED_INIT key (forge/models/init.py): gaussian | onehot |
+                                            # hypercube | unique_hypercube | angle_hypersphere
+    embed_init_mean: float = 0.0            # gaussian: mean (std: init_std)
+    embed_init_scale: float = 1.0           # onehot / hypercube / unique_hypercube: c; angle_hypersphere: radius
+    residual_multiplier: float = 1.0        # y = x + m * branch(x)  (Granite residual_multiplier)
+    logit_divisor: float = 1.0              # logits = head(x) / logit_divisor  (Granite logits_scaling)
     final_norm: bool = True
     head_bias: bool = False
     logit_softcap: Optional[float] = None
@@ -381,7 +391,32 @@ class ModelConfig:
                                   f"stacked experts of model.moe.n_experts > 0 do not hold")
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
+        self._validate_embeddings()
         return self
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token table: model.n_embd_wte when factorised, else d_model."""
+        return self.n_embd_wte or self.d_model
+
+    def _validate_embeddings(self) -> None:
+        if self.n_embd_wte is not None and not 0 < self.n_embd_wte < self.d_model:
+            raise ConfigError(f"model.n_embd_wte={self.n_embd_wte} must be in [1, model.d_model={self.d_model}) "
+                              f"or null (no factorisation)")
+        if self.tie_embed_proj and not (self.n_embd_wte and self.tie_embeddings):
+            raise ConfigError("model.tie_embed_proj=true needs a factorised (model.n_embd_wte set) and tied "
+                              "(model.tie_embeddings=true) embedding")
+        E, V = self.embed_dim, self.vocab_size
+        if self.embed_init == "onehot" and V > E:
+            raise ConfigError(f"model.embed_init='onehot' needs model.vocab_size={V} <= the table width {E} "
+                              f"(model.n_embd_wte or model.d_model): distinct basis vectors")
+        if self.embed_init == "unique_hypercube" and (E - 1 < 63 and V > 2 ** (E - 1)):
+            raise ConfigError(f"model.embed_init='unique_hypercube' needs model.vocab_size={V} <= 2^(width-1) = "
+                              f"{2 ** (E - 1)} corners with no two equal or opposite (width {E})")
+        if self.embed_init != "gaussian" and self.embed_init_scale <= 0:
+            raise ConfigError(f"model.embed_init_scale={self.embed_init_scale} must be positive")
+        if self.logit_divisor == 0:
+            raise ConfigError("model.logit_divisor must be nonzero")
 
 
 @dataclass

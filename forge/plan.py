@@ -352,7 +352,8 @@ def _layer_names(layers: list[_Layer], start: int, stop: int) -> str:
         l = layers[i]
         if l.block is None:
             last = "head (tied embedding)" if l.tied else "head"
-            named.append("embed" if i == 0 else last if i == len(layers) - 1 else "norm")
+            named.append("embed" if i == 0 else last if i == len(layers) - 1 else
+                         "head down-projection" if l.name == "HeadDownPipe" else "norm")
         elif l.block == blocks[0]:
             named.append(f"L{blocks[0]}" + (f"-{blocks[-1]}" if len(blocks) > 1 else ""))
     return ", ".join(named)

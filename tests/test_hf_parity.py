@@ -72,6 +72,9 @@ CASES = [
     ("phi3-fused-partial-window", "phi3", "Phi3ForCausalLM",
      dict(LLAMA, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
           rope_parameters=dict(rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5))),
+    ("granite-multipliers-tied", "granite", "GraniteForCausalLM",
+     dict(LLAMA, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.0625,
+          logits_scaling=5.0, tie_word_embeddings=True, attention_bias=True)),
 ]
 
 DIFFS: dict[str, float] = {}

@@ -76,6 +76,11 @@ LAYOUTS = [
       "parallel.sequence_parallel=true"], 2),                                     # issue 16's norm and MLP kinds
     (["model.preset=tiny-gpt2", "model.block=peri_ln", "model.norm_post=dyt", "model.mlp=dual_path",
       "model.activation=prelu", "model.mlp_down_bias=false", "parallel.tp=2", "parallel.pp=2"], 4),
+    (["model.preset=tiny-granite", "model.n_embd_wte=16", "model.embed_scale_learned=true", "model.vocab_size=255",
+      "parallel.tp=2"], 2),                         # factorised tied table, up / down projections, learned scale
+    (["model.preset=tiny-granite", "model.n_embd_wte=16", "model.tie_embeddings=false", "parallel.tp=2",
+      "parallel.pp=2"], 4),                         # factorised untied table under a pipeline
+    (["model.preset=tiny-granite", "model.n_embd_wte=16", "parallel.tp=2", "parallel.pp=2"], 4),  # + HeadDownPipe
 ]
 
 

@@ -20,6 +20,7 @@ PUBLISHED = {
     # projector: transformers' Gemma3ForCausalLM built on that text config on the meta device)
     "gemma3-1b": 999_885_952, "gemma3-4b": 3_880_263_168,
     "phi3-mini": 3_821_079_552,                               # Phi-3-mini-4k-instruct ("3.82B")
+    "granite-3.0-2b": 2_533_531_648, "granite-3.0-8b": 8_170_848_256,
 }
 
 

@@ -1,7 +1,7 @@
 """Tensor (and sequence) parallel model == one process: logits, loss and every gradient, for
 tp=2 on gloo, over families that exercise GQA, MQA (kv heads replicated), tied/untied heads,
-biases, learned positions, per-head and all-head qk-norm, parallel blocks and a vocabulary that
-tp does not divide."""
+biases, learned positions, per-head and all-head qk-norm, parallel blocks, a vocabulary that
+tp does not divide, and a factorised embedding with learned scale and Granite's multipliers."""
 import dataclasses
 
 import pytest
@@ -11,7 +11,9 @@ from tests.distributed import run_distributed
 
 CASES = [("tiny-llama", {}), ("tiny-gpt2", {}), ("tiny-qwen3", {}), ("tiny-olmo2", {}), ("tiny-pythia", {}),
          ("tiny-gemma2", {}),
-         ("tiny-gemma", {}), ("tiny-palm", {}), ("tiny-olmo2", {"n_kv_heads": 1})]  # one kv head, two ranks
+         ("tiny-gemma", {}), ("tiny-palm", {}), ("tiny-olmo2", {"n_kv_heads": 1}),  # one kv head, two ranks
+         # Granite's scalars; a factorised tied table whose head down-projection is U^T, a learned scale
+         ("tiny-granite", {"n_embd_wte": 16, "tie_embed_proj": True, "embed_scale_learned": True})]
 
 
 def _check(rank, world, sequence_parallel):

@@ -3,6 +3,7 @@
 forward, as a flat list
 
     [EmbedPipe, BlockPipe x L, NormPipe, HeadPipe]      (B, T) ids -> ... -> (B, T, V/tp) logits
+    (a factorised tied head: [..., NormPipe, HeadDownPipe, tied EmbedPipe], see HeadDownPipe)
 
 cut into stages by DeepSpeed (`parallel.pp_partition`: parameters | uniform | type:<regex>).
 With tied embeddings the first and last entries are one TiedLayerSpec("embed"): the last stage
@@ -34,16 +35,38 @@ class EmbedPipe(nn.Module):
         super().__init__()
         self.embed = stage.build()
         self.tp_group, self.sequence_parallel = stage.ctx.tp_group, stage.ctx.sp
-        # with tied embeddings this module is also the head on the last stage (see tied_head)
-        self.head = tied_head.build(own_weight=False) if tied_head is not None else None
+        # with tied embeddings this module is also the head on the last stage (see tied_head); a
+        # factorised head's down-projection is HeadDownPipe's, or the up-projection's transpose
+        self.head = tied_head.build(own_weight=False, own_down=False) if tied_head is not None else None
+        if self.head is not None:
+            self.head.tie_up = stage.cfg.tie_embed_proj
 
     def forward(self, ids):  # (B, T) -> (B, T, D) or (B, T/tp, D)
         x = self.embed(ids, torch.arange(ids.shape[1], device=ids.device))
         return scatter_to(x, 1, self.tp_group) if self.sequence_parallel else x
 
 
-def tied_head(module: EmbedPipe, x):  # (B, T, D) -> (B, T, V/tp)
-    return module.head(x, weight=module.embed.tok.weight)
+def tied_head(module: EmbedPipe, x):  # (B, T, D) (or (B, T, E') down-projected) -> (B, T, V/tp)
+    up = module.embed.up.weight if module.head.tie_up else None
+    return module.head(x, weight=module.embed.tok.weight, up=up)
+
+
+class HeadDownPipe(nn.Module):
+    """A factorised tied head's own down-projection (B, T, D) -> (B, T, E'), Forge name head.down:
+    a layer of its own before the tied head, so that it is not part of the tied copy (whose
+    parameters other than the tied weights DeepSpeed neither syncs nor lets a rank write)."""
+
+    def __init__(self, stage: Stage):
+        super().__init__()
+        full = stage.build()
+        self.head = nn.Module()
+        self.head.down = full.down
+        self.group, self.sp = full.group, full.sp
+
+    def forward(self, x):
+        from forge.parallel.mappings import copy_to
+        w = self.head.down.weight
+        return torch.nn.functional.linear(x, copy_to(w, self.group) if self.sp else w)
 
 
 class BlockPipe(Block):
@@ -80,13 +103,16 @@ def pipeline_specs(cfg, ctx: ParallelContext = SINGLE) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
     stages = decoder_stages(cfg, ctx)
     embed, head = stages[0], stages[-1]
+    # the weights used on both stages: the table, and the up-projection when it is also the head's down
+    tied = ["embed.tok.weight"] + (["embed.up.weight"] if cfg.tie_embed_proj else [])
     specs = []
     for stage in stages:
         if stage.kind == "embed" and cfg.tie_embeddings:
-            specs.append(TiedLayerSpec("embed", EmbedPipe, stage, head, tied_weight_attr=["embed.tok.weight"]))
+            specs.append(TiedLayerSpec("embed", EmbedPipe, stage, head, tied_weight_attr=tied))
         elif stage.kind == "head" and cfg.tie_embeddings:
-            specs.append(TiedLayerSpec("embed", EmbedPipe, embed, head, forward_fn=tied_head,
-                                       tied_weight_attr=["embed.tok.weight"]))
+            if cfg.n_embd_wte and not cfg.tie_embed_proj:
+                specs.append(LayerSpec(HeadDownPipe, stage))
+            specs.append(TiedLayerSpec("embed", EmbedPipe, embed, head, forward_fn=tied_head, tied_weight_attr=tied))
         else:
             adapter = {"embed": EmbedPipe, "block": BlockPipe, "norm": NormPipe, "head": HeadPipe}[stage.kind]
             specs.append(LayerSpec(adapter, stage))

@@ -1,6 +1,7 @@
 """Transformer block and its residual wiring (registry BLOCK: name -> (norms it owns, forward)).
 
-With A = attention, M = MLP, N* = norms, D = dropout:
+With A = attention, M = MLP, N* = norms, D(z) = dropout(m z) with m = model.residual_multiplier
+(Granite; 1 elsewhere), applied to every branch output (so also by a pipeline's BlockPipe):
     pre_ln:     h = x + D(A(N_a(x)));            y = h + D(M(N_m(h)))                  (GPT-2, Llama)
     post_ln:    h = N_pa(x + D(A(x)));           y = N_pm(h + D(M(h)))                 (original Transformer)
     peri_ln:    h = x + D(N_pa(A(N_a(x))));      y = h + D(N_pm(M(N_m(h))))            (Gemma 2 sandwich)
@@ -85,9 +86,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx, ctx)
         self.mlp = build_mlp(cfg, layer_idx, ctx)
         self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
+        self.residual_multiplier = cfg.residual_multiplier
         self.checkpoint_attention = False   # selective activation checkpointing (attention only)
 
-    def drop(self, x):
+    def drop(self, x):  # a branch output z -> dropout(m z)
+        if self.residual_multiplier != 1.0:
+            x = x * self.residual_multiplier
         if not (self.dropout and self.training):
             return x
         if self.sequence_parallel:            # this rank's tokens: an independent mask per tp rank

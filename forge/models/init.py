@@ -4,7 +4,9 @@ A model (or one pipeline stage) is constructed on the meta device holding only t
 shards; `materialize` then gives it storage on the training device, one parameter at a time, and
 fills each parameter with a value that depends on (seed, Forge name) alone:
 
-    W ~ N(0, std)               matrices, embeddings, stacked experts (dim >= 2)
+    W ~ N(0, std)               matrices, stacked experts (dim >= 2)
+    E = EMBED_INIT[embed_init]  the token table (V, width): gaussian N(embed_init_mean, std), or a
+                                deterministic / structured table (see the functions below)
     W ~ N(0, std / sqrt(2 L))   outputs of a residual branch: the layers built with
                                 residual_output=True (attention wo, MLP / expert w_out)
     b = 0                       biases
@@ -41,6 +43,66 @@ def tensor_seed(seed: int, name: str, index: Optional[int] = None) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
+# ---- token-table initialisations: (cfg, (V, E), generator, device) -> the full (V, E) table
+def _gaussian(cfg, shape, gen, device):
+    """N(embed_init_mean, init_std) entries."""
+    return torch.empty(shape, device=device).normal_(cfg.embed_init_mean, cfg.init_std, generator=gen)
+
+
+def _onehot(cfg, shape, gen, device):
+    """Row i = c e_i (c = embed_init_scale): distinct basis vectors; needs V <= E (validated)."""
+    V, E = shape
+    w = torch.zeros(shape, device=device)
+    w[torch.arange(V), torch.arange(V)] = cfg.embed_init_scale
+    return w
+
+
+def _signs(shape, gen, device):
+    return torch.randint(0, 2, shape, generator=gen, device=device).float().mul_(2).sub_(1)
+
+
+def _hypercube(cfg, shape, gen, device):
+    """Random corners of the cube [-c, c]^E: every entry +c or -c with probability 1/2 each."""
+    return _signs(shape, gen, device).mul_(cfg.embed_init_scale)
+
+
+def _unique_hypercube(cfg, shape, gen, device):
+    """Random corners of [-c, c]^E with no two rows equal or opposite (V <= 2^(E-1), validated).
+    A row's class {v, -v} is keyed by v * sign(v_0); a row whose class was taken is redrawn."""
+    import numpy as np
+    V, E = shape
+    if E - 1 < 63 and 2 ** (E - 1) <= 4 * V:    # few classes: a random choice of V of them
+        codes = torch.randperm(2 ** (E - 1), generator=gen, device=device)[:V]
+        bits = (codes.unsqueeze(1) >> torch.arange(E - 1, device=device)) & 1
+        w = torch.cat([torch.ones(V, 1, device=device), bits.float().mul_(2).sub_(1)], dim=1)
+        w.mul_(_signs((V, 1), gen, device))
+    else:
+        w = _signs(shape, gen, device)
+        seen = set()
+        for i in range(V):
+            while True:
+                key = np.packbits((w[i] * w[i, 0] > 0).cpu().numpy()).tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    break
+                w[i] = _signs((E,), gen, device)
+    return w.mul_(cfg.embed_init_scale)
+
+
+def _angle_hypersphere(cfg, shape, gen, device):
+    """Rows on the sphere of radius r = embed_init_scale: v = r cos(theta) / |cos(theta)| with
+    every angle theta_ij ~ U[0, 2 pi) independent, so distinct rows are nearly orthogonal
+    (their cosine has mean 0 and standard deviation ~ 1/sqrt(E))."""
+    theta = torch.rand(shape, generator=gen, device=device).mul_(2 * math.pi)
+    v = torch.cos(theta)
+    return v.div_(v.norm(dim=1, keepdim=True)).mul_(cfg.embed_init_scale)
+
+
+EMBED_INIT = {"gaussian": _gaussian, "onehot": _onehot, "hypercube": _hypercube,
+              "unique_hypercube": _unique_hypercube, "angle_hypersphere": _angle_hypersphere}
+EMBED_TABLE = "embed.tok.weight"
+
+
 class WeightInit:
     """The initial value of each parameter of a rank-local model (see the module docstring).
 
@@ -49,6 +111,7 @@ class WeightInit:
 
     def __init__(self, cfg, seed: int, ctx: ParallelContext = SINGLE):
         self.std, self.n_layers, self.vocab = cfg.init_std, cfg.n_layers, cfg.vocab_size
+        self.cfg = cfg
         self.seed = seed
         self.tp, self.tp_rank, self.ep, self.ep_rank = ctx.tp, ctx.tp_rank, ctx.ep, ctx.ep_rank
 
@@ -56,6 +119,8 @@ class WeightInit:
         """Fill `p` (module.<attr>, Forge name `name`) in place."""
         if attr == "bias":
             p.zero_()
+        elif name == EMBED_TABLE or name.split(".", 1)[-1] == EMBED_TABLE:
+            self._embed_table(p, name)
         elif p.dim() >= 2:
             std = self.std / math.sqrt(2 * self.n_layers) if getattr(module, "residual_output", False) else self.std
             self._normal(p, name, std)
@@ -73,6 +138,16 @@ class WeightInit:
             return
         vocab = name in VOCAB_TENSORS or name.split(".", 1)[-1] in VOCAB_TENSORS
         self._draw(p, dim, std, tensor_seed(self.seed, name), vocab)
+
+    def _embed_table(self, out, name):
+        """out <- this rank's rows of the full (V, E) token table of model.embed_init (padding rows 0)."""
+        gen = torch.Generator(device=out.device).manual_seed(tensor_seed(self.seed, name))
+        full = EMBED_INIT[self.cfg.embed_init](self.cfg, (self.vocab, out.shape[1]), gen, out.device)
+        dim = getattr(out, "partition_dim", None)
+        start, n = (0, out.shape[0]) if dim is None or self.tp == 1 else (self.tp_rank * out.shape[0], out.shape[0])
+        rows = max(0, min(n, self.vocab - start))
+        out.zero_()
+        out.narrow(0, 0, rows).copy_(full.narrow(0, start, rows))
 
     def _draw(self, out, dim, std, seed, vocab=False):
         """out <- this rank's tp chunk along `dim` (None: all) of N(0, std) drawn at the full shape."""

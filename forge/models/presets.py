@@ -15,6 +15,8 @@ _PYTHIA = dict(vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, norm="layern
                parallel_shared_norm=False)
 _GEMMA = dict(vocab_size=256000, max_seq_len=8192, norm_offset=1.0, norm_eps=1e-6, mlp="glu",
               activation="gelu_tanh", tie_embeddings=True)
+_GRANITE = dict(**_LLAMA, vocab_size=49155, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+                tie_embeddings=True, embed_scale=12.0, residual_multiplier=0.22)
 
 
 def _p(**kw) -> ModelConfig:
@@ -73,6 +75,11 @@ PRESETS: dict[str, ModelConfig] = {
     "palm-style": _p(vocab_size=256000, d_model=4096, n_layers=32, n_heads=16, n_kv_heads=1, head_dim=256,
                      d_ff=16384, max_seq_len=2048, norm="layernorm", norm_bias=False, mlp="glu",
                      activation="silu", block="parallel", tie_embeddings=True),
+    # Granite 3.0 (base): Llama wiring with embedding, residual, attention and logit multipliers
+    "granite-3.0-2b": _p(**_GRANITE, d_model=2048, n_layers=40, n_heads=32, n_kv_heads=8, d_ff=8192,
+                         attn_scale=1 / 64, logit_divisor=8.0),
+    "granite-3.0-8b": _p(**_GRANITE, d_model=4096, n_layers=40, n_heads=32, n_kv_heads=8, d_ff=12800,
+                         attn_scale=1 / 128, logit_divisor=16.0),
 }
 
 # test-size versions: the family's wiring, tiny widths
@@ -96,6 +103,7 @@ _TINY_OF = {
     "olmo": ("olmo-1b", {}),
     "olmo2": ("olmo2-1b", {}),
     "palm": ("palm-style", dict(n_kv_heads=1, head_dim=16)),
+    "granite": ("granite-3.0-2b", dict(n_kv_heads=2, attn_scale=1 / 16)),
 }
 for _family, (_base, _kw) in _TINY_OF.items():
     _fields = {**_TINY, **_kw}

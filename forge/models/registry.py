@@ -1,5 +1,6 @@
 """Every registry the config refers to, keyed by the ModelConfig field that names an entry."""
 from forge.models.block import BLOCK
+from forge.models.init import EMBED_INIT
 from forge.models.layers.attention import ATTENTION, QK_NORM
 from forge.models.layers.mlp import ACTIVATION, MLP_REGISTRY
 from forge.models.layers.norm import NORM
@@ -21,4 +22,5 @@ REGISTRIES = {
     "mlp": MLP_REGISTRY,
     "activation": ACTIVATION,
     "block": BLOCK,
+    "embed_init": EMBED_INIT,
 }

@@ -1,10 +1,18 @@
 """The decoder: embed -> layers["0".."L-1"] -> norm -> head.
 
-    x_0 = D(embed_scale * E[ids] (+ P[pos]))        (B, T) -> (B, T, D)
+    x_0 = D(s * E[ids] U^T (+ P[pos]))              (B, T) -> (B, T, D)
     x_l = Block_l(x_{l-1})                          (B, T, D)
-    logits = f softcap(N(x_L) W_head + b)           (B, T, V)  (V/tp per rank under tensor parallelism)
-              f = ln(b) / t of model.output_softmax (1 for softmax): loss and sampling take softmax of
-              the returned logits, which is b^(z/t) / sum b^(z/t)
+    logits = f softcap((N(x_L) W_head + b) / q)     (B, T, V)  (V/tp per rank under tensor parallelism)
+f = ln(b) / t of model.output_softmax (1 for softmax): loss and sampling take softmax of the
+returned logits, which is b^(z/t) / sum b^(z/t).
+s = model.embed_scale (a learned scalar when model.embed_scale_learned), q = model.logit_divisor.
+Factorised embeddings (model.n_embd_wte = E' < D): E is (V, E'), U (D, E') the up-projection
+(embed.up); a tied head is then W_head = (E Dn)^T with the down-projection Dn (E', D) (head.down,
+or U^T when model.tie_embed_proj), i.e. logits = (N(x_L) Dn^T) E^T. Unfactorised: U = Dn = I.
+Under tp the table is vocab-parallel (its lookups summed over ranks) and U, Dn are replicated:
+they act on replicated activations before the table's all-reduce (U) or before the head's
+copy_to (Dn), so each rank computes the same full gradient (under sequence parallelism Dn sees
+this rank's tokens and its weight enters through copy_to, summing the partial gradients).
 `decoder_stages` lists these parts in order (Forge name, kind, constructor); `Transformer` and the
 pipeline (forge.layout.pipeline) are both assembled from that one list, so a pipeline stage holds
 exactly the modules one process would. With tied embeddings the head reuses E.
@@ -29,7 +37,7 @@ from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
-from forge.parallel.mappings import group_size, scatter_to
+from forge.parallel.mappings import copy_to, group_size, scatter_to
 
 
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
@@ -40,14 +48,27 @@ def padded_vocab(cfg: ModelConfig, tp: int) -> int:
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE):
         super().__init__()
-        self.tok = VocabParallelEmbedding(padded_vocab(cfg, ctx.tp), cfg.d_model, ctx.tp_group)
+        self.tok = VocabParallelEmbedding(padded_vocab(cfg, ctx.tp), cfg.embed_dim, ctx.tp_group)
+        # factorised: (B, T, E') -> (B, T, D), replicated over tp (see the module docstring)
+        self.up = nn.Linear(cfg.n_embd_wte, cfg.d_model, bias=False) if cfg.n_embd_wte else None
         pos_cls = POSITION[cfg.position].get("embed")
         self.pos = pos_cls(cfg) if pos_cls else None
         self.scale, self.dropout = cfg.embed_scale, cfg.dropout
+        # a learned scalar s (initialised at embed_scale by init_constants); shape (1,), not (): DeepSpeed's
+        # engine broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as
+        self.scale_param = nn.Parameter(torch.empty(1)) if cfg.embed_scale_learned else None
+
+    def init_constants(self):
+        if self.scale_param is not None:
+            self.scale_param.fill_(self.scale)
 
     def forward(self, ids, pos):  # (B, T), (T,) -> (B, T, D)
-        x = self.tok(ids)
-        if self.scale != 1.0:
+        x = self.tok(ids)                                   # (B, T, E')
+        if self.up is not None:
+            x = self.up(x)                                  # (B, T, D)
+        if self.scale_param is not None:
+            x = x * self.scale_param.to(x.dtype)
+        elif self.scale != 1.0:
             x = x * torch.tensor(self.scale, dtype=x.dtype)
         if self.pos is not None:
             x = self.pos(x, pos)
@@ -58,12 +79,20 @@ class Head(nn.Module):
     """Vocab-parallel output layer; the columns of padding tokens (ids >= vocab_size, present when
     tp does not divide the vocabulary) get logit -inf so they never carry probability."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE, own_weight=True):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE, own_weight=True, own_down=True):
+        """own_weight=False: the (tied) weight is passed to forward; own_down=False: the input arrives
+        down-projected already (a pipeline keeps a tied head's own down-projection out of the tied copy)."""
         super().__init__()
         tp = ctx.tp
-        self.proj = ColumnParallelLinear(cfg.d_model, padded_vocab(cfg, tp), cfg.head_bias, ctx.tp_group,
-                                         sequence_parallel=ctx.sp, skip_weight=not own_weight)
-        self.softcap = cfg.logit_softcap
+        factorised = cfg.tie_embeddings and cfg.n_embd_wte
+        self.proj = ColumnParallelLinear(cfg.embed_dim if factorised else cfg.d_model, padded_vocab(cfg, tp),
+                                         cfg.head_bias, ctx.tp_group, sequence_parallel=ctx.sp,
+                                         skip_weight=not own_weight)
+        # a tied factorised head's down-projection Dn (E', D); with tie_embed_proj it is passed to forward
+        self.down = (nn.Linear(cfg.d_model, cfg.n_embd_wte, bias=False)
+                     if factorised and not cfg.tie_embed_proj and own_down else None)
+        self.group, self.sp = ctx.tp_group, ctx.sp
+        self.softcap, self.divisor = cfg.logit_softcap, cfg.logit_divisor
         self.factor = cfg.output_logit_factor      # model.output_softmax: softmax(factor z) = b^(z/t) / sum
         local = padded_vocab(cfg, tp) // tp
         self.vocab = (ctx.tp_rank * local, local, cfg.vocab_size)    # (start, local, vocab)
@@ -74,8 +103,14 @@ class Head(nn.Module):
         start, local, vocab = self.vocab
         self.register_buffer("pad_mask", start + torch.arange(local) >= vocab, persistent=False)
 
-    def forward(self, x, weight=None):  # (B, T, D) -> (B, T, V/tp); weight: a tied embedding
+    def forward(self, x, weight=None, up=None):  # (B, T, D) -> (B, T, V/tp); weight: a tied embedding
+        """up: the embedding's up-projection U (D, E') when the down-projection is tied to it (Dn = U^T)."""
+        down = self.down.weight if self.down is not None else None if up is None else up.t()
+        if down is not None:                                # (B, T, D) -> (B, T, E')
+            x = F.linear(x, copy_to(down, self.group) if self.sp else down)
         logits = self.proj(x, weight)
+        if self.divisor != 1.0:
+            logits = logits / self.divisor
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         if self.factor != 1.0:
@@ -148,7 +183,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, pos, None, use_reentrant=False)
             else:
                 x = layer(x, pos, cache)
-        logits = self.head(self.norm(x))
+        up = self.embed.up.weight if self.cfg.tie_embed_proj else None
+        logits = self.head(self.norm(x), up=up)
         return logits
 
     def loss(self, logits, targets, ignore_index: int = -100):

@@ -829,6 +829,25 @@ def olmoe_to_hf(cfg):
     return d
 
 
+# ---------------------------------------------------------------- Granite
+def granite_from_hf(d):
+    """Llama wiring with four scalars: embeddings x embedding_multiplier, each residual branch x
+    residual_multiplier, attention scores x attention_multiplier (the whole scale, not hd^-0.5
+    times it), logits / logits_scaling."""
+    c = hf_config_object(d, "granite")
+    return _llama_like_from_hf(c, embed_scale=float(c.embedding_multiplier),
+                               residual_multiplier=float(c.residual_multiplier),
+                               attn_scale=float(c.attention_multiplier), logit_divisor=float(c.logits_scaling))
+
+
+def granite_to_hf(cfg):
+    d = _llama_like_to_hf(cfg, mlp_bias=True)
+    d.update(embedding_multiplier=cfg.embed_scale, residual_multiplier=cfg.residual_multiplier,
+             attention_multiplier=cfg.attn_scale if cfg.attn_scale is not None else cfg.hd ** -0.5,
+             logits_scaling=cfg.logit_divisor)
+    return d
+
+
 # ---------------------------------------------------------------- the registry
 def _spec(arch, model_type, from_hf, to_hf, key_map, transforms=(), ignore=LLAMA_IGNORE, base_prefix="model.",
           tied_hf_keys=("lm_head.weight",), aliases=None):
@@ -875,6 +894,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "SmolLM3ForCausalLM": _spec("SmolLM3ForCausalLM", "smollm3", smollm3_from_hf, smollm3_to_hf, llama_map()),
     "Gemma3ForCausalLM": _spec("Gemma3ForCausalLM", "gemma3_text", gemma3_from_hf, gemma3_to_hf, gemma2_map()),
     "Phi3ForCausalLM": _spec("Phi3ForCausalLM", "phi3", phi3_from_hf, phi3_to_hf, *phi3_rules()),
+    "GraniteForCausalLM": _spec("GraniteForCausalLM", "granite", granite_from_hf, granite_to_hf, llama_map()),
 }
 
 
@@ -924,6 +944,10 @@ def canonical(cfg: ModelConfig) -> dict:
     d.update(mlp_up_bias=cfg.up_bias, mlp_down_bias=cfg.down_bias)
     d.pop("mlp_bias")                         # what it sets is in mlp_up_bias / mlp_down_bias
     d.pop("dyt_alpha_init")                   # an initial value only
+    for k in ("embed_init", "embed_init_mean", "embed_init_scale"):   # initial values only
+        d.pop(k)
+    if not (cfg.n_embd_wte and cfg.tie_embeddings):
+        d.pop("tie_embed_proj")
     if "layernorm" not in norms:
         d.pop("norm_bias")
     if not norms & {"rmsnorm", "prmsnorm"}:
