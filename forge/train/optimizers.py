@@ -244,6 +244,20 @@ def param_groups(model: torch.nn.Module, optim) -> list[dict]:
     return groups
 
 
+def state_count(module: torch.nn.Module, optim) -> dict[int, int]:
+    """{id(parameter): fp32 optimizer states it keeps per element} (forge.plan): adamw 2 (m, v),
+    lion 1 (m), sgd 1 (its momentum buffer; 0 without momentum), adafactor 1 for vectors and 0 for
+    matrices (factored: R + C values, not counted), muon 1 for its matrices and 2 for AdamW's."""
+    counts = {}
+    for group in param_groups(module, optim):
+        for p in group["params"]:
+            dims = len(getattr(p, "ds_shape", p.shape))
+            counts[id(p)] = {"adamw": 2, "lion": 1, "sgd": 1 if optim.momentum else 0,
+                             "adafactor": 0 if dims > 1 else 1,
+                             "muon": 1 if group.get("use_muon") else 2}[optim.name]
+    return counts
+
+
 def build_client_optimizer(groups: list[dict], optim):
     """The torch optimizer for `deepspeed.initialize(optimizer=...)`, or None for adamw."""
     builder = OPTIMIZERS[optim.name]
