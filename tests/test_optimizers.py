@@ -218,3 +218,33 @@ def test_resume_is_bit_exact_for_each_optimizer(tmp_path, data_cache, name):
     from forge.train.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match=f"optim.name='{name}', the config has optim.name='adamw'"):
         train(_tiny(tmp_path / "split", data_cache, "train.resume=auto"))
+
+
+# ---------------------------------------------------------------- layouts (slow: gloo processes)
+LAYOUTS = [("lion", 2, dict(zero_stage=1)), ("lion", 1, dict(tp=2)), ("sgd", 2, dict(zero_stage=1)),
+           ("sgd", 1, dict(pp=2))]
+_REFS: dict = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dp, parallel", LAYOUTS, ids=[f"{n}-" + "-".join(f"{k}{v}" for k, v in p.items())
+                                                              for n, _, p in LAYOUTS])
+def test_elementwise_optimizers_under_zero1_tp_pp_match_one_process(tmp_path_factory, name, dp, parallel):
+    """lion and sgd (nesterov) on DeepSpeed's flat ZeRO 1 partitions, on tp shards and on pipeline
+    stages (DeepSpeed's PipelineEngine with a client optimizer; two gloo processes) give one process's
+    losses and final weights within 1e-5. (lion ran under pp = 2 and sgd under tp = 2 too, once.)"""
+    from tests.test_parallel_layouts import job, run
+    cache = str(tmp_path_factory.mktemp("data")) if "cache" not in _REFS else _REFS["cache"]
+    _REFS["cache"] = cache
+    extra = [f"optim.name={name}"] + (["optim.nesterov=true", "optim.lr=0.05"] if name == "sgd" else [])
+    if name not in _REFS:
+        _REFS[name] = run(job(str(tmp_path_factory.mktemp(f"ref-{name}")), cache, "tiny-llama", 1) + extra, 1)
+    ref_losses, ref_weights, _ = _REFS[name]
+    losses, weights, _ = run(job(str(tmp_path_factory.mktemp("layout")), cache, "tiny-llama", dp, **parallel)
+                             + extra, 2)
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
+    assert weights.keys() == ref_weights.keys()
+    for key, ref in ref_weights.items():
+        err = (weights[key] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err <= 1e-5, f"{key}: relative difference {err:.2e}"
