@@ -155,6 +155,11 @@ def test_param_groups_decay_and_muon_split():
         assert "embed.tok.weight" in groups["decay"] and all(n.endswith("weight") and "norm" not in n
                                                               for n in groups["decay"])
         assert all(model.get_parameter(n).dim() == 1 for n in groups["no_decay"])
+    cfg, model = _tiny_model("model.preset=tiny-gpt2", "optim.decay_embeddings=false")
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in param_groups(model, cfg.optim) if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"embed.tok.weight", "embed.pos.weight"} <= no_decay
+    assert no_decay - {"embed.tok.weight", "embed.pos.weight"} == {n for n, p in model.named_parameters() if p.dim() == 1}
     cfg, model = _tiny_model("optim.decay_embeddings=false", "optim.name=muon")
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {g["name"]: ({names[id(p)] for p in g["params"]}, g["use_muon"], g["weight_decay"])
@@ -167,7 +172,7 @@ def test_param_groups_decay_and_muon_split():
     assert groups["decay_muon"][1] is True
 
 
-def test_bad_optimizer_settings_are_refused():
+def test_bad_optimizer_settings_are_refused(tmp_path):
     from forge.train.engine import build_ds_config, check_supported
     with pytest.raises(ConfigError, match=r"optim.name='adam' is not one of \['adafactor', 'adamw', 'lion', 'muon', 'sgd'\]"):
         check_supported(load_config(None, ["optim.name=adam"]))
@@ -182,6 +187,10 @@ def test_bad_optimizer_settings_are_refused():
     assert build_ds_config(load_config(None, []), 1)["optimizer"]["type"] == "AdamW"
     assert "optimizer" not in build_ds_config(load_config(None, ["optim.name=lion"]), 1)
     assert set(OPTIMIZERS) == {"adamw", "lion", "sgd", "adafactor", "muon"}
+    template = tmp_path / "opt.json"
+    template.write_text('{"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}')
+    with pytest.raises(ConfigError, match="configures an optimizer, but optim.name='sgd'"):
+        build_ds_config(load_config(None, ["optim.name=sgd", f"parallel.ds_config={template}"]), 1)
 
 
 # ---------------------------------------------------------------- training runs

@@ -28,7 +28,7 @@ not use it because its state is not kept per parameter where forge.layout.optim 
 optimizer state for sharded checkpoints, and it knows nothing of Forge's tp groups.
 
 Weight decay (`param_groups`): matrices are decayed, vectors (norms, biases) never; embedding
-tables unless optim.decay_embeddings=false (the default true keeps Forge's earlier behaviour,
+tables (token and learned positions) unless optim.decay_embeddings=false (the default true keeps Forge's earlier behaviour,
 which decayed every tensor of 2 or more dimensions).
 """
 from __future__ import annotations
@@ -209,9 +209,11 @@ def check_optim(cfg) -> None:
 
 
 def _embedding_ids(model) -> set:
+    """The token and learned-position tables."""
+    from forge.models.layers.position import LearnedPositions
     from forge.parallel.layers import VocabParallelEmbedding
-    return {id(q) for m in model.modules() if isinstance(m, (VocabParallelEmbedding, torch.nn.Embedding))
-            for q in m.parameters(recurse=False)}
+    tables = (VocabParallelEmbedding, torch.nn.Embedding, LearnedPositions)
+    return {id(q) for m in model.modules() if isinstance(m, tables) for q in m.parameters(recurse=False)}
 
 
 def _head_ids(model) -> set:
