@@ -23,9 +23,13 @@ Every optimizer but adamw is built here and handed to `deepspeed.initialize(opti
 partitions and on tp shards unchanged. Adafactor's row/column means, its RMS(w) and its update's RMS
 are whole-tensor quantities, and Muon orthogonalises the whole matrix: both need tp = 1 and ZeRO 0
 (check_optim says so). DeepSpeed 0.19 ships a Muon for ZeRO 1/2 ({"type": "Muon"},
-deepspeed/runtime/zero/muon: it all-gathers a matrix's partitions to orthogonalise it); Forge does
-not use it because its state is not kept per parameter where forge.layout.optim reads the
-optimizer state for sharded checkpoints, and it knows nothing of Forge's tp groups.
+deepspeed/runtime/zero/muon: stage_1_and_2 gathers a matrix's gradient partitions and
+orthogonalises while flattening); Forge does not use it: its ZeRO 1/2 momentum is one flat buffer
+per parameter group (`_muon_momentum_buffer`, the group's whole matrices), not per-parameter
+fragments that forge.layout.optim could save and restore under another layout, and it knows
+nothing of Forge's tp groups (a tp shard would be orthogonalised on its own). Its update is the
+EMA form u = lerp(g, lerp(m, g, 1 - mu), mu), which is (1 - mu) times the sum form here, so
+after the Newton-Schulz normalisation the two give the same step.
 
 Weight decay (`param_groups`): matrices are decayed, vectors (norms, biases) never; embedding
 tables (token and learned positions) unless optim.decay_embeddings=false (the default true keeps Forge's earlier behaviour,
