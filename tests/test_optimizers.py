@@ -181,6 +181,11 @@ def test_bad_optimizer_settings_are_refused(tmp_path):
             check_supported(load_config(None, [f"optim.name={name}", "parallel.tp=2"]))
         with pytest.raises(ConfigError, match=rf"optim.name='{name}' with parallel.zero_stage=1"):
             check_supported(load_config(None, [f"optim.name={name}", "parallel.zero_stage=1"]))
+    for bad in ("optim.momentum=-0.1", "optim.muon_momentum=1.0", "optim.momentum=.nan"):
+        with pytest.raises(ConfigError, match="optim.momentum=.* must be >= 0 and optim.muon_momentum=.* in"):
+            check_supported(load_config(None, [bad]))
+    with pytest.raises(ConfigError, match="optim.muon_ns_steps=0 must be >= 1"):
+        check_supported(load_config(None, ["optim.muon_ns_steps=0"]))
     with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
         check_supported(load_config(None, ["optim.name=sgd", "optim.nesterov=true", "optim.momentum=0"]))
     # adamw keeps DeepSpeed's optimizer entry; the others leave it out (Forge hands the optimizer over)

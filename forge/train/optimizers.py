@@ -205,7 +205,7 @@ def check_optim(cfg) -> None:
                               "DeepSpeed's bf16 optimizer partitions the state flat; use fp32 or parallel.pp=1")
     if o.name == "sgd" and o.nesterov and o.momentum <= 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
-    if o.momentum < 0 or not 0 <= o.muon_momentum < 1:
+    if not (0 <= o.momentum < math.inf and 0 <= o.muon_momentum < 1):          # NaN fails too
         raise ConfigError(f"optim.momentum={o.momentum} must be >= 0 and optim.muon_momentum={o.muon_momentum} "
                           "in [0, 1)")
     if o.muon_ns_steps < 1:
