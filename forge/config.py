@@ -482,6 +482,14 @@ class OptimConfig:
     schedule: str = "cosine"                # cosine | wsd | constant
     warmup_steps: int = 100
     decay_frac: float = 0.2                 # wsd: fraction of max_steps spent decaying
+    # optimizer (forge.train.optimizers.OPTIMIZERS): adamw | lion | sgd | adafactor | muon
+    name: str = "adamw"
+    decay_embeddings: bool = True           # weight decay on embedding tables (norms, biases: never)
+    momentum: float = 0.9                   # sgd
+    nesterov: bool = False                  # sgd
+    muon_momentum: float = 0.95             # muon: momentum of the orthogonalised matrices
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5                  # muon: Newton-Schulz iterations
 
     def validate(self) -> "OptimConfig":
         """lr finite > 0, min_lr in [0, lr], betas in [0, 1), eps > 0, weight_decay >= 0,

@@ -44,6 +44,11 @@ expert-data-parallel group); partitions are ceil(elements / N) (DeepSpeed pads t
     fp32       2     4        4/N    12/N        4 + 16/N  partition even of fp32 weights
     fp32       3     4/N      4/N    12/N        20/N
 
+The optimizer column is for optim.name=adamw (2 fp32 states per element, m and v: 8, or 4 + 8
+with the fp32 master). For k fp32 states per element it is 4k whole, (4 + 4k)/N partitioned
+(forge.train.optimizers.state_count): lion 1 (m), sgd 1 (its momentum buffer; 0 without
+momentum), adafactor 0 for matrices (factored: rows + columns, O(R + C), not counted) and 1 for
+vectors, muon 1 for its hidden matrices and 2 (AdamW) for embeddings, head, norms and biases.
 (forge.train.precision; DeepSpeed 0.19 as forge.train.engine.build_ds_config configures it,
 measured by tests/test_plan.py against a gloo run). ZeRO 1's gradients are whole: DeepSpeed's
 stage 1 reduces them only at the gradient-accumulation boundary, so a rank holds all of them
@@ -111,6 +116,7 @@ class _Param:
     tp_split: bool              # a tp shard (carries partition_dim); else whole on every tp rank
     expert: bool
     owned_rows: Optional[float] = None   # a vocabulary shard: fraction of its rows < vocab_size
+    states: int = 2             # fp32 optimizer states per element (forge.train.optimizers.state_count)
 
 
 @dataclass(frozen=True)
@@ -126,9 +132,11 @@ class _Layer:
         return sum(p.numel for p in self.params)
 
 
-def _params_of(module, m, tp: int, tp_rank: int, ep: int) -> tuple[_Param, ...]:
+def _params_of(module, m, tp: int, tp_rank: int, ep: int, optim=None) -> tuple[_Param, ...]:
     """What `module` (built for tp rank `tp_rank` of `tp`, ep size `ep`; `m` the ModelConfig) holds."""
     from forge.parallel.sharding import VOCAB_TENSORS
+    from forge.train.optimizers import state_count
+    counts = state_count(module, optim) if optim is not None else {}
     out = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -139,7 +147,7 @@ def _params_of(module, m, tp: int, tp_rank: int, ep: int) -> tuple[_Param, ...]:
         if split and name in VOCAB_TENSORS:      # rows [tp_rank * local, (tp_rank + 1) * local)
             local = p.shape[0]
             owned = min(max(m.vocab_size - tp_rank * local, 0), local) / local
-        out.append(_Param(p.numel(), full, split, expert, owned))
+        out.append(_Param(p.numel(), full, split, expert, owned, counts.get(id(p), 2)))
     return tuple(out)
 
 
@@ -163,7 +171,7 @@ def _build_layers(cfg: JobConfig, groups) -> list[_Layer]:
             except ValueError as e:          # a shape the layout cannot split
                 raise ConfigError(str(e)) from None
             buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-            built[kind] = (_params_of(module, m, groups.tp, groups.tp_rank, groups.ep), buffers)
+            built[kind] = (_params_of(module, m, groups.tp, groups.tp_rank, groups.ep, cfg.optim), buffers)
         tied = spec.key if isinstance(spec, TiedLayerSpec) else None
         layers.append(_Layer(spec.typename.__name__, *built[kind], tied=tied, block=block))
     return layers
@@ -198,20 +206,22 @@ def _balanced(weights: tuple[int, ...], pp: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- bytes per parameter
-def state_bytes(precision: str, zero: int, pp: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def state_bytes(precision: str, zero: int, pp: int, states: int = 2) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """((weights, grads, optimizer) bytes per element held whole, (the same) per element split
-    N ways): see the module docstring's table."""
+    N ways), with `states` fp32 optimizer states per element: see the module docstring's table."""
     low = precision in LOW_PRECISION
+    o = 4 + 4 * states                      # fp32 master (DeepSpeed keeps one also of fp32 weights) + states
     if zero == 0:
-        return ((2, 2, 0), (0, 0, 12)) if low and pp > 1 else ((4, 4, 8), (0, 0, 0))
+        return ((2, 2, 0), (0, 0, o)) if low and pp > 1 else ((4, 4, 4 * states), (0, 0, 0))
     w = 2 if low else 4
-    return {1: ((w, w, 0), (0, 0, 12)), 2: ((w, 0, 0), (0, w, 12)), 3: ((0, 0, 0), (w, w, 12))}[zero]
+    return {1: ((w, w, 0), (0, 0, o)), 2: ((w, 0, 0), (0, w, o)), 3: ((0, 0, 0), (w, w, o))}[zero]
 
 
 def _states_formula(cfg: JobConfig, dp: int, persist: int) -> str:
     """E.g. "bf16 ZeRO 1: weights 2 + grads 2 + optimizer 12/N = 4 + 12/N bytes/param (N = dp = 16)"."""
+    from forge.train.optimizers import STATE_COUNT
     p, prec = cfg.parallel, cfg.train.precision
-    whole, split = state_bytes(prec, p.zero_stage, p.pp)
+    whole, split = state_bytes(prec, p.zero_stage, p.pp, STATE_COUNT[cfg.optim.name])
 
     def term(w, s):
         return " + ".join(x for x in (str(w) if w else "", f"{s}/N" if s else "") if x) or "0"
@@ -221,6 +231,8 @@ def _states_formula(cfg: JobConfig, dp: int, persist: int) -> str:
     note = notes.get((p.zero_stage, p.pp == 1), "") if prec in LOW_PRECISION else ""
     if p.zero_stage == 3:
         note += f"; tensors <= {persist:,} elements also whole"
+    note += {"adafactor": "; adafactor: vectors 1 state, matrices factored (not counted)",
+             "muon": "; muon: its hidden matrices, AdamW's tensors 2 states"}.get(cfg.optim.name, "")
     return f"{prec} ZeRO {p.zero_stage}: {parts} = {term(sum(whole), sum(split))} bytes/param ({n}{note})"
 
 
@@ -451,8 +463,14 @@ def _rank_plan(cfg, layers, start, stop, owner, stage, tp_rank, ep_rank, ranks, 
             persistent = sum(q.numel for q in group if q.numel <= rates.persist)
         else:                                            # flat buffers split in equal parts
             part, persistent = math.ceil(numel / n), 0
-        for i in range(3):
+        for i in range(2):
             states[i] += rates.whole[i] * numel + rates.split[i] * part
+        counts = {q.states for q in group}
+        if len(counts) <= 1:                             # one optimizer rate for the group
+            whole, split = state_bytes(cfg.train.precision, p.zero_stage, p.pp, counts.pop() if counts else 2)
+            states[2] += whole[2] * numel + split[2] * part
+        else:                                            # muon, adafactor: ZeRO 0, held whole (check_optim)
+            states[2] += sum(state_bytes(cfg.train.precision, 0, 1, q.states)[0][2] * q.numel for q in group)
         states[0] += rates.split[0] * persistent         # ZeRO 3 keeps small tensors whole too
     params = sum(q.numel for q in held)
     in_flight = min(p.pp - stage, tr.grad_accum)

@@ -139,6 +139,21 @@ def test_model_state_bytes_per_parameter(precision, expected):
             assert per == pytest.approx(formula(n), rel=0.05), (precision, stage, n, per)
 
 
+def test_optimizer_state_bytes_per_parameter():
+    """The optimizer column per optim.name (fp32 ZeRO 0, and lion's 4 + 4 partitioned at ZeRO 1):
+    adamw 8, lion 4, sgd 4 (0 without momentum), adafactor ~0 (only vectors keep a state), muon 4
+    for hidden matrices + 8 for the embedding, head and norms (llama3-8b: 2 V d + (2 L + 1) d of them)."""
+    from forge.models.presets import PRESETS
+    m = PRESETS["llama3-8b"]
+    adamw_params = 2 * m.vocab_size * m.d_model + (2 * m.n_layers + 1) * m.d_model
+    for name, extra, per in (("adamw", (), lambda n: 8), ("lion", (), lambda n: 4), ("sgd", (), lambda n: 4),
+                             ("sgd", ("optim.momentum=0",), lambda n: 0), ("adafactor", (), lambda n: 0),
+                             ("muon", (), lambda n: 4 + 4 * adamw_params / n),
+                             ("lion", ("parallel.zero_stage=1",), lambda n: 8 / 8)):
+        r = _plan(["model.preset=llama3-8b", f"optim.name={name}", *extra], 8)["ranks"][0]
+        assert r["optim_bytes"] / r["params"] == pytest.approx(per(r["params"]), abs=1e-3), (name, extra)
+
+
 def test_pipeline_bf16_zero0_and_expert_partitions():
     """bf16 at ZeRO 0 under a pipeline is DeepSpeed's BF16_Optimizer (4 + 12/N); experts' optimizer
     states split over dp/ep, dense ones over dp."""

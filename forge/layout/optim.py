@@ -1,10 +1,13 @@
 """This rank's optimizer state in a sharded checkpoint, readable by any layout.
 
-For each parameter, Adam's moments (and the fp32 master copy where the module's weights are
-bf16/fp16) are stored as parts of global tensors in the format of the weights
-(forge.models.sharded): `step_*/optim/forge_index.json` + `shard-{rank}.safetensors`, tensors
-"{name}::exp_avg", "{name}::exp_avg_sq", "{name}::fp32" (Forge names, global shapes). The part a
-rank holds depends on the engine's optimizer:
+For each parameter, the optimizer's state (`state_keys`: Adam's exp_avg and exp_avg_sq, Lion's
+exp_avg, SGD's and Muon's momentum_buffer, Adafactor's row_var/col_var or variance; see
+forge.train.optimizers) and the fp32 master copy where the module's weights are bf16/fp16 are
+stored as parts of global tensors in the format of the weights (forge.models.sharded):
+`step_*/optim/forge_index.json` + `shard-{rank}.safetensors`, tensors "{name}::exp_avg",
+"{name}::exp_avg_sq", "{name}::fp32" (Forge names, global shapes). A state shaped unlike its
+parameter (Adafactor's factored rows and columns; tp = 1 only) is stored whole, as its own tensor.
+The part a rank holds depends on the engine's optimizer:
 
     torch    Forge's AdamW itself (ZeRO 0, and a pipeline's fp32 ZeRO 0): the state of the rank's
              whole tensor, a box (written by data-parallel rank 0, or the first replica of experts)
@@ -30,6 +33,14 @@ from forge.parallel.groups import ParallelGroups
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def state_keys(inner, p) -> dict:
+    """{state key: shape} that the torch optimizer `inner` keeps for parameter `p`: Forge's
+    optimizers say (`state_shapes`), DeepSpeed's AdamW keeps Adam's moments."""
+    shapes = getattr(inner, "state_shapes", None)
+    shape = tuple(getattr(p, "ds_shape", p.shape))
+    return shapes(p) if shapes is not None else {k: shape for k in MOMENTS}
+
+
 def optimizer_kind(engine) -> str:
     params = list(engine.module.parameters())
     if any(hasattr(p, "ds_id") for p in params):
@@ -53,7 +64,7 @@ def low_precision(engine) -> bool:
 
 
 def optimizer_step(engine) -> int:
-    """Adam's step count (the same for every parameter)."""
+    """The optimizer's step count (the same for every parameter; 0 for those without one)."""
     for state in _inner(engine).state.values():
         if "step" in state:
             return int(state["step"])
@@ -75,9 +86,11 @@ def _ensure_state(engine, step: int) -> None:
     flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
     for p in flat if flat is not None else [p for group in inner.param_groups for p in group["params"]]:
         state = inner.state[p]
-        for key in MOMENTS:
+        for key, shape in state_keys(inner, p).items():
             if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[key] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        if isinstance(inner, torch.optim.SGD):
+            continue                        # no step count
         state["step"] = torch.tensor(float(step)) if not torch.is_tensor(state.get("step")) else \
             state["step"].fill_(step)
 
@@ -92,11 +105,18 @@ def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, masters: 
     parts = []
     for b in _trained(engine, cfg, groups, name_of):
         p = b.tensor
-        for key in MOMENTS + (("fp32",) if masters else ()):
+        shapes = state_keys(inner, p)
+        for key in tuple(shapes) + (("fp32",) if masters else ()):
             name = f"{b.name}::{key}"
             if kind == "torch":
-                if writes_whole(p, groups):
-                    parts.append(box_part(b, (p.detach() if key == "fp32" else inner.state[p][key]).float(), name))
+                if not writes_whole(p, groups):
+                    continue
+                value = (p.detach() if key == "fp32" else inner.state[p][key]).float()
+                if key != "fp32" and tuple(value.shape) != tuple(p.shape):    # stored whole (tp = 1)
+                    parts.append(Part(name, value.contiguous(), tuple(value.shape), (0,) * value.dim(),
+                                      tuple(value.shape)))
+                else:
+                    parts.append(box_part(b, value, name))
             elif kind == "frag":
                 if p._hp_mapping is not None and writes_fragment(p, groups):
                     value = p._hp_mapping.get_hp_fragment(None if key == "fp32" else key)
@@ -139,13 +159,19 @@ def load_rank_optimizer(engine, cfg, groups: ParallelGroups, folder: str, model_
         stored = set(reader.names())
         for b in _trained(engine, cfg, groups, name_of):
             p = b.tensor
-            for key in MOMENTS + ("fp32",):
+            shapes = state_keys(inner, p)
+            for key in tuple(shapes) + ("fp32",):
                 name = f"{b.name}::{key}"
                 if kind == "torch" and key == "fp32" and name not in stored:
                     continue                # the fp32 weights are the master: load_rank_weights read them
                 source = reader if name in stored else weights if key == "fp32" else None
                 if source is None:
                     raise ValueError(f"{folder}: no optimizer state {name!r}")
+                if key != "fp32" and shapes[key] != tuple(b.local):                # stored whole (tp = 1)
+                    value = reader.get_box(name, (0,) * len(shapes[key]), shapes[key])
+                    reader.close()
+                    inner.state[p][key].copy_(value)
+                    continue
                 whole = torch.zeros(b.local, dtype=torch.float32)   # the rank's tp box, padding rows 0
                 whole[tuple(slice(0, n) for n in b.box)] = source.get_box(name if source is reader else b.name,
                                                                            b.start, b.box)

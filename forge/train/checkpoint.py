@@ -181,6 +181,12 @@ def check_compatible(state: dict, cfg: JobConfig, dp_size: int, path: str) -> li
         a, b = diff["train.precision"]
         raise CheckpointError(f"checkpoint {path!r} was written with train.precision={a!r}, the config has {b!r}; "
                               "resume with the checkpoint's precision")
+    then = flatten_dict(old).get("optim.name", "adamw")         # checkpoints before optim.name ran AdamW
+    if then != cfg.optim.name:
+        raise CheckpointError(f"checkpoint {path!r} holds the state of optim.name={then!r}, the config has "
+                              f"optim.name={cfg.optim.name!r}: resume with optim.name={then!r}, or start a new "
+                              "train.out_dir with train.init_from pointing at the checkpoint (weights only)")
+    diff.pop("optim.name", None)
     ignored = {"train.resume", "train.out_dir", "log.progress"}
     warnings = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items() if not k.startswith("model.") and k not in ignored]
     if state.get("sharded_optimizer"):          # any layout reads it (load_checkpoint, relayout)

@@ -4,8 +4,11 @@ Forge owns the keys it derives (batch sizes, precision, ZeRO stage, clipping, Ad
 named by `parallel.ds_config` (a JSON file, e.g. ds_configs/zero2.json) supplies DeepSpeed-only
 settings such as bucket sizes and is merged underneath, so Forge's values win on shared keys.
 
-AdamW is always PyTorch's (`"torch_adam": true`), so nothing is compiled when the engine starts.
-Weight decay applies to matrices (embeddings included); norms and biases are not decayed.
+AdamW (optim.name=adamw) is always PyTorch's (`"torch_adam": true`), so nothing is compiled when the
+engine starts; the other optimizers (forge.train.optimizers) are built by Forge and handed to
+`deepspeed.initialize(optimizer=...)`, and the DeepSpeed config then has no "optimizer" entry.
+Weight decay applies to matrices (embeddings unless optim.decay_embeddings=false); norms and biases
+are not decayed.
 """
 from __future__ import annotations
 
@@ -77,6 +80,8 @@ def check_supported(cfg: JobConfig, world: int | None = None) -> None:
     for key in ("save_interval", "eval_interval", "eval_steps", "log_interval"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    from forge.train.optimizers import check_optim
+    check_optim(cfg)
     if cfg.optim.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 turns it off)")
     if t.activation_checkpointing not in ("none", "full", "attention"):
@@ -131,28 +136,18 @@ def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
         # fp32 weights, low-precision matmuls (forge.train.precision); gradients reduced in fp32
         "torch_autocast": {"enabled": bool(autocast), "dtype": autocast or "bfloat16",
                            "lower_precision_safe_modules": []},
-        "optimizer": {"type": "AdamW", "params": adam},
+        **({"optimizer": {"type": "AdamW", "params": adam}} if o.name == "adamw" else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
     }
     base = load_template(p.ds_config) if p.ds_config else {}
     base.pop("scheduler", None)         # Forge drives the learning rate
+    if o.name != "adamw" and "optimizer" in base:
+        raise ConfigError(f"parallel.ds_config={p.ds_config!r} configures an optimizer, but optim.name={o.name!r} "
+                          "is built by Forge; drop the template's \"optimizer\" entry")
     check_template(base, derived, p.ds_config)
     return merge_dicts(base, derived)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, prm in model.named_parameters():     # tied parameters appear once
-        if not prm.requires_grad:
-            continue
-        shape = getattr(prm, "ds_shape", prm.shape)      # a ZeRO 3 partition keeps its full shape there
-        (decay if len(shape) >= 2 else no_decay).append(prm)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
 
 
 def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
@@ -162,7 +157,8 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
     import deepspeed
     ds_config = build_ds_config(cfg, groups.dp)
     mpu = groups if groups.pp == 1 and groups.tp * groups.dp > 1 else None
-    params = param_groups(model, cfg.optim.weight_decay)
+    from forge.train.optimizers import build_client_optimizer, param_groups
+    params = param_groups(model, cfg.optim)
     if not zero0_autocast(cfg):
         forget_deepspeed_autocast()
     moe = contextlib.nullcontext()
@@ -172,6 +168,7 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=params,
+            optimizer=build_client_optimizer(params, cfg.optim),
             config=ds_config,
             mpu=mpu,
             lr_scheduler=lambda opt: ForgeLRScheduler(opt, cfg.optim, cfg.train.max_steps),
