@@ -4,7 +4,8 @@
     forge train model.preset=... train.out_dir=runs/x train.resume=auto     # no file: defaults + overrides
 
 Runs as a plain process (it becomes rank 0 of a world of 1) or under a DeepSpeed / torchrun launcher.
-Exit status: 0 when done, 2 for a config or checkpoint problem (nothing written), 128 + signal
+Exit status: 0 when done, 2 for a config or checkpoint problem or an out_dir locked by another
+run (nothing written), 128 + signal
 number when stopped by SIGINT / SIGTERM (after saving a checkpoint).
 """
 from __future__ import annotations
@@ -50,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         explicit = user_keys(path, overrides)
         from forge.train.checkpoint import CheckpointError
+        from forge.train.runlock import RunLockError
         from forge.train.trainer import train
         try:
             result = train(cfg, explicit_vocab="model.vocab_size" in explicit, explicit=explicit)
+        except RunLockError as e:
+            print(f"forge train: run dir locked: {e}", file=sys.stderr)
+            return 2
         except CheckpointError as e:
             print(f"forge train: checkpoint error: {e}", file=sys.stderr)
             return 2

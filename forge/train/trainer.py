@@ -16,6 +16,10 @@ Vocabulary: `model.vocab_size` follows the tokenizer unless the user set it (`ex
 which `forge train` derives from the YAML file and the overrides); a set value must be at least
 the tokenizer's vocabulary (larger = padding rows).
 
+One run per out_dir: rank 0 holds OUT/.lock (forge.train.runlock) from before the first read of
+the run dir until `train` returns or raises; a second run there raises RunLockError having
+written nothing.
+
 SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
 `interrupted` set to the signal number (a second Ctrl-C aborts at once).
 """
@@ -42,6 +46,7 @@ from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
 from forge.train.engine import check_supported, create_engine, manual_clipping
 from forge.train.precision import optimizer_layout
+from forge.train.runlock import acquire_for_run
 from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.schedule import lr_at, validate_schedule
@@ -158,6 +163,17 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     cfg.train.out_dir = out_dir
     _quiet_deepspeed()
 
+    # ---- the run dir is this run's alone (forge.train.runlock), before anything is read or written
+    dist.init_distributed()
+    lock = acquire_for_run(out_dir)
+    try:
+        return _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start) -> TrainResult:
     # ---- which checkpoint, before anything is written
     resume_path = ckpt.resolve_resume(cfg.train.resume, out_dir)
     if resume_path is None:
@@ -174,7 +190,6 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
                 "would overwrite; move them away or choose another train.out_dir (nothing was written)")
     state0 = ckpt.read_state(resume_path) if resume_path else None
 
-    dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     init_folder = None
     if cfg.train.init_from and resume_path is None:       # a resumed run continues its own weights
