@@ -233,6 +233,11 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | attention
     compile: bool = False
     linear_backend: str = "aten"            # aten | onednn | auto: fp32 CPU linears (forge.kernels)
+    # non-finite steps (forge.train.nonfinite) and checkpoint retention (forge.train.checkpoint)
+    max_skipped_steps: int = 5              # abort (NonFiniteError) after this many skipped steps in a row; 0 = never
+    spike_factor: float = 0.0               # also skip a step whose loss > factor x mean of the last 20 applied; 0 = off
+    keep_last: int = 0                      # keep the newest k complete checkpoints (+ keep_every's); 0 = keep all
+    keep_every: int = 0                     # ... and every checkpoint whose step is a multiple of this; 0 = off
 
 
 @dataclass
@@ -258,6 +263,11 @@ class JobConfig:
             raise ConfigError(f"train.precision={self.train.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
         if self.train.linear_backend not in ("aten", "onednn", "auto"):
             raise ConfigError(f"train.linear_backend={self.train.linear_backend!r} is not one of ['aten', 'auto', 'onednn']")
+        for key in ("max_skipped_steps", "keep_last", "keep_every"):
+            if getattr(self.train, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self.train, key)} must be >= 0 (0 turns it off)")
+        if self.train.spike_factor != 0 and not self.train.spike_factor > 1:
+            raise ConfigError(f"train.spike_factor={self.train.spike_factor} must be 0 (off) or > 1")
         if self.optim.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
         if self.parallel.zero_stage not in (0, 1, 2, 3):

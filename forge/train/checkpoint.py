@@ -233,8 +233,11 @@ def _save_model_shards(engine, cfg: JobConfig, groups, folder: str, tokenizer_di
 def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, state: dict,
                     tokenizer_dir: Optional[str] = None) -> str:
     """Write checkpoint `step` (collective: every rank calls it); returns its path. COMPLETE is
-    written only after every rank's files are on disk."""
+    written only after every rank's files are on disk. Weights or optimizer state with a
+    non-finite value are refused (NonFiniteError) before anything is touched."""
     from forge.layout.build import forge_name_of
+    from forge.train.nonfinite import check_finite_weights
+    check_finite_weights(engine, step)
     from forge.layout.optim import low_precision, optimizer_step, rank_optimizer_parts
     path = step_dir(out_dir, step)
     rank = dist.rank()

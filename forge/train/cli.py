@@ -5,7 +5,8 @@
 
 Runs as a plain process (it becomes rank 0 of a world of 1) or under a DeepSpeed / torchrun launcher.
 Exit status: 0 when done, 2 for a config or checkpoint problem or an out_dir locked by another
-run (nothing written), 128 + signal
+run (nothing written), 3 when training diverged (train.max_skipped_steps non-finite steps in a row, or
+non-finite weights at a save: no checkpoint of them is written), 128 + signal
 number when stopped by SIGINT / SIGTERM (after saving a checkpoint).
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         explicit = user_keys(path, overrides)
         from forge.train.checkpoint import CheckpointError
+        from forge.train.nonfinite import NonFiniteError
         from forge.train.runlock import RunLockError
         from forge.train.trainer import train
         try:
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         except RunLockError as e:
             print(f"forge train: run dir locked: {e}", file=sys.stderr)
             return 2
+        except NonFiniteError as e:
+            print(f"forge train: training diverged: {e}", file=sys.stderr)
+            return 3
         except CheckpointError as e:
             print(f"forge train: checkpoint error: {e}", file=sys.stderr)
             return 2
