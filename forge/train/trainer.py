@@ -321,6 +321,11 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
              "forge_version": _forge_version()},
             tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
         logger.write(f"saved checkpoint {path}")
+        if main:                                # only now that `path` is complete
+            gone = ckpt.prune_checkpoints(out_dir, step, cfg.train.keep_last, cfg.train.keep_every)
+            if gone:
+                logger.write(f"removed {', '.join(os.path.basename(g) for g in gone)} (train.keep_last="
+                             f"{cfg.train.keep_last}, train.keep_every={cfg.train.keep_every})")
         return path
 
     from forge.models.layers.moe import moe_metrics
