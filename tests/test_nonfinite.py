@@ -125,6 +125,26 @@ def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, data_cache, 
     assert "skipped" not in m[4]
 
 
+def test_resume_after_a_skipped_first_step_is_bit_exact(tmp_path, data_cache, monkeypatch):
+    """Step 1 skipped (Adam has no state yet): its checkpoint holds zero moments and Adam step 0;
+    steps 1..4 uninterrupted == steps 1..2, stop, resume, steps 3..4 (the lr schedule and Adam's
+    step count follow the skip the same way in both)."""
+    extra = ("train.max_steps=4", "train.save_interval=1", "train.eval_interval=0")
+    inject = Inject(monkeypatch, {1: "loss"})
+    full = train(tiny(tmp_path / "full", data_cache, *extra))
+    inject.calls = 0
+    first = train(tiny(tmp_path / "split", data_cache, *extra), stop_at=2)
+    inject.modes = {}
+    second = train(tiny(tmp_path / "split", data_cache, *extra, "train.resume=auto"))
+    assert second.start_step == 2 and math.isnan(full.losses[0]) and math.isnan(first.losses[0])
+    assert first.losses[1:] + second.losses == full.losses[1:]
+    assert first.grad_norms[1:] + second.grad_norms == full.grad_norms[1:]
+    out = str(tmp_path / "split")
+    assert state(out, 1)["optimizer_step"] == 0 and state(out, 4)["skipped_steps"] == 1
+    assert all(not t.any() for k, t in tensors(step_dir(out, 1), "optim").items() if "::exp_avg" in k)
+    assert_bit_equal(tensors(step_dir(out, 4), "model"), tensors(step_dir(str(tmp_path / "full"), 4), "model"))
+
+
 def test_max_skipped_steps_in_a_row_stop_the_run_without_a_checkpoint_of_them(tmp_path, data_cache, monkeypatch):
     """From step 3 on every loss is NaN; train.max_skipped_steps=3 stops the run at step 5 with
     NonFiniteError. Steps 3 and 4 were saved with the (finite, unchanged) weights of step 2; no

@@ -13,6 +13,7 @@ from forge.train.checkpoint import CheckpointError
 from forge.train.cli import main as cli_main
 from forge.train.runlock import LOCK_FILE, RunLockError, acquire, read_lock
 from forge.train.trainer import train
+from tests.distributed import run_distributed
 from tests.test_train import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,3 +125,17 @@ def test_acquire_is_exclusive_within_one_process_and_release_is_idempotent(tmp_p
     with acquire(str(tmp_path / "d")):
         assert read_lock(str(tmp_path / "d"))["pid"] == os.getpid()
     assert not (tmp_path / "d" / LOCK_FILE).exists()
+
+
+def _locked_run(rank, world, out, cache):
+    with pytest.raises(RunLockError, match="in use by another training run"):
+        train(tiny(out, cache, "train.max_steps=2", "train.eval_interval=0"))
+
+
+@pytest.mark.slow
+def test_every_rank_learns_that_the_dir_is_locked(tmp_path, data_cache):
+    """Two ranks: rank 0 finds the lock held and every rank raises RunLockError (none waits)."""
+    out = tmp_path / "run"
+    with acquire(str(out)):
+        run_distributed(_locked_run, 2, str(out), data_cache)
+        assert sorted(os.listdir(out)) == [LOCK_FILE]

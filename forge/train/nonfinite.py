@@ -181,11 +181,17 @@ def check_finite_weights(engine, step: int) -> None:
     """Raise NonFiniteError on every rank when any rank holds a non-finite weight, master or
     optimizer state (collective; called before a checkpoint is written)."""
     from forge.train import distributed as dist
-    bad = next((name for name, t in _tensors(engine) if t.numel() and not bool(torch.isfinite(t).all())), None)
+    by_device: dict = {}                    # one host sync per device, not one per tensor
+    for name, t in _tensors(engine):
+        if t.numel():
+            by_device.setdefault(t.device, []).append((name, torch.isfinite(t).all()))
+    bad = None
+    for found in by_device.values():
+        ok = torch.stack([flag for _, flag in found]).tolist()
+        bad = bad or next((name for (name, _), good in zip(found, ok) if not good), None)
     if not dist.all_reduce_max(int(bad is not None)):
         return
-    names = dist.gather_object(bad)
-    found = [f"rank {r}: {n}" for r, n in enumerate(names or [bad]) if n]
-    every = dist.broadcast_object(found)
+    names = dist.gather_object(bad)         # rank 0: every rank's first bad tensor (or None)
+    every = dist.broadcast_object([f"rank {r}: {n}" for r, n in enumerate(names) if n] if names else None)
     raise NonFiniteError(f"checkpoint step {step} not written: non-finite values in {', '.join(every)}; the last "
                          "complete checkpoint is untouched (lower optim.lr or resume from it)")
