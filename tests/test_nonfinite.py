@@ -100,7 +100,7 @@ def metrics(out):
 
 
 @pytest.mark.parametrize("stage,precision,mode", [(0, "fp32", "loss"), (0, "bf16", "grad"), (1, "bf16", "loss"),
-                                                  (2, "fp32", "grad")])
+                                                  (2, "fp32", "grad"), (3, "bf16", "loss")])
 def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, data_cache, monkeypatch, stage, precision, mode):
     """Step 3 has a NaN loss (or a finite loss with infinite gradients): checkpoints 2 and 3 hold
     bit-equal weights and optimizer state (Adam's step count 2 in both), step 4 trains again,

@@ -20,6 +20,11 @@ One run per out_dir: rank 0 holds OUT/.lock (forge.train.runlock) from before th
 the run dir until `train` returns or raises; a second run there raises RunLockError having
 written nothing.
 
+A step whose loss or global gradient norm is not finite is skipped on every rank, weights and
+optimizer state untouched (forge.train.nonfinite); `train.max_skipped_steps` of them in a row
+raise NonFiniteError, and no checkpoint is written with a non-finite value. `train.keep_last` /
+`train.keep_every` delete older checkpoints once a newer one is complete (ckpt.prune_checkpoints).
+
 SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
 `interrupted` set to the signal number (a second Ctrl-C aborts at once).
 """
