@@ -139,3 +139,26 @@ def test_every_rank_learns_that_the_dir_is_locked(tmp_path, data_cache):
     with acquire(str(out)):
         run_distributed(_locked_run, 2, str(out), data_cache)
         assert sorted(os.listdir(out)) == [LOCK_FILE]
+
+
+def test_without_flock_the_lock_file_decides(tmp_path, monkeypatch):
+    """A file system without flock (ENOLCK): a live pid on this host refuses, a dead one is taken over."""
+    import errno
+
+    import forge.train.runlock as runlock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "x"}))
+    with pytest.raises(RunLockError, match=f"in use by another training run \\(pid {os.getppid()}"):
+        acquire(str(d))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (d / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    warned = []
+    with acquire(str(d), warn=warned.append):
+        assert read_lock(str(d))["pid"] == os.getpid()
+    assert len(warned) == 1 and f"pid {dead.pid}" in warned[0]

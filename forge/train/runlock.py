@@ -17,6 +17,10 @@ JSON content only says who holds it. Taking the lock:
                                                 to remove the file if the run is truly dead
     flock held                                  refused, naming the holder
 
+On a file system without flock (ENOLCK, e.g. NFS without a lock daemon) the JSON decides alone:
+a holder on this host whose pid is alive refuses, a dead one is taken over; two runs starting at
+the same instant could then both pass.
+
 Release (`RunLock.release`, at the end of the run, also after exceptions and SIGINT/SIGTERM)
 unlinks the file and then closes it. A process that opened the old file before the unlink could
 then flock an unlinked inode; `acquire` therefore checks, after flock succeeded, that the path
@@ -66,6 +70,25 @@ def _describe(info: Optional[dict]) -> str:
     return f"pid {info.get('pid')} on host {info.get('host')!r}, started {info.get('started')}"
 
 
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def _in_use(out_dir: str, path: str) -> RunLockError:
+    return RunLockError(
+        f"train.out_dir={out_dir!r} is in use by another training run ({_describe(read_lock(out_dir))}; "
+        f"lock file {path}); wait for it to finish or choose another train.out_dir (nothing was written)")
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunLock:
     """A held lock: the open, flocked file. `release()` is idempotent."""
 
@@ -109,16 +132,17 @@ def acquire(out_dir: str, warn=None) -> RunLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunLockError(f"cannot open the run lock {path!r}: {e}") from None
+        flocked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunLockError(f"cannot lock {path!r}: {e}") from None
-            raise RunLockError(
-                f"train.out_dir={out_dir!r} is in use by another training run ({_describe(read_lock(out_dir))}; "
-                f"lock file {path}); wait for it to finish or choose another train.out_dir (nothing was written)") \
-                from None
+            if e.errno in _NO_FLOCK:        # a file system without flock: judge by the JSON alone
+                flocked = False
+            else:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunLockError(f"cannot lock {path!r}: {e}") from None
+                raise _in_use(out_dir, path) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -138,11 +162,14 @@ def acquire(out_dir: str, warn=None) -> RunLock:
                 f"train.out_dir={out_dir!r} is locked by {_describe(old)} (lock file {path}); Forge cannot tell from "
                 f"host {host!r} whether that run is still alive. If it is truly dead, delete {path} and start again")
         took_over = old if old and old.get("pid") != os.getpid() else None
+        if took_over and not flocked and _alive(old.get("pid")):
+            os.close(fd)
+            raise _in_use(out_dir, path)
         if took_over and warn is not None:
             warn(f"taking over the stale run lock {path} of {_describe(old)}: that process is gone")
         now = time.time()
-        info = {"pid": os.getpid(), "host": host, "started": datetime.datetime.fromtimestamp(now).isoformat(
-            timespec="seconds"), "start_time": now, "argv": list(sys.argv)}
+        info = {"pid": os.getpid(), "host": host, "started": datetime.datetime.fromtimestamp(now).astimezone()
+                .isoformat(timespec="seconds"), "start_time": now, "argv": list(sys.argv)}
         data = json.dumps(info).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
