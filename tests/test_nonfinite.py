@@ -17,6 +17,7 @@ from forge.train.cli import main as cli_main
 from forge.train.nonfinite import NonFiniteError
 from forge.train.trainer import train
 from tests.distributed import run_distributed
+from tests.test_low_precision import fp16_on_cpu  # noqa: F401  (a fixture: fp16 paths on CPU tensors)
 from tests.test_train import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,6 +124,28 @@ def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, data_cache, 
     assert m[3]["grad_norm"] is None and (m[3]["loss"] is None) == (mode == "loss")
     assert [m[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
     assert "skipped" not in m[4]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_fp16_overflows_are_the_loss_scalers_and_do_not_stop_the_run(tmp_path, data_cache, monkeypatch, fp16_on_cpu,
+                                                                     stage):
+    """fp16 (the GradScaler at ZeRO 0, DeepSpeed's fp16 optimizer at ZeRO 1): infinite gradients at
+    steps 2 and 3 are loss-scale overflows (skipped, counted in skipped_steps, not in a row), a
+    NaN loss at step 4 is a non-finite step; with train.max_skipped_steps=2 the run finishes, and
+    checkpoints 1..4 hold the same weights and optimizer state."""
+    out = str(tmp_path / "run")
+    Inject(monkeypatch, {2: "grad", 3: "grad", 4: "loss"})
+    r = train(tiny(out, data_cache, "train.precision=fp16", f"parallel.zero_stage={stage}", "train.max_steps=5",
+                   "train.save_interval=1", "train.eval_interval=0", "train.max_skipped_steps=2"))
+    assert r.step == 5
+    m = metrics(out)
+    assert [(m[s].get("skipped"), m[s].get("skipped_in_a_row")) for s in range(1, 6)] == [
+        (None, None), ("overflow", 0), ("overflow", 0), ("loss", 1), (None, None)]
+    assert m[5]["skipped_steps"] == 3
+    for s in (2, 3, 4):
+        for sub in ("model", "optim"):
+            assert_bit_equal(tensors(step_dir(out, 1), sub), tensors(step_dir(out, s), sub))
+    assert [state(out, s)["optimizer_step"] for s in range(1, 6)] == [1, 1, 1, 1, 2]
 
 
 def test_resume_after_a_skipped_first_step_is_bit_exact(tmp_path, data_cache, monkeypatch):
