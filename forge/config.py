@@ -528,6 +528,11 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | attention
     compile: bool = False
     linear_backend: str = "aten"            # aten | onednn | auto: fp32 CPU linears (forge.kernels)
+    # non-finite steps (forge.train.nonfinite) and checkpoint retention (forge.train.checkpoint)
+    max_skipped_steps: int = 5              # abort (NonFiniteError) after this many skipped steps in a row; 0 = never
+    spike_factor: float = 0.0               # also skip a step whose loss > factor x mean of the last 20 applied; 0 = off
+    keep_last: int = 0                      # keep the newest k complete checkpoints (+ keep_every's); 0 = keep all
+    keep_every: int = 0                     # ... and every checkpoint whose step is a multiple of this; 0 = off
 
     def validate(self) -> "TrainConfig":
         """max_steps, micro_batch_size, grad_accum, eval_steps >= 1; the intervals >= 0 (0 = never);
@@ -537,6 +542,11 @@ class TrainConfig:
             check_range(f"train.{k}", getattr(self, k), low=1)
         for k in ("save_interval", "eval_interval", "log_interval"):
             check_range(f"train.{k}", getattr(self, k), low=0, what=">= 0 (0 = never)")
+        for k in ("max_skipped_steps", "keep_last", "keep_every"):
+            check_range(f"train.{k}", getattr(self, k), low=0, what=">= 0 (0 turns it off)")
+        check_range("train.spike_factor", self.spike_factor, low=0)
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or > 1")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
         if self.linear_backend not in ("aten", "onednn", "auto"):

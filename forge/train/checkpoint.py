@@ -16,7 +16,8 @@
     OUT/checkpoints/latest          text file naming the newest complete step dir (convenience only)
 
 A directory without COMPLETE (a crash mid-save) is never resumed from; it is deleted when the
-same step is saved again. `train.resume`: `none` (start fresh; an out_dir that already holds
+same step is saved again. Retention (`train.keep_last`, `train.keep_every`, prune_checkpoints)
+deletes older complete checkpoints only after a newer one is complete. `train.resume`: `none` (start fresh; an out_dir that already holds
 checkpoints is an error, so nothing is overwritten), `auto` (the newest complete checkpoint in
 train.out_dir, or a fresh start when there is none) or a path (a step dir, or a run / checkpoints
 dir whose newest complete checkpoint is taken; missing or incomplete -> error).
@@ -312,8 +313,11 @@ def _save_model_shards(engine, cfg: JobConfig, groups, folder: str, tokenizer_di
 def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, state: dict,
                     tokenizer_dir: Optional[str] = None) -> str:
     """Write checkpoint `step` (collective: every rank calls it); returns its path. COMPLETE is
-    written only after every rank's files are on disk."""
+    written only after every rank's files are on disk. Weights or optimizer state with a
+    non-finite value are refused (NonFiniteError) before anything is touched."""
     from forge.layout.build import forge_name_of
+    from forge.train.nonfinite import check_finite_weights
+    check_finite_weights(engine, step)
     from forge.layout.optim import low_precision, optimizer_step, rank_optimizer_parts
     path = step_dir(out_dir, step)
     rank = dist.rank()
@@ -378,6 +382,31 @@ def _save_torch(obj: Any, file: str) -> None:
         if e.filename is None:
             e.filename = file
         raise
+
+
+def prune_checkpoints(out_dir: str, newest_step: int, keep_last: int, keep_every: int = 0) -> list[str]:
+    """Retention (train.keep_last, train.keep_every): delete the complete checkpoints older than
+    `newest_step` that are neither among the newest `keep_last` complete ones nor at a step that
+    is a multiple of `keep_every`; keep_last=0 keeps everything. Returns the deleted dirs.
+
+    Invariant: called by rank 0 only after checkpoint `newest_step` is complete (its COMPLETE on
+    disk; nothing is deleted otherwise), so the run can always resume from a complete checkpoint
+    at least as new as any deleted one, in particular the one it resumed from. Each deletion
+    removes COMPLETE first: a deletion cut short leaves an incomplete dir, never resumed from."""
+    if keep_last <= 0 or not is_complete(step_dir(out_dir, newest_step)):
+        return []
+    found = list_checkpoints(out_dir)
+    keep = {s for s, _ in found[-keep_last:]} | {newest_step}
+    if keep_every > 0:
+        keep |= {s for s, _ in found if s % keep_every == 0}
+    deleted = []
+    for s, path in found:
+        if s < newest_step and s not in keep:
+            os.remove(os.path.join(path, COMPLETE))
+            _fsync_dir(path)
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
 
 
 def load_checkpoint(engine, path: str, groups=None, cfg=None, relayout: bool = False) -> dict:

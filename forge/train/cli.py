@@ -4,7 +4,9 @@
     forge train model.preset=... train.out_dir=runs/x train.resume=auto     # no file: defaults + overrides
 
 Runs as a plain process (it becomes rank 0 of a world of 1) or under a DeepSpeed / torchrun launcher.
-Exit status: 0 when done, 2 for a config or checkpoint problem (nothing written), 128 + signal
+Exit status: 0 when done, 2 for a config or checkpoint problem or an out_dir locked by another
+run (nothing written), 3 when training diverged (train.max_skipped_steps non-finite steps in a row, or
+non-finite weights at a save: no checkpoint of them is written), 128 + signal
 number when stopped by SIGINT / SIGTERM (after saving a checkpoint).
 """
 from __future__ import annotations
@@ -62,9 +64,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         explicit = user_keys(path, overrides)
         from forge.train.checkpoint import CheckpointError
+        from forge.train.nonfinite import NonFiniteError
+        from forge.train.runlock import RunLockError
         from forge.train.trainer import train
         try:
             result = train(cfg, explicit_vocab="model.vocab_size" in explicit, explicit=explicit)
+        except RunLockError as e:
+            print(f"forge train: run dir locked: {e}", file=sys.stderr)
+            return 2
+        except NonFiniteError as e:
+            print(f"forge train: training diverged: {e}", file=sys.stderr)
+            return 3
         except CheckpointError as e:
             _report("checkpoint error", e)
             return 2

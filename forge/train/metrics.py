@@ -1,8 +1,11 @@
 """Run logging on rank 0: OUT/metrics.jsonl, a progress bar, wandb and TensorBoard.
 
 metrics.jsonl holds one JSON object per line: a training line every `train.log_interval` steps
-(`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `tokens`, `elapsed_s`), an eval line
-(`step`, `val_loss`, `val_ppl`) every `train.eval_interval` steps and at the end. On resume the
+(`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `tokens`, `elapsed_s`, and `skipped_steps`: the
+updates skipped so far for a non-finite loss or gradient norm, forge.train.nonfinite), also for
+every skipped step (then with `skipped`: why, and `skipped_in_a_row`; `loss` is the mean of the
+finite losses since the last line), and an eval line (`step`, `val_loss`, `val_ppl`) every
+`train.eval_interval` steps and at the end. Non-finite values are written as null. On resume the
 lines after the resumed step (written by the interrupted run after its last checkpoint) are dropped,
 so the file reads as one uninterrupted run.
 
@@ -143,7 +146,8 @@ class MetricsLogger:
             for k, v in scalars.items():
                 self.tb.add_scalar(("eval/" if k.startswith("val_") else "train/") + k, v, step)
         if "val_loss" in record:
-            self.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+            val = record["val_loss"]
+            self.write(f"step {step}: val_loss {val:.4f}" if val is not None else f"step {step}: val_loss not finite")
         elif self.bar is None:
             total = self.cfg.train.max_steps
             keys = ("loss", "lr", "grad_norm", "tokens_per_s")

@@ -51,13 +51,16 @@ def batch_loss(engine, it, n: int, train: bool) -> float:
     return sum(micro_loss(engine, next(it)).item() for _ in range(n)) / n
 
 
-def train_step(engine, it, grad_accum: int, groups, clip_params: Optional[list], max_norm: float, moe: bool):
+def train_step(engine, it, grad_accum: int, groups, clip_params: Optional[list], max_norm: float, moe: bool,
+               guard=None):
     """One optimizer step; returns (this rank's mean loss over its micro batches, the global
     gradient norm or None). `clip_params`: the trainable parameters where Forge measures and
     clips the norm itself before the step (ZeRO 0, no pipeline:
     forge.train.engine.manual_clipping), None where DeepSpeed does.
     `moe`: set the auxiliary losses' gradient scale first and update the aux-loss-free biases
-    after the step."""
+    after the step. `guard`: a forge.train.nonfinite.StepGuard, told the loss (and the measured
+    norm) before the last engine.step, which then skips the update on every rank when either is
+    not finite (guard.reason says why)."""
     from forge.models.layers.moe import update_moe_biases
     from forge.models.layers.moe_router import set_aux_loss_scale
     from forge.parallel.grad_norm import clip_global_grad_norm
@@ -71,12 +74,17 @@ def train_step(engine, it, grad_accum: int, groups, clip_params: Optional[list],
         for micro in range(grad_accum):
             out = micro_loss(engine, next(it))
             engine.backward(out)
-            if clip_params is not None and micro == grad_accum - 1:
-                unscale_gradients(engine)       # fp16: the norm of the true gradients
-                grad_norm = float(clip_global_grad_norm(clip_params, max_norm, groups))
+            losses.append(out.detach().float())
+            if micro == grad_accum - 1:
+                loss = float(sum(losses)) / grad_accum      # read once per step: one host sync
+                if guard is not None:
+                    guard.note_loss(loss)
+                if clip_params is not None:
+                    unscale_gradients(engine)       # fp16: the norm of the true gradients
+                    grad_norm = float(clip_global_grad_norm(clip_params, max_norm, groups))
+                    if guard is not None:
+                        guard.note_grad_norm(grad_norm)
             engine.step()
-            losses.append(out.detach().float())  # read once per step: one host sync
-        loss = float(sum(losses)) / grad_accum
     if grad_norm is None:
         g = engine.get_global_grad_norm()
         grad_norm = float(g) if g is not None else None

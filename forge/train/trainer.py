@@ -21,6 +21,15 @@ reads the same shards and split/blend settings (`check_same_data`), and once the
 known every shard's checksums match its manifest and its token ids lie in [0, model.vocab_size)
 (`verify_data`; read once per shard, then cached by file size and mtime).
 
+One run per out_dir: rank 0 holds OUT/.lock (forge.train.runlock) from before the first read of
+the run dir until `train` returns or raises; a second run there raises RunLockError having
+written nothing.
+
+A step whose loss or global gradient norm is not finite is skipped on every rank, weights and
+optimizer state untouched (forge.train.nonfinite); `train.max_skipped_steps` of them in a row
+raise NonFiniteError, and no checkpoint is written with a non-finite value. `train.keep_last` /
+`train.keep_every` delete older checkpoints once a newer one is complete (ckpt.prune_checkpoints).
+
 SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
 `interrupted` set to the signal number (a second Ctrl-C aborts at once).
 """
@@ -49,8 +58,10 @@ from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
 from forge.train.engine import check_supported, create_engine, manual_clipping
 from forge.train.precision import optimizer_layout
+from forge.train.runlock import acquire_for_run
 from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available
+from forge.train.nonfinite import NonFiniteError, StepGuard, counts
 from forge.train.schedule import lr_at, validate_schedule
 
 
@@ -188,6 +199,17 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     cfg.train.out_dir = out_dir
     _quiet_deepspeed()
 
+    # ---- the run dir is this run's alone (forge.train.runlock), before anything is read or written
+    dist.init_distributed()
+    lock = acquire_for_run(out_dir)
+    try:
+        return _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start) -> TrainResult:
     # ---- which checkpoint, before anything is written
     resume_path = ckpt.resolve_resume(cfg.train.resume, out_dir)
     if resume_path is None:
@@ -202,7 +224,6 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     # are replaced when their step is saved again, as after any crash
     newer = [p for s, p in ckpt.list_checkpoints(out_dir) if s > int(state0["step"])] if state0 is not None else []
 
-    dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     init_folder = None
     if cfg.train.init_from and resume_path is None:       # a resumed run continues its own weights
@@ -270,12 +291,15 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     B, GA, T = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.seq_len
     samples_per_step = B * GA * dp_size
 
-    start_step, consumed, tokens = 0, 0, 0
+    start_step, consumed, tokens, skipped = 0, 0, 0, 0
     rng = None
+    step_guard = StepGuard(engine, cfg, groups, measured_norm=manual_clipping(cfg))
     if resume_path:
         state = ckpt.load_checkpoint(engine, resume_path, groups, cfg, relayout=relayout)
         start_step, consumed = int(state["step"]), int(state["consumed_samples"])
         tokens, rng = int(state.get("tokens", consumed * T)), state.get("rng")
+        skipped = int(state.get("skipped_steps", 0))
+        step_guard.load_state_dict(state)
         sched = getattr(engine, "lr_scheduler", None)
         if sched is not None and getattr(sched, "last_step", start_step) != start_step:
             sched.load_state_dict({"last_step": start_step})
@@ -327,14 +351,22 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
     def save(step: int) -> str:
+        from forge.layout.optim import _ensure_state, _inner
+        if not _inner(engine).state:            # every step so far was skipped: Adam has no state yet
+            _ensure_state(engine, 0)
         path = ckpt.save_checkpoint(
             engine, cfg, out_dir, step, groups,
             {"consumed_samples": consumed, "tokens": tokens, "world_size": dist.world_size(), "dp_size": dp_size,
              "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision,
-             "optimizer_layout": optimizer_layout(cfg),
+             "optimizer_layout": optimizer_layout(cfg), "skipped_steps": skipped, **step_guard.state_dict(),
              "forge_version": _forge_version()},
             tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
         logger.write(f"saved checkpoint {path}")
+        if main:                                # only now that `path` is complete
+            gone = ckpt.prune_checkpoints(out_dir, step, cfg.train.keep_last, cfg.train.keep_every)
+            if gone:
+                logger.write(f"removed {', '.join(os.path.basename(g) for g in gone)} (train.keep_last="
+                             f"{cfg.train.keep_last}, train.keep_every={cfg.train.keep_every})")
         return path
 
     from forge.models.layers.moe import moe_metrics
@@ -343,13 +375,18 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
 
     engine.train()
     window_t, window_tokens, window_losses, train_time = 0.0, 0, [], 0.0
-    step, saved_at = start_step, None
+    step, saved_at, in_a_row = start_step, None, 0
+    max_skipped = cfg.train.max_skipped_steps
+    sched = getattr(engine, "lr_scheduler", None)
     try:
         with SignalGuard() as guard:
             while step < end_step:
                 t0 = time.perf_counter()
                 step += 1
-                step_loss, grad_norm = train_step(engine, it, GA, groups, clip_params, max_norm, has_moe)
+                step_loss, grad_norm = train_step(engine, it, GA, groups, clip_params, max_norm, has_moe, step_guard)
+                skip = step_guard.reason
+                if sched is not None and sched.last_step != step:      # DeepSpeed does not step it after
+                    sched.load_state_dict({"last_step": step})         # a skipped update; the step counts
                 consumed += samples_per_step
                 tokens += samples_per_step * T
                 if dp_size > 1:
@@ -358,23 +395,45 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                 window_t += dt
                 train_time += dt
                 window_tokens += samples_per_step * T
-                window_losses.append(step_loss)
+                if math.isfinite(step_loss):
+                    window_losses.append(step_loss)
+                if skip:
+                    skipped += 1
+                    in_a_row = in_a_row + 1 if counts(skip) else 0
+                    logger.write(f"step {step}: update skipped on every rank ({_SKIP_WHY[skip]}: loss {step_loss:.4g}, "
+                                 f"grad_norm {grad_norm}); {in_a_row} in a row, train.max_skipped_steps={max_skipped}")
+                else:
+                    in_a_row = 0
                 result.losses.append(step_loss)
                 result.grad_norms.append(grad_norm)
                 lr = lr_at(step, cfg.optim, cfg.train.max_steps)
                 logger.step(step, step_loss, lr, window_tokens / window_t if window_t else None)
 
-                if (cfg.train.log_interval and step % cfg.train.log_interval == 0) or step == end_step:
-                    logger.log({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
+                if (cfg.train.log_interval and step % cfg.train.log_interval == 0) or step == end_step or skip:
+                    mean = sum(window_losses) / len(window_losses) if window_losses else float("nan")
+                    logger.log({"step": step, "loss": mean, "lr": lr,
                                 "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_t, 1e-9),
                                 "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3),
+                                "skipped_steps": skipped,
+                                **({"skipped": skip, "skipped_in_a_row": in_a_row} if skip else {}),
                                 **(moe_metrics(engine.module, group=groups.pp_group) if has_moe else {})})
                     window_t, window_tokens, window_losses = 0.0, 0, []
+                if max_skipped and in_a_row >= max_skipped:
+                    last = ckpt.latest_checkpoint(out_dir)
+                    raise NonFiniteError(
+                        f"step {step}: {in_a_row} steps in a row skipped ({_SKIP_WHY[skip]}), train.max_skipped_steps="
+                        f"{max_skipped}: training stopped without a checkpoint of them (the weights are those of "
+                        f"step {step - in_a_row}); lower optim.lr or check the data, then resume from "
+                        f"{last or 'a fresh start'}")
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps):
                     val = evaluate(engine, bundle.valid, cfg, dp_rank, dp_size)
                     if val is not None:
                         result.val_losses.append((step, val))
-                        logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                        if not math.isfinite(val):
+                            logger.write(f"step {step}: warning: the validation loss is not finite ({val}); "
+                                         "logged as null, training goes on")
+                        logger.log({"step": step, "val_loss": val,
+                                    "val_ppl": math.exp(min(val, 50.0)) if math.isfinite(val) else float("nan")})
                 stop = dist.all_reduce_max(guard.signum or 0)
                 if stop:
                     result.interrupted = stop
@@ -393,6 +452,10 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
         logger.close()
     assert saved_at == step
     return result
+
+
+_SKIP_WHY = {"loss": "non-finite loss", "grad_norm": "non-finite gradient norm",
+             "spike": "loss above train.spike_factor x the running mean", "overflow": "fp16 loss-scale overflow"}
 
 
 def _forge_version() -> str:
