@@ -233,6 +233,13 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | attention
     compile: bool = False
     linear_backend: str = "aten"            # aten | onednn | auto: fp32 CPU linears (forge.kernels)
+    # hangs (forge.train.watchdog): a stalled or dead rank ends the job instead of hanging it
+    collective_timeout_s: float = 600.0     # a collective (every process group) or the wait for rank 0's
+                                            # data index that takes longer raises on the waiting rank
+    step_timeout_s: float = 1800.0          # no step, eval or save finished for this long: dump every
+                                            # thread's stack and exit 124 (0 = no watchdog)
+    first_step_timeout_s: float = 3600.0    # the same for the first step (torch.compile, warm-up);
+                                            # 0 = step_timeout_s
 
 
 @dataclass
@@ -258,6 +265,12 @@ class JobConfig:
             raise ConfigError(f"train.precision={self.train.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
         if self.train.linear_backend not in ("aten", "onednn", "auto"):
             raise ConfigError(f"train.linear_backend={self.train.linear_backend!r} is not one of ['aten', 'auto', 'onednn']")
+        t = self.train
+        if not t.collective_timeout_s > 0:
+            raise ConfigError(f"train.collective_timeout_s={t.collective_timeout_s} must be > 0 (seconds)")
+        for key in ("step_timeout_s", "first_step_timeout_s"):
+            if not getattr(t, key) >= 0:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0 (seconds; 0: see forge.config.TrainConfig)")
         if self.optim.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
         if self.parallel.zero_stage not in (0, 1, 2, 3):

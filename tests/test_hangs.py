@@ -1,0 +1,147 @@
+"""No hangs: the step watchdog, collective timeouts, the data-index wait, and torchrun jobs in
+which one rank stalls (all ranks end) or dies (the job restarts and continues bit for bit)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from forge.config import ConfigError, load_config
+from tests.distributed import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+LOAD_WATCHDOG = f"""
+import importlib.util
+_spec = importlib.util.spec_from_file_location("watchdog", {os.path.join(REPO, "forge", "train", "watchdog.py")!r})
+watchdog = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(watchdog)          # the module alone: no torch import, a fast start
+StepWatchdog, inject_fault = watchdog.StepWatchdog, watchdog.inject_fault
+"""
+
+
+def run_python(code: str, timeout: float, **env):
+    """Run `code` in a fresh interpreter; (returncode, stderr, seconds)."""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", LOAD_WATCHDOG + textwrap.dedent(code)], capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ, PYTHONPATH=REPO, **env))
+    return p.returncode, p.stderr, time.monotonic() - t0
+
+
+# ---------------------------------------------------------------- the watchdog alone (no torch)
+def test_watchdog_fires_after_the_last_beat_with_every_stack(tmp_path):
+    log = tmp_path / "w.log"
+    code, err, _ = run_python(f"""
+        import threading, time
+        threading.Thread(target=lambda: time.sleep(60), name="helper", daemon=True).start()
+        dog = StepWatchdog(1.0, first_timeout_s=2.5, log_path={str(log)!r}).start()
+        time.sleep(1.6)                      # the first interval: longer than timeout_s, within first_timeout_s
+        for step in range(1, 6):             # beats every 0.4 s keep it quiet
+            time.sleep(0.4)
+            dog.beat(f"step {{step}}")
+        def stalled_in_this_function():
+            time.sleep(30)
+        stalled_in_this_function()
+        """, timeout=60)
+    assert code == 124, err
+    assert "nothing finished for 1 s after step 5" in err and "train.step_timeout_s=1" in err
+    for text in (err, log.read_text()):
+        assert "stalled_in_this_function" in text                  # the main thread's stack
+        assert text.count("hread 0x") >= 3      # main, helper and the watchdog ("Current thread 0x...")
+
+
+def test_watchdog_backstop_when_the_gil_is_held():
+    """A stall inside C code holding the GIL: faulthandler's C thread dumps and exits (status 1)."""
+    code, err, dt = run_python("""
+        StepWatchdog(1.0, grace_s=1.0).start()
+        inject_fault(1, 0)
+        """, timeout=60, FORGE_FAULT="0:1:hold_gil")
+    assert code == 1 and "Timeout (0:00:02)" in err and "inject_fault" in err, err
+    assert dt < 30
+
+
+def test_watchdog_off_and_config_checks(tmp_path):
+    from forge.train.watchdog import StepWatchdog
+    with StepWatchdog(0.0) as dog:                # 0 = off: no thread
+        assert dog._thread is None
+    with pytest.raises(ConfigError, match="train.step_timeout_s"):
+        load_config(None, ["train.step_timeout_s=-1"])
+    with pytest.raises(ConfigError, match="train.collective_timeout_s"):
+        load_config(None, ["train.collective_timeout_s=0"])
+    cfg = load_config(None, [])
+    assert cfg.train.collective_timeout_s == 600 and cfg.train.step_timeout_s == 1800
+    assert cfg.train.first_step_timeout_s == 3600
+
+
+# ---------------------------------------------------------------- the data-index wait
+def test_data_index_wait_uses_the_collective_timeout_and_says_what_to_check(tmp_path, monkeypatch):
+    from forge.data import cache
+    monkeypatch.delenv("FORGE_DATA_WAIT_S", raising=False)
+    assert cache.wait_timeout() == cache.DEFAULT_WAIT_S == 600
+    cache.set_wait_timeout(0.3)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="shares") as e:         # nothing from rank 0: not shared?
+            cache.cached_arrays(str(tmp_path), {"k": 1}, build=None, rank=1)
+        assert time.monotonic() - t0 < 5 and str(tmp_path) in str(e.value)
+        assert "train.collective_timeout_s" in str(e.value)
+        # rank 0 is building (slowly): its marker says the folder is shared, so ask whether it lives
+        release = threading.Event()
+        rank0 = threading.Thread(target=cache.cached_arrays, args=(str(tmp_path / "c"), {"k": 1},
+                                                                   lambda: release.wait(30) and {"a": [1, 2]}, 0))
+        rank0.start()
+        try:
+            with pytest.raises(TimeoutError, match="began building it .* is that process still alive"):
+                cache.cached_arrays(str(tmp_path / "c"), {"k": 1}, build=None, rank=1)
+        finally:
+            release.set()
+            rank0.join()
+        assert list(cache.cached_arrays(str(tmp_path / "c"), {"k": 1}, build=None, rank=1)["a"]) == [1, 2]
+        assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".building")]
+    finally:
+        cache.set_wait_timeout(None)
+
+
+# ---------------------------------------------------------------- collective timeouts
+@pytest.mark.slow
+def test_collective_timeout_bounds_world_and_later_groups(tmp_path):
+    """init_distributed(timeout_s) bounds the world group and groups made after it (DeepSpeed's and
+    Forge's come from new_group): rank 0 waits for rank 1, which sleeps, and gets an error in time."""
+    port = free_port()
+    script = f"""
+        import json, os, sys, time
+        import torch, torch.distributed as td
+        from forge.train import distributed as dist
+        dist.init_distributed(timeout_s=2.0)
+        sub = td.new_group([0, 1])
+        if dist.rank() == 1:
+            time.sleep(12)
+            sys.exit(0)
+        out = {{}}
+        for name, group in (("world", None), ("sub", sub)):
+            t0 = time.monotonic()
+            try:
+                td.all_reduce(torch.ones(1), group=group)
+                out[name] = None
+            except Exception as e:
+                out[name] = [time.monotonic() - t0, type(e).__name__, str(e)[:200]]
+        json.dump(out, open({str(tmp_path / 'r0.json')!r}, "w"))
+        os._exit(0)
+        """
+    env = dict(os.environ, PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    env.pop("FORGE_DIST_OWNER", None)
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    res = json.load(open(tmp_path / "r0.json"))
+    for name in ("world", "sub"):
+        assert res[name] is not None, (name, outs[0][-2000:])
+        assert 1.5 < res[name][0] < 8, res           # timed out after ~2 s, not gloo's 30 min default
