@@ -145,3 +145,90 @@ def test_collective_timeout_bounds_world_and_later_groups(tmp_path):
     for name in ("world", "sub"):
         assert res[name] is not None, (name, outs[0][-2000:])
         assert 1.5 < res[name][0] < 8, res           # timed out after ~2 s, not gloo's 30 min default
+
+
+# ---------------------------------------------------------------- torchrun jobs
+class Job:
+    """A torchrun process whose output lines are collected with their arrival times."""
+
+    def __init__(self, args: list[str], env: dict, cwd: str):
+        self.t0 = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env, cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def wait(self, timeout: float) -> int:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("the job hung:\n" + self.text[-4000:])
+        self.ended = time.monotonic()
+        self.reader.join(10)
+        return self.proc.returncode
+
+    @property
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def when(self, fragment: str) -> float:
+        return next(t for t, line in self.lines if fragment in line)
+
+
+def job_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FORGE_DIST_OWNER", "FORGE_FAULT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def train_args(cache, out, *extra) -> list[str]:
+    return ["-m", "forge", "train", "model.preset=tiny-llama", "model.max_seq_len=32", "data.seq_len=32",
+            f"data.cache_dir={cache}", "train.micro_batch_size=2", "train.eval_interval=0", "train.log_interval=1",
+            f"train.out_dir={out}", "log.progress=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from forge.data import build_data
+    folder = str(tmp_path_factory.mktemp("hangs_data"))
+    cfg = load_config(None, ["data.seq_len=32", "model.max_seq_len=32", f"data.cache_dir={folder}"])
+    build_data(cfg.data, seed=cfg.train.seed, work_dir=folder, rank=0, world_size=1)
+    return folder
+
+
+STEP_TIMEOUT = 5
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_ends_the_two_node_job_with_stacks(tmp_path, cache):
+    """Two torchrun node ranks on loopback; rank 1 stalls after step 2 (its main thread sleeps).
+    Both ranks' watchdogs fire STEP_TIMEOUT s later (rank 0 waits in the gradient all-reduce),
+    dump their stacks and exit 124; both launchers exit non-zero."""
+    port, out = free_port(), tmp_path / "run"
+    args = train_args(cache, out, "train.max_steps=1000", "train.save_interval=0",
+                      f"train.step_timeout_s={STEP_TIMEOUT}", "train.first_step_timeout_s=300")
+    jobs = [Job(["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "hangs", *args],
+                job_env(FORGE_FAULT="1:2:sleep"), str(tmp_path)) for node in (0, 1)]
+    codes = [job.wait(300) for job in jobs]
+    text = jobs[0].text + jobs[1].text
+    assert codes[0] != 0 and codes[1] != 0, text[-4000:]
+    stalled = jobs[1].when("FORGE_FAULT=1:2:sleep")
+    fired = jobs[0].when("forge watchdog: rank 0") - stalled
+    took = [job.ended - stalled for job in jobs]
+    print(f"rank 0's watchdog fired {fired:.1f} s after rank 1 stalled; the launchers ended after "
+          f"{took[0]:.1f} s and {took[1]:.1f} s (train.step_timeout_s={STEP_TIMEOUT})")
+    assert STEP_TIMEOUT - 1 < fired < STEP_TIMEOUT + 15 and max(took) < STEP_TIMEOUT + 45, text[-4000:]
+    for rank, where in ((0, "all_reduce"), (1, "inject_fault")):     # the waiting rank's stack; the stalled one's
+        log = (out / f"watchdog_rank{rank}.log").read_text()
+        assert f"forge watchdog: rank {rank}" in log and "after step 2" in log and where in log, log
+        assert f"forge watchdog: rank {rank}" in text and where in text         # on the console too
+    assert text.count("exitcode  : 124") == 2, text[-4000:]

@@ -18,6 +18,13 @@ the tokenizer's vocabulary (larger = padding rows).
 
 SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
 `interrupted` set to the signal number (a second Ctrl-C aborts at once).
+
+Hangs: every collective (and the wait of ranks > 0 for rank 0's data index) gives up after
+`train.collective_timeout_s`; a step watchdog (forge.train.watchdog) ends a rank on which no step,
+evaluation or save finished within `train.step_timeout_s` (`train.first_step_timeout_s` for the
+first), after writing every thread's stack to stderr and OUT/watchdog_rank{R}.log, with exit
+status 124. The launcher then ends the job, or restarts it (torchrun --max-restarts with
+train.resume=auto continues from the newest complete checkpoint).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ from forge.train.engine import check_supported, create_engine, manual_clipping
 from forge.train.precision import optimizer_layout
 from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available
+from forge.train.watchdog import StepWatchdog, inject_fault
 from forge.train.schedule import lr_at, validate_schedule
 
 
@@ -119,6 +127,8 @@ def _quiet_deepspeed() -> None:
 
 def _build_data(cfg: JobConfig, rank: int, world: int):
     from forge.data import build_data
+    from forge.data.cache import set_wait_timeout
+    set_wait_timeout(cfg.train.collective_timeout_s)      # ranks > 0 wait for rank 0's index that long
     try:
         return build_data(cfg.data, seed=cfg.train.seed, work_dir=cfg.train.out_dir, rank=rank, world_size=world)
     except (ValueError, FileNotFoundError) as e:        # bad data settings: report, no traceback
@@ -174,7 +184,7 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
                 "would overwrite; move them away or choose another train.out_dir (nothing was written)")
     state0 = ckpt.read_state(resume_path) if resume_path else None
 
-    dist.init_distributed()
+    dist.init_distributed(cfg.train.collective_timeout_s)
     rank, world = dist.rank(), dist.world_size()
     init_folder = None
     if cfg.train.init_from and resume_path is None:       # a resumed run continues its own weights
@@ -308,8 +318,10 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     engine.train()
     window_t, window_tokens, window_losses, train_time = 0.0, 0, [], 0.0
     step, saved_at = start_step, None
+    watchdog = StepWatchdog(cfg.train.step_timeout_s, cfg.train.first_step_timeout_s, rank=dist.rank(),
+                            log_path=os.path.join(out_dir, f"watchdog_rank{dist.rank()}.log"))
     try:
-        with SignalGuard() as guard:
+        with SignalGuard() as guard, watchdog:
             while step < end_step:
                 t0 = time.perf_counter()
                 step += 1
@@ -327,6 +339,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                 result.grad_norms.append(grad_norm)
                 lr = lr_at(step, cfg.optim, cfg.train.max_steps)
                 logger.step(step, step_loss, lr, window_tokens / window_t if window_t else None)
+                watchdog.beat(f"step {step}")
 
                 if (cfg.train.log_interval and step % cfg.train.log_interval == 0) or step == end_step:
                     logger.log({"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
@@ -334,17 +347,20 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                                 "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3),
                                 **(moe_metrics(engine.module, group=groups.pp_group) if has_moe else {})})
                     window_t, window_tokens, window_losses = 0.0, 0, []
+                inject_fault(step, dist.rank())
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps):
                     val = evaluate(engine, bundle.valid, cfg, dp_rank, dp_size)
                     if val is not None:
                         result.val_losses.append((step, val))
                         logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                    watchdog.beat(f"the evaluation after step {step}")
                 stop = dist.all_reduce_max(guard.signum or 0)
                 if stop:
                     result.interrupted = stop
                 if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == end_step or stop:
                     result.checkpoint = save(step)
                     saved_at = step
+                    watchdog.beat(f"the checkpoint of step {step}")
                 if stop:
                     logger.write(f"received {signal.Signals(stop).name}: stopped after step {step} "
                                  f"with a checkpoint; resume with train.resume=auto")
