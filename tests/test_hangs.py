@@ -232,3 +232,26 @@ def test_a_stalled_rank_ends_the_two_node_job_with_stacks(tmp_path, cache):
         assert f"forge watchdog: rank {rank}" in log and "after step 2" in log and where in log, log
         assert f"forge watchdog: rank {rank}" in text and where in text         # on the console too
     assert text.count("exitcode  : 124") == 2, text[-4000:]
+
+
+def losses(out) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_job_which_continues_bit_exact(tmp_path, cache):
+    """torchrun --max-restarts 1 with train.resume=auto: rank 1 is SIGKILLed after step 3 (first
+    attempt only); the job restarts from the step-2 checkpoint and finishes, with the losses of an
+    uninterrupted run (run beside it) bit for bit."""
+    common = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+    args = ["train.max_steps=5", "train.save_interval=2", "train.resume=auto", "parallel.zero_stage=1"]
+    killed = Job([*common, *train_args(cache, tmp_path / "killed", *args)], job_env(FORGE_FAULT="1:3:kill"),
+                 str(tmp_path))
+    plain = Job([*common, *train_args(cache, tmp_path / "plain", *args)], job_env(), str(tmp_path))
+    assert plain.wait(400) == 0, plain.text[-4000:]
+    assert killed.wait(400) == 0, killed.text[-4000:]
+    text = killed.text
+    assert "FORGE_FAULT=1:3:kill" in text and "resuming from" in text and "step_00000002" in text, text[-4000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "plain")
+    assert [s for s, _ in losses(tmp_path / "killed")] == [1, 2, 3, 4, 5]
+    print(f"restarted job: {killed.ended - killed.t0:.0f} s; uninterrupted: {plain.ended - plain.t0:.0f} s")
