@@ -47,7 +47,7 @@ from forge.config import ConfigError, JobConfig, save_config
 from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
-from forge.train.engine import check_supported, create_engine, manual_clipping
+from forge.train.engine import check_supported, compile_determinism, create_engine, manual_clipping
 from forge.train.precision import optimizer_layout
 from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available
@@ -213,7 +213,8 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
         load_init_weights(model, cfg, groups, init_folder)
     engine = create_engine(cfg, model, groups)
     try:
-        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout)
+        with compile_determinism(cfg):
+            return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout)
     finally:
         if hasattr(engine, "destroy"):
             try:
