@@ -47,7 +47,8 @@ class StepWatchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._last, self._deadline, self._beats = "start", 0.0, 0
+        self._last, self._deadline, self._armed_for, self._beats = "start", 0.0, 0.0, 0
+        self._stderr = sys.stderr
 
     @property
     def enabled(self) -> bool:
@@ -56,6 +57,8 @@ class StepWatchdog:
     def start(self) -> "StepWatchdog":
         if not self.enabled or self._thread is not None:
             return self
+        self._stderr = _real_stderr()
+        self._stop.clear()
         self._arm(self.first_timeout_s)
         self._thread = threading.Thread(target=self._watch, name="forge-step-watchdog", daemon=True)
         self._thread.start()
@@ -89,7 +92,7 @@ class StepWatchdog:
         self._armed_for = seconds
         # the backstop in C: fires only if this module's thread could not (GIL held)
         faulthandler.dump_traceback_later(seconds + self.grace_s, repeat=False,
-                                          file=sys.stderr, exit=True)
+                                          file=self._stderr, exit=True)
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, max(0.05, self.timeout_s / 20))):
@@ -106,7 +109,7 @@ class StepWatchdog:
                f"the stack of every thread follows; exiting with status {EXIT_CODE} so the launcher ends the job. "
                "A rank that waits in a collective is usually waiting for another rank: look for the rank "
                "whose stack is not in a collective.\n")
-        files = [sys.stderr]
+        files = [self._stderr]
         try:
             if self.log_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
@@ -122,6 +125,16 @@ class StepWatchdog:
             except Exception:       # pragma: no cover - a closed stream must not stop the exit
                 pass
         os._exit(EXIT_CODE)
+
+
+def _real_stderr():
+    """sys.stderr if it is backed by a file descriptor (faulthandler writes to one), else the
+    process's own stderr (pytest's capsys, notebooks)."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):
+        return sys.__stderr__
 
 
 def inject_fault(step: int, rank: int) -> None:
