@@ -10,7 +10,8 @@ Step t (1-based) runs `train.grad_accum` micro batches of `train.micro_batch_siz
 data-parallel rank; the loss is next-token cross-entropy of batch[:, :-1] -> batch[:, 1:]. The
 data position is the global count of consumed samples, so a resumed run reads exactly the batches
 an uninterrupted run would have read; with the model, optimizer, lr schedule and RNG states
-restored from the checkpoint its losses equal the uninterrupted run's bit for bit (fp32).
+restored from the checkpoint its losses equal the uninterrupted run's bit for bit (fp32; with
+train.compile on CPU too, see forge.train.engine.compile_determinism; not with compile on GPUs).
 
 Vocabulary: `model.vocab_size` follows the tokenizer unless the user set it (`explicit_vocab`,
 which `forge train` derives from the YAML file and the overrides); a set value must be at least
