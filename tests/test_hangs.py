@@ -67,6 +67,17 @@ def test_watchdog_backstop_when_the_gil_is_held():
     assert dt < 30
 
 
+def test_watchdog_sidecar_kills_a_stopped_rank():
+    """A SIGSTOPped rank runs no thread; the sidecar process SIGKILLs it (timeout + 2 grace)."""
+    code, err, dt = run_python("""
+        import os, signal
+        StepWatchdog(1.0, grace_s=1.0).start()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        """, timeout=60)
+    assert code == -9 and "forge watchdog (sidecar): rank 0" in err and "SIGKILL" in err, err
+    assert dt < 30
+
+
 def test_watchdog_off_and_config_checks(tmp_path):
     from forge.train.watchdog import StepWatchdog
     with StepWatchdog(0.0) as dog:                # 0 = off: no thread
@@ -208,30 +219,37 @@ STEP_TIMEOUT = 5
 
 
 @pytest.mark.slow
-def test_a_stalled_rank_ends_the_two_node_job_with_stacks(tmp_path, cache):
-    """Two torchrun node ranks on loopback; rank 1 stalls after step 2 (its main thread sleeps).
-    Both ranks' watchdogs fire STEP_TIMEOUT s later (rank 0 waits in the gradient all-reduce),
-    dump their stacks and exit 124; both launchers exit non-zero."""
+@pytest.mark.parametrize("action", ["sleep", "stop"])
+def test_a_stalled_rank_ends_the_two_node_job_with_stacks(tmp_path, cache, action):
+    """Two torchrun node ranks on loopback; rank 1 stalls after step 2: its main thread sleeps, or
+    the whole process is stopped (SIGSTOP, the case that hung the job past 150 s). Rank 0's
+    watchdog fires STEP_TIMEOUT s later (it waits in an all-reduce), dumps its stacks and exits 124;
+    rank 1's does the same (sleep) or its sidecar SIGKILLs it 10 s later (stop); both launchers
+    exit non-zero."""
     port, out = free_port(), tmp_path / "run"
     args = train_args(cache, out, "train.max_steps=1000", "train.save_interval=0",
                       f"train.step_timeout_s={STEP_TIMEOUT}", "train.first_step_timeout_s=300")
     jobs = [Job(["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                  "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "hangs", *args],
-                job_env(FORGE_FAULT="1:2:sleep"), str(tmp_path)) for node in (0, 1)]
+                job_env(FORGE_FAULT=f"1:2:{action}"), str(tmp_path)) for node in (0, 1)]
     codes = [job.wait(300) for job in jobs]
     text = jobs[0].text + jobs[1].text
     assert codes[0] != 0 and codes[1] != 0, text[-4000:]
-    stalled = jobs[1].when("FORGE_FAULT=1:2:sleep")
+    stalled = jobs[1].when(f"FORGE_FAULT=1:2:{action}")
     fired = jobs[0].when("forge watchdog: rank 0") - stalled
     took = [job.ended - stalled for job in jobs]
-    print(f"rank 0's watchdog fired {fired:.1f} s after rank 1 stalled; the launchers ended after "
+    print(f"{action}: rank 0's watchdog fired {fired:.1f} s after rank 1 stalled; the launchers ended after "
           f"{took[0]:.1f} s and {took[1]:.1f} s (train.step_timeout_s={STEP_TIMEOUT})")
     assert STEP_TIMEOUT - 1 < fired < STEP_TIMEOUT + 15 and max(took) < STEP_TIMEOUT + 45, text[-4000:]
-    for rank, where in ((0, "all_reduce"), (1, "inject_fault")):     # the waiting rank's stack; the stalled one's
+    ranks = [(0, "all_reduce"), (1, "inject_fault")] if action == "sleep" else [(0, "all_reduce")]
+    for rank, where in ranks:           # the waiting rank's stack; the stalled one's
         log = (out / f"watchdog_rank{rank}.log").read_text()
         assert f"forge watchdog: rank {rank}" in log and "after step 2" in log and where in log, log
         assert f"forge watchdog: rank {rank}" in text and where in text         # on the console too
-    assert text.count("exitcode  : 124") == 2, text[-4000:]
+    if action == "sleep":
+        assert text.count("exitcode  : 124") == 2, text[-4000:]
+    else:
+        assert "exitcode  : 124" in text and "forge watchdog (sidecar): rank 1" in text, text[-4000:]
 
 
 def losses(out) -> list[tuple[int, float]]:

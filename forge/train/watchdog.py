@@ -16,7 +16,10 @@ deepspeed, SLURM) sees a failed worker and tears the job down (or restarts it, t
 
 A rank stuck in C code that holds the GIL never lets that thread run; for it faulthandler's own
 watchdog (a C thread, no GIL) is armed `grace_s` later (default max(5 s, timeout_s / 4)) and dumps
-the stacks to stderr, then exits with status 1.
+the stacks to stderr, then exits with status 1. A rank that is stopped (SIGSTOP, a frozen cgroup)
+runs no thread at all, and its launcher sees a live worker and waits forever (torchrun does); for
+it a sidecar process (`python -c`, no imports) that the beats reach through a pipe SIGKILLs the
+rank 2 * grace_s after the deadline, with a line on stderr. It ends when the pipe closes.
 
 `inject_fault(step, rank)` is a test hook: FORGE_FAULT="RANK:STEP:ACTION" makes rank RANK, after
 step STEP, `kill` itself (SIGKILL), `stop` (SIGSTOP), `sleep` (its main thread sleeps, the GIL
@@ -28,6 +31,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +53,7 @@ class StepWatchdog:
         self._thread: Optional[threading.Thread] = None
         self._last, self._deadline, self._armed_for, self._beats = "start", 0.0, 0.0, 0
         self._stderr = sys.stderr
+        self._sidecar: Optional[subprocess.Popen] = None
 
     @property
     def enabled(self) -> bool:
@@ -59,6 +64,7 @@ class StepWatchdog:
             return self
         self._stderr = _real_stderr()
         self._stop.clear()
+        self._sidecar = _start_sidecar(self.rank, 2 * self.grace_s)
         self._arm(self.first_timeout_s)
         self._thread = threading.Thread(target=self._watch, name="forge-step-watchdog", daemon=True)
         self._thread.start()
@@ -79,6 +85,13 @@ class StepWatchdog:
         self._thread.join()
         self._thread = None
         faulthandler.cancel_dump_traceback_later()
+        if self._sidecar is not None:
+            try:
+                self._sidecar.stdin.close()         # EOF: the sidecar exits
+                self._sidecar.wait(5)
+            except Exception:       # pragma: no cover
+                self._sidecar.kill()
+            self._sidecar = None
 
     def __enter__(self):
         return self.start()
@@ -93,6 +106,12 @@ class StepWatchdog:
         # the backstop in C: fires only if this module's thread could not (GIL held)
         faulthandler.dump_traceback_later(seconds + self.grace_s, repeat=False,
                                           file=self._stderr, exit=True)
+        if self._sidecar is not None:
+            try:
+                self._sidecar.stdin.write(f"{seconds}\n".encode())
+                self._sidecar.stdin.flush()
+            except OSError:         # the sidecar is gone: the other two still watch
+                self._sidecar = None
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, max(0.05, self.timeout_s / 20))):
@@ -125,6 +144,44 @@ class StepWatchdog:
             except Exception:       # pragma: no cover - a closed stream must not stop the exit
                 pass
         os._exit(EXIT_CODE)
+
+
+_SIDECAR = r"""
+import os, select, signal, sys, time
+pid, rank, extra = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+fd, buf, deadline, armed = sys.stdin.fileno(), b"", None, 0.0
+while True:
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    ready, _, _ = select.select([fd], [], [], wait)
+    if ready:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            sys.exit(0)                          # the rank closed the pipe or ended
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        if lines:
+            armed = float(lines[-1])
+            deadline = time.monotonic() + armed + extra
+    elif deadline is not None:
+        sys.stderr.write(f"forge watchdog (sidecar): rank {rank} (pid {pid}) made no progress for "
+                         f"{armed + extra:.0f} s and did not end itself (stopped, or stuck without its "
+                         f"threads running): sending SIGKILL\n")
+        sys.stderr.flush()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        sys.exit(0)
+"""
+
+
+def _start_sidecar(rank: int, extra_s: float) -> Optional[subprocess.Popen]:
+    try:
+        return subprocess.Popen([sys.executable, "-S", "-c", _SIDECAR, str(os.getpid()), str(rank), str(extra_s)],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=_real_stderr(),
+                                close_fds=True)
+    except OSError:                 # pragma: no cover - no interpreter to start: the threads still watch
+        return None
 
 
 def _real_stderr():
