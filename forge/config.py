@@ -533,6 +533,13 @@ class TrainConfig:
     spike_factor: float = 0.0               # also skip a step whose loss > factor x mean of the last 20 applied; 0 = off
     keep_last: int = 0                      # keep the newest k complete checkpoints (+ keep_every's); 0 = keep all
     keep_every: int = 0                     # ... and every checkpoint whose step is a multiple of this; 0 = off
+    # hangs (forge.train.watchdog): a stalled or dead rank ends the job instead of hanging it
+    collective_timeout_s: float = 600.0     # a collective (every process group) or the wait for rank 0's
+                                            # data index that takes longer raises on the waiting rank
+    step_timeout_s: float = 1800.0          # no step, eval or save finished for this long: dump every
+                                            # thread's stack and exit 124 (0 = no watchdog)
+    first_step_timeout_s: float = 3600.0    # the same for the first step (torch.compile, warm-up);
+                                            # 0 = step_timeout_s
 
     def validate(self) -> "TrainConfig":
         """max_steps, micro_batch_size, grad_accum, eval_steps >= 1; the intervals >= 0 (0 = never);
@@ -547,6 +554,9 @@ class TrainConfig:
         check_range("train.spike_factor", self.spike_factor, low=0)
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or > 1")
+        check_range("train.collective_timeout_s", self.collective_timeout_s, low=0, low_open=True, what="> 0 (seconds)")
+        for k in ("step_timeout_s", "first_step_timeout_s"):
+            check_range(f"train.{k}", getattr(self, k), low=0, what=">= 0 (seconds; 0 = off / step_timeout_s)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
         if self.linear_backend not in ("aten", "onednn", "auto"):

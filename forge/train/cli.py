@@ -6,8 +6,10 @@
 Runs as a plain process (it becomes rank 0 of a world of 1) or under a DeepSpeed / torchrun launcher.
 Exit status: 0 when done, 2 for a config or checkpoint problem or an out_dir locked by another
 run (nothing written), 3 when training diverged (train.max_skipped_steps non-finite steps in a row, or
-non-finite weights at a save: no checkpoint of them is written), 128 + signal
-number when stopped by SIGINT / SIGTERM (after saving a checkpoint).
+non-finite weights at a save: no checkpoint of them is written), 128 + signal number when stopped
+by SIGINT / SIGTERM (after saving a checkpoint), 124 when the step watchdog ended a stalled rank
+(train.step_timeout_s, forge.train.watchdog), 1 for other errors (a collective that timed out after
+train.collective_timeout_s among them).
 """
 from __future__ import annotations
 

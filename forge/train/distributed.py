@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 
@@ -54,10 +55,31 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed once per process."""
+DEFAULT_TIMEOUT_S = 600.0     # train.collective_timeout_s's default
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Make `seconds` the timeout of every process group created from now on without an explicit
+    one: torch's `new_group()` otherwise takes its own default (30 min gloo, 10 min nccl), not the
+    world group's, and Forge's groups (forge.parallel.groups), DeepSpeed's ZeRO, pipeline and expert
+    groups are all made that way. Sets torch.distributed.distributed_c10d's module defaults, which
+    `_get_default_timeout` reads (checked by tests/test_hangs.py)."""
+    from torch.distributed import distributed_c10d as c10d
+    td = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = td
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = td
+
+
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Initialise torch.distributed through DeepSpeed once per process. `timeout_s`
+    (train.collective_timeout_s; DEFAULT_TIMEOUT_S when None) bounds every collective, in the world
+    group and in the groups made later: a rank waiting longer for a dead or stalled peer raises
+    (gloo) or is torn down by the NCCL watchdog, so the launcher ends the job instead of hanging."""
     import deepspeed
     import deepspeed.comm as ds_comm
+    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    set_collective_timeout(timeout_s)
     if torch.distributed.is_initialized() and ds_comm.is_initialized():
         return
     if not torch.distributed.is_initialized():
@@ -79,7 +101,7 @@ def init_distributed() -> None:
             pass
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
 
 
 def rank() -> int:

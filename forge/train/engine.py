@@ -180,6 +180,34 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
     return engine
 
 
+@contextlib.contextmanager
+def compile_determinism(cfg: JobConfig):
+    """With train.compile on CPU: torch's deterministic-algorithms mode (warn_only, and without
+    filling new tensors with NaN) while the block runs, for the compilations that happen lazily
+    inside it (the first step, the first evaluation, any recompilation).
+
+    Why: Inductor lowers the embedding's backward (embedding_dense_backward = index_put with
+    accumulate) to an OpenMP loop of atomic adds, so the embedding gradient's float sums came in a
+    different order from run to run: two identical compiled runs (and a run and its resume) gave
+    losses up to ~5e-8 apart. In this mode Inductor calls ATen's index_put_ instead, serial and
+    deterministic on CPU; every other kernel was already the same from run to run. GPUs are left
+    alone (the mode there also changes cuBLAS, scatter and attention kernels); their compiled runs
+    are not bit-exact from run to run."""
+    if not cfg.train.compile or torch.cuda.is_available():
+        yield
+        return
+    import torch.utils.deterministic as det
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        det.fill_uninitialized_memory = old[2]
+
+
 def _expert_parallel_for_deepspeed(params, groups):
     """Let DeepSpeed reduce expert gradients over the expert-data-parallel group (summed, divided
     by the data-parallel size) and dense ones over the data-parallel group, also on pipeline

@@ -10,7 +10,8 @@ Step t (1-based) runs `train.grad_accum` micro batches of `train.micro_batch_siz
 data-parallel rank; the loss is next-token cross-entropy of batch[:, :-1] -> batch[:, 1:]. The
 data position is the global count of consumed samples, so a resumed run reads exactly the batches
 an uninterrupted run would have read; with the model, optimizer, lr schedule and RNG states
-restored from the checkpoint its losses equal the uninterrupted run's bit for bit (fp32).
+restored from the checkpoint its losses equal the uninterrupted run's bit for bit (fp32; with
+train.compile on CPU too, see forge.train.engine.compile_determinism; not with compile on GPUs).
 
 Vocabulary: `model.vocab_size` follows the tokenizer unless the user set it (`explicit_vocab`,
 which `forge train` derives from the YAML file and the overrides); a set value must be at least
@@ -32,6 +33,12 @@ raise NonFiniteError, and no checkpoint is written with a non-finite value. `tra
 
 SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
 `interrupted` set to the signal number (a second Ctrl-C aborts at once).
+
+Hangs: every collective (and the wait of ranks > 0 for rank 0's data index) gives up after
+`train.collective_timeout_s`; a step watchdog (forge.train.watchdog) ends a rank on which no step,
+evaluation or save finished within `train.step_timeout_s` (`train.first_step_timeout_s` for the
+first), after writing every thread's stack to stderr and OUT/watchdog_rank{R}.log, with exit
+status 124, so that the launcher ends the job.
 """
 from __future__ import annotations
 
@@ -56,12 +63,13 @@ from forge.data.integrity import check_same_data, verify_data
 from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
-from forge.train.engine import check_supported, create_engine, manual_clipping
+from forge.train.engine import check_supported, compile_determinism, create_engine, manual_clipping
 from forge.train.precision import optimizer_layout
 from forge.train.runlock import acquire_for_run
 from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available
 from forge.train.nonfinite import NonFiniteError, StepGuard, counts
+from forge.train.watchdog import StepWatchdog, inject_fault
 from forge.train.schedule import lr_at, validate_schedule
 
 
@@ -146,6 +154,8 @@ def _data_errors():
 
 def _build_data(cfg: JobConfig, rank: int, world: int):
     from forge.data import build_data
+    from forge.data.cache import set_wait_timeout
+    set_wait_timeout(cfg.train.collective_timeout_s)      # ranks > 0 wait for rank 0's index that long
     with _data_errors():
         return build_data(cfg.data, seed=cfg.train.seed, work_dir=cfg.train.out_dir, rank=rank, world_size=world)
 
@@ -200,7 +210,7 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     _quiet_deepspeed()
 
     # ---- the run dir is this run's alone (forge.train.runlock), before anything is read or written
-    dist.init_distributed()
+    dist.init_distributed(cfg.train.collective_timeout_s)
     lock = acquire_for_run(out_dir)
     try:
         return _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start)
@@ -254,7 +264,8 @@ def _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start
         load_init_weights(model, cfg, groups, init_folder)
     engine = create_engine(cfg, model, groups)
     try:
-        return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout, newer)
+        with compile_determinism(cfg):
+            return _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, groups, relayout, newer)
     finally:
         if hasattr(engine, "destroy"):
             try:
@@ -378,8 +389,10 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     step, saved_at, in_a_row = start_step, None, 0
     max_skipped = cfg.train.max_skipped_steps
     sched = getattr(engine, "lr_scheduler", None)
+    watchdog = StepWatchdog(cfg.train.step_timeout_s, cfg.train.first_step_timeout_s, rank=dist.rank(),
+                            log_path=os.path.join(out_dir, f"watchdog_rank{dist.rank()}.log"))
     try:
-        with SignalGuard() as guard:
+        with SignalGuard() as guard, watchdog:
             while step < end_step:
                 t0 = time.perf_counter()
                 step += 1
@@ -408,6 +421,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                 result.grad_norms.append(grad_norm)
                 lr = lr_at(step, cfg.optim, cfg.train.max_steps)
                 logger.step(step, step_loss, lr, window_tokens / window_t if window_t else None)
+                watchdog.beat(f"step {step}")
 
                 if (cfg.train.log_interval and step % cfg.train.log_interval == 0) or step == end_step or skip:
                     mean = sum(window_losses) / len(window_losses) if window_losses else float("nan")
@@ -425,6 +439,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                         f"{max_skipped}: training stopped without a checkpoint of them (the weights are those of "
                         f"step {step - in_a_row}); lower optim.lr or check the data, then resume from "
                         f"{last or 'a fresh start'}")
+                inject_fault(step, dist.rank())
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps):
                     val = evaluate(engine, bundle.valid, cfg, dp_rank, dp_size)
                     if val is not None:
@@ -434,12 +449,14 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                                          "logged as null, training goes on")
                         logger.log({"step": step, "val_loss": val,
                                     "val_ppl": math.exp(min(val, 50.0)) if math.isfinite(val) else float("nan")})
+                    watchdog.beat(f"the evaluation after step {step}")
                 stop = dist.all_reduce_max(guard.signum or 0)
                 if stop:
                     result.interrupted = stop
                 if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == end_step or stop:
                     result.checkpoint = save(step)
                     saved_at = step
+                    watchdog.beat(f"the checkpoint of step {step}")
                 if stop:
                     logger.write(f"received {signal.Signals(stop).name}: stopped after step {step} "
                                  f"with a checkpoint; resume with train.resume=auto")
