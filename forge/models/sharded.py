@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from forge.fsutil import save_safetensors
 
 INDEX_FILE = "forge_index.json"
 FORMAT = "forge-sharded"
@@ -67,7 +68,7 @@ def write_parts(folder: str, rank: int, parts: list[Part]) -> dict:
         entry = entries.setdefault(p.name, {"shape": list(p.global_shape), "dtype": _dtype_name(p.tensor.dtype),
                                             "parts": []})
         entry["parts"].append(part)
-    save_file(tensors, os.path.join(folder, file))
+    save_safetensors(tensors, os.path.join(folder, file))
     return entries
 
 
