@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_train import tiny
+from tests.test_train import data_cache, tiny  # noqa: F401 - data_cache is a fixture
 
 
 @pytest.fixture
@@ -61,24 +61,30 @@ def test_model_folders_and_shards_follow_the_umask(tmp_path, umask, mask, file_m
         assert any(p.endswith(".safetensors") for p in found), found
 
 
-def test_training_outputs_follow_the_umask(tmp_path, umask):
+def test_training_outputs_follow_the_umask(tmp_path, umask, data_cache):
     """Everything a training run writes (config, metrics, tokenizer, checkpoints) is 0o644 / 0o755
     under umask 0o022."""
     from forge.train.trainer import train
     umask(0o022)
     out = tmp_path / "run"
-    train(tiny(out, str(tmp_path / "cache"), "train.max_steps=4", "train.eval_interval=4"))
+    train(tiny(out, data_cache, "train.max_steps=4", "train.eval_interval=4"))
     found = assert_modes(out, 0o644, 0o755)
     assert any(p.endswith(".safetensors") for p in found), sorted(found)
 
 
-def test_version_flag_names_forge_and_library_versions():
+def test_version_flag_names_forge_and_library_versions(capsys):
+    """`forge --version` / `-V` (in process) and `python -m forge --version` (a subprocess) print
+    forge's version and the versions the imported torch, deepspeed and transformers report."""
     import deepspeed
     import transformers
 
     import forge
-    for cmd in ([sys.executable, "-m", "forge", "--version"], [sys.executable, "-m", "forge", "-V"]):
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    from forge.cli import main
+    assert main(["-V"]) == 0
+    outs = [capsys.readouterr().out,
+            subprocess.run([sys.executable, "-m", "forge", "--version"], capture_output=True, text=True,
+                           check=True).stdout]
+    for out in outs:
         assert out.startswith(f"forge {forge.__version__} ")
         for v in (torch.__version__, deepspeed.__version__, transformers.__version__):
             assert v in out, (v, out)
