@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("forge.models.hf.convert", "convert checkpoints to and from Hugging Face folders"),
     "bench": ("forge.bench", "measure training-step throughput against Hugging Face transformers"),
     "plan": ("forge.plan", "per-rank memory of a parallel layout, from its ranks built on the meta device"),
+    "plot": ("forge.plot", "draw metrics.jsonl curves (loss, val_loss, lr, ...) of one or several runs into a PNG"),
 }
 
 

@@ -241,6 +241,7 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "forge"
     tensorboard: bool = False
+    plot: bool = True                       # redraw OUT/loss.png at each eval when matplotlib is installed
 
 
 @dataclass
