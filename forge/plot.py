@@ -74,6 +74,12 @@ def _unique_names(paths: list[str], names: list[str]) -> list[str]:
 
 def plot_runs(paths: list[str], out: str, metrics: Optional[list[str]] = None) -> str:
     """Draw the runs' metrics into `out` (PNG); returns `out`. See module doc."""
+    _save(runs_figure(paths, metrics), out)
+    return out
+
+
+def runs_figure(paths: list[str], metrics: Optional[list[str]] = None):
+    """The matplotlib Figure of `plot_runs`: axes i = metrics[i], line j = run j (label: its name)."""
     runs = [read_run(p) for p in paths]
     names = _unique_names(paths, [n for n, _ in runs])
     present = {k for _, recs in runs for r in recs for k, v in r.items()
@@ -111,8 +117,7 @@ def plot_runs(paths: list[str], out: str, metrics: Optional[list[str]] = None) -
                 handles.append(h)
                 labels.append(label)
     fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 4), title="run")
-    _save(fig, out)
-    return out
+    return fig
 
 
 def _save(fig, out: str) -> None:
