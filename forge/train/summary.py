@@ -50,8 +50,8 @@ def layout_lines(n_params: int, per_rank: list[int], groups, cfg) -> list[str]:
     lines = [f"parameters: {human(n_params)} in all ({n_params:,}); per rank {each} on {len(per_rank)} rank(s)"]
     world = groups.tp * groups.pp * groups.dp
     split = f"layout: world {world} = tp {groups.tp} x pp {groups.pp} x dp {groups.dp}"
-    if groups.ep > 1:
-        split += f" (ep {groups.ep}: {cfg.model.moe.n_experts // groups.ep} of {cfg.model.moe.n_experts} experts per rank)"
+    split += f" (ep {groups.ep}" + (f": {cfg.model.moe.n_experts // groups.ep} of {cfg.model.moe.n_experts} experts "
+                                     "per rank)" if groups.ep > 1 else ")")
     split += f"; ZeRO-{cfg.parallel.zero_stage}"
     if groups.tp > 1 and cfg.parallel.sequence_parallel:
         split += ", sequence parallel"

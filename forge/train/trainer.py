@@ -278,8 +278,8 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                          "rank from its sharded model/ and optim/ files")
         for w in warnings:
             logger.write(f"  config changed since the checkpoint: {w}")
-    logger.write(f"model: {human(n_params)} parameters, vocab {cfg.model.vocab_size}; "
-                 f"{samples_per_step} sequences x {T} tokens per step; {cfg.train.precision}; out_dir {out_dir}")
+    logger.write(f"model: vocab {cfg.model.vocab_size}; {samples_per_step} sequences x {T} tokens "
+                 f"({human(samples_per_step * T)}) per step; {cfg.train.precision}; out_dir {out_dir}")
     per_rank = dist.gather_object(rank_param_count(engine.module))        # every rank takes part
     if main:
         for line in layout_lines(n_params, per_rank, groups, cfg):
