@@ -11,8 +11,10 @@ elsewhere (nohup, SLURM, `log.progress=false`) each training line is printed wit
 and an ETA, `(max_steps - step) * (seconds since this call started) / (steps this call ran)`.
 Counts are printed human-readable (`human`: 15.4k tok/s, 1.2M tokens); every eval prints val_loss
 and val_ppl = exp(val_loss). With matplotlib installed (`log.plot`), OUT/loss.png is redrawn at each
-eval (`forge.plot`); a failure there is reported, never raised. wandb (`log.wandb`) runs offline unless an API key is
-configured (WANDB_API_KEY or ~/.netrc), and keeps one run id per out_dir across resumes.
+eval (`forge.plot`); a failure there is reported, never raised.
+
+wandb (`log.wandb`) runs offline unless an API key is configured (WANDB_API_KEY or ~/.netrc), and
+keeps one run id per out_dir across resumes.
 TensorBoard (`log.tensorboard`) writes to OUT/tensorboard.
 """
 from __future__ import annotations
