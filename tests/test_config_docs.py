@@ -108,8 +108,9 @@ def test_unused_model_keys_do_not_change_the_model(overrides):
     """Changing any numeric / bool key marked unused leaves the built model's logits unchanged
     (same seed), and changing a key not marked unused (model.norm_eps, as a control) changes them."""
     from forge.models.transformer import build_model
-    cfg = load_config(None, ["model.d_model=32", "model.n_heads=4", "model.max_seq_len=16", *overrides])
-    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.max_seq_len=8",
+                             *overrides])
+    x = torch.randint(0, cfg.model.vocab_size, (2, 8))
 
     def logits(model_cfg):
         with torch.no_grad():
