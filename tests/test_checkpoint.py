@@ -60,6 +60,7 @@ def test_resume_is_bit_exact(tmp_path, data_cache, stage, grad_accum, precision)
     assert strip(split) == strip(whole)
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_schedule_continues(tmp_path, data_cache):
     """max_steps may change on resume (a warning, not an error); the step count carries on."""
     train(tiny(tmp_path / "r", data_cache, "train.max_steps=4"))
