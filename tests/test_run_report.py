@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -121,13 +123,15 @@ def test_layout_lines_at_tp2_count_each_ranks_share(tmp_path):
     """At tp=2 each rank holds its tp shards: the per-rank counts equal forge plan's per-rank
     `params` (an independent count from meta-device builds), the total is the whole model's, and
     the layout line names the split."""
-    from forge.plan import plan
     from tests.distributed import run_distributed
     over = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "model.vocab_size=80",
             "parallel.tp=2", f"train.out_dir={tmp_path}"]
     run_distributed(_layout_worker, 2, over, str(tmp_path / "layout.json"))
     got = json.loads((tmp_path / "layout.json").read_text())
-    expected = {r["rank"]: r["params"] for r in plan(load_config(None, over), 2)["ranks"]}
+    # forge plan in its own process: it refuses to run where torch.distributed is initialised
+    plan_json = subprocess.run([sys.executable, "-m", "forge", "plan", *over, "--world", "2", "--json"],
+                               capture_output=True, text=True, check=True).stdout
+    expected = {r["rank"]: r["params"] for r in json.loads(plan_json)["ranks"]}
     assert got["counts"] == [expected[0], expected[1]]
     assert max(got["counts"]) < got["total"] < sum(got["counts"])       # shards, plus replicated norms
     assert f"{human(got['total'])} in all" in got["lines"][0]
