@@ -16,11 +16,27 @@ COMMANDS = {
     "convert": ("forge.models.hf.convert", "convert checkpoints to and from Hugging Face folders"),
     "bench": ("forge.bench", "measure training-step throughput against Hugging Face transformers"),
     "plan": ("forge.plan", "per-rank memory of a parallel layout, from its ranks built on the meta device"),
+    "plot": ("forge.plot", "draw metrics.jsonl curves (loss, val_loss, lr, ...) of one or several runs into a PNG"),
 }
 
 
+def version_text() -> str:
+    """`forge X (torch Y, deepspeed Z, transformers W)`: forge's version and the installed versions
+    (package metadata, nothing imported) of the libraries that decide its behaviour."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import forge
+    parts = []
+    for pkg in ("torch", "deepspeed", "transformers"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} not installed")
+    return f"forge {forge.__version__} ({', '.join(parts)})"
+
+
 def _usage() -> str:
-    lines = ["usage: forge <command> [args]", "", "commands:"]
+    lines = ["usage: forge <command> [args]", "       forge --version", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -45,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        print(version_text())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,19 +56,19 @@ def check_range(key: str, value: Any, *, low: Optional[float] = None, high: Opti
 @dataclass
 class MoEConfig:
     """Mixture-of-experts MLP settings (n_experts=0 means dense)."""
-    n_experts: int = 0
-    top_k: int = 2
+    n_experts: int = 0              # routed experts per MoE layer; 0 = dense MLP everywhere
+    top_k: int = 2                  # experts each token is routed to
     every: int = 1                  # MoE in every k-th layer
     first_dense: int = 0            # the first k layers stay dense
     router: str = "softmax"         # softmax | sigmoid
     renormalize: bool = True        # renormalise the chosen top-k weights to sum to 1
     d_ff: Optional[int] = None      # expert hidden size (default: model d_ff)
-    n_shared_experts: int = 0
-    shared_d_ff: Optional[int] = None
+    n_shared_experts: int = 0       # experts every token also passes through (DeepSeek, Qwen2-MoE)
+    shared_d_ff: Optional[int] = None  # hidden size of each shared expert (default: moe.d_ff)
     shared_gate: bool = False       # Qwen2-MoE style sigmoid gate on the shared expert
     capacity_factor: Optional[float] = None   # None = dropless
-    aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
+    aux_loss_coef: float = 0.0      # weight of the load-balancing auxiliary loss
+    z_loss_coef: float = 0.0        # weight of the router z-loss (mean squared logsumexp of the router logits)
     bias_update_rate: float = 0.0   # aux-loss-free balancing (DeepSeek-V3); 0 = off
 
     def validate(self, prefix: str = "model.moe") -> "MoEConfig":
@@ -93,21 +94,21 @@ OUTPUT_SOFTMAX = {"softmax": lambda m: (math.e, 1.0), "softermax": lambda m: (2.
 @dataclass
 class ModelConfig:
     """Every architectural difference between families is a field here (never a model name)."""
-    preset: Optional[str] = None
-    vocab_size: int = 256
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
+    preset: Optional[str] = None            # a forge.models.presets name: the base that the other model keys override
+    vocab_size: int = 256                   # embedding rows: the tokenizer's size unless set (>= it)
+    d_model: int = 64                       # hidden size
+    n_layers: int = 2                       # transformer blocks
+    n_heads: int = 4                        # query heads
     n_kv_heads: Optional[int] = None        # None = n_heads (MHA); 1 = MQA; else GQA
     head_dim: Optional[int] = None          # None = d_model // n_heads
-    max_seq_len: int = 256
+    max_seq_len: int = 256                  # longest sequence (positions, KV cache); data.seq_len <= this
     # attention
     attention: str = "causal"               # ATTENTION registry key, used for every layer ...
     attention_pattern: Optional[list[str]] = None   # ... unless this per-layer list (cycled) is set
     sliding_window: Optional[int] = None    # for "sliding": query i sees keys j with i - j < window
     local_window: Optional[int] = None      # for "local": causal attention inside blocks of this size
-    qkv_bias: bool = False
-    attn_out_bias: bool = False
+    qkv_bias: bool = False                  # bias on the q, k, v projections (GPT-2, Qwen2)
+    attn_out_bias: bool = False             # bias on the attention output projection
     qk_norm: str = "none"                   # QK_NORM key: none | head (Qwen3) | full (OLMo2) | l2_scale (Henry 2020)
     attn_softcap: Optional[float] = None    # scores -> cap * tanh(scores / cap)  (Gemma 2)
     attn_scale: Optional[float] = None      # None = head_dim ** -0.5
@@ -120,10 +121,10 @@ class ModelConfig:
     consmax_beta: float = 2.0               # consmax: initial beta (p = e^(s - beta) / gamma)
     consmax_gamma: float = 100.0            # consmax: initial gamma
     strongermax_base: float = math.e        # strongermax: p = base^(s/temperature) / sum
-    strongermax_temperature: float = 1.0
+    strongermax_temperature: float = 1.0    # strongermax: the temperature t
     polymax_x_intercept: float = -100.0     # polymax: 0 below x0, linear to y0 at 0, s^power + y0 above
-    polymax_y_intercept: float = 1.0
-    polymax_power: float = 2.0
+    polymax_y_intercept: float = 1.0        # polymax: y0, the value at s = 0
+    polymax_power: float = 2.0              # polymax: the power of s above 0
     squareplus_b: float = 4 * math.log(2) ** 2   # squareplus: (s + sqrt(s^2 + b)) / 2
     qk_norm_scale: Optional[float] = None   # l2_scale: initial g; None = log2(L^2 - L), L = max_seq_len
     qk_head_dim: Optional[int] = None       # query/key width per head (None = head_dim)
@@ -131,14 +132,14 @@ class ModelConfig:
     output_softmax: str = "softmax"         # next-token distribution: softmax | softermax (2^z) | strongermax
     # positions
     position: str = "rope"                  # POSITION registry key
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0             # RoPE base: inv_freq_i = theta ** (-2i / rotary dims)
     rotary_pct: float = 1.0                 # fraction of head_dim rotated (Phi, NeoX)
     rope_interleaved: bool = False          # GPT-J pairs (0,1),(2,3)...; False = NeoX halves
     rope_scaling: str = "none"              # none | linear | llama3
-    rope_scaling_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
+    rope_scaling_factor: float = 1.0        # linear / llama3 scaling: frequencies divided by this
+    rope_low_freq_factor: float = 1.0       # llama3 scaling: wavelengths > original_max_seq_len / this are scaled fully
+    rope_high_freq_factor: float = 4.0      # llama3 scaling: wavelengths < original_max_seq_len / this are kept
+    rope_original_max_seq_len: int = 8192   # llama3 scaling: the context length before scaling
     position_pattern: Optional[list[str]] = None    # per-layer POSITION keys (cycled) for the in-attention
                                             # position: e.g. ["rope", "rope", "rope", "none"] = NoPE every 4th
                                             # layer (SmolLM3); None = model.position on every layer
@@ -150,7 +151,7 @@ class ModelConfig:
     norm_mlp: Optional[str] = None          # MLP-input norm (None = norm)
     norm_post: Optional[str] = None         # post-/peri-LN norms after attention and MLP (None = norm)
     norm_final: Optional[str] = None        # final norm before the head (None = norm)
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5                  # epsilon added to the variance in norms
     norm_bias: bool = True                  # LayerNorm bias
     norm_offset: float = 0.0                # RMSNorm scale = offset + weight (Gemma: 1.0)
     dyt_alpha_init: float = 0.5             # dyt: initial value of the learned scalar alpha
@@ -162,9 +163,9 @@ class ModelConfig:
                                             # | dual_path | kan | identity (forge/models/layers/mlp.py)
     activation: str = "silu"                # ACTIVATION registry key
     d_ff: Optional[int] = None              # exact hidden size, else ff_mult * d_model rounded up
-    ff_mult: float = 4.0
-    ff_multiple_of: int = 1
-    mlp_bias: bool = False
+    ff_mult: float = 4.0                    # MLP hidden size = ff_mult * d_model when d_ff is unset
+    ff_multiple_of: int = 1                 # that hidden size rounded up to a multiple of this
+    mlp_bias: bool = False                  # bias on the MLP linears
     mlp_up_bias: Optional[bool] = None      # bias of the input projections (in, gate, up; None = mlp_bias)
     mlp_down_bias: Optional[bool] = None    # bias of the output projections (None = mlp_bias)
     kan_degree: int = 3                     # kan: Chebyshev polynomials T_0 .. T_degree per input feature
@@ -173,7 +174,7 @@ class ModelConfig:
     block: str = "pre_ln"                   # BLOCK registry key
     parallel_shared_norm: bool = True       # parallel block: one norm for attn+mlp (GPT-J, PaLM, Phi) or two (NeoX)
     # embeddings and head
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False            # the output head shares the embedding matrix
     embed_scale: float = 1.0                # Gemma: sqrt(d_model); Granite: embedding_multiplier
     embed_scale_learned: bool = False       # embed_scale a learned scalar parameter (initialised at embed_scale)
     n_embd_wte: Optional[int] = None        # factorised embedding: table (V, n_embd_wte), learned up-projection
@@ -185,12 +186,12 @@ class ModelConfig:
     embed_init_scale: float = 1.0           # onehot / hypercube / unique_hypercube: c; angle_hypersphere: radius
     residual_multiplier: float = 1.0        # y = x + m * branch(x)  (Granite residual_multiplier)
     logit_divisor: float = 1.0              # logits = head(x) / logit_divisor  (Granite logits_scaling)
-    final_norm: bool = True
-    head_bias: bool = False
-    logit_softcap: Optional[float] = None
+    final_norm: bool = True                 # a norm after the last block, before the head
+    head_bias: bool = False                 # bias on the output head
+    logit_softcap: Optional[float] = None   # logits -> cap * tanh(logits / cap) (Gemma 2); null = off
     dropout: float = 0.0                    # embedding and residual dropout
-    attn_dropout: float = 0.0
-    init_std: float = 0.02
+    attn_dropout: float = 0.0               # dropout on the attention probabilities
+    init_std: float = 0.02                  # std of the normal weight initialisation
 
     # ---- derived sizes ----
     @property
@@ -421,13 +422,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    zero_stage: int = 0
-    sequence_parallel: bool = False
+    tp: int = 1                             # tensor-parallel size: each layer's linears split over tp ranks
+    pp: int = 1                             # pipeline-parallel stages
+    ep: int = 1                             # data ranks that split one set of experts (divides dp)
+    zero_stage: int = 0                     # ZeRO 0 | 1 | 2 | 3: optimizer state / + grads / + weights split over dp
+    sequence_parallel: bool = False         # with tp > 1: norms and dropout on sequence shards (Megatron-style)
     pp_partition: str = "parameters"        # parameters | uniform | type:<regex>
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False         # ZeRO optimizer state kept in CPU memory
     ds_config: Optional[str] = None         # a template from ds_configs/ (DeepSpeed-only settings)
 
     def validate(self) -> "ParallelConfig":
@@ -472,15 +473,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = 3e-4                        # peak learning rate (after warmup)
+    min_lr: float = 3e-5                    # floor of the cosine / wsd decay, reached at train.max_steps
+    weight_decay: float = 0.1               # AdamW decoupled weight decay (not on norms, biases)
+    beta1: float = 0.9                      # AdamW first-moment decay
+    beta2: float = 0.95                     # AdamW second-moment decay
+    eps: float = 1e-8                       # AdamW epsilon
+    grad_clip: float = 1.0                  # clip the global gradient norm to this; 0 = off
     schedule: str = "cosine"                # cosine | wsd | constant
-    warmup_steps: int = 100
+    warmup_steps: int = 100                 # linear warmup from 0 to lr over this many steps
     decay_frac: float = 0.2                 # wsd: fraction of max_steps spent decaying
     # optimizer (forge.train.optimizers.OPTIMIZERS): adamw | lion | sgd | adafactor | muon
     name: str = "adamw"
@@ -512,21 +513,21 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    seed: int = 1234
+    max_steps: int = 1000                   # optimizer steps of the run (the lr schedule spans them)
+    micro_batch_size: int = 8               # sequences per data-parallel rank per forward/backward
+    grad_accum: int = 1                     # micro batches per step (micro_batch_size * grad_accum * dp sequences)
+    seed: int = 1234                        # seeds the weights (per tensor name), the data order and dropout
     precision: str = "fp32"                 # fp32 | bf16 | fp16
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"           # config.yaml, metrics.jsonl, summary.json, loss.png, checkpoints/ go here
     resume: str = "none"                    # none | auto | path to a checkpoint
     init_from: Optional[str] = None         # a fresh run starts from these weights: Forge folder, checkpoint,
                                             # HF folder or hub id (the model config comes from it)
-    save_interval: int = 500
-    eval_interval: int = 250
-    eval_steps: int = 20
-    log_interval: int = 10
+    save_interval: int = 500                # checkpoint every this many steps, and at the end; 0 = at the end only
+    eval_interval: int = 250                # validation every this many steps, and at the end; 0 = never
+    eval_steps: int = 20                    # validation batches per eval (capped at the validation split)
+    log_interval: int = 10                  # a metrics.jsonl training line every this many steps
     activation_checkpointing: str = "none"  # none | full | attention
-    compile: bool = False
+    compile: bool = False                   # torch.compile the model (inductor)
     linear_backend: str = "aten"            # aten | onednn | auto: fp32 CPU linears (forge.kernels)
     # non-finite steps (forge.train.nonfinite) and checkpoint retention (forge.train.checkpoint)
     max_skipped_steps: int = 5              # abort (NonFiniteError) after this many skipped steps in a row; 0 = never
@@ -581,10 +582,11 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    progress: bool = True
-    wandb: bool = False
-    wandb_project: str = "forge"
-    tensorboard: bool = False
+    progress: bool = True                   # tqdm progress bar on a terminal; plain log lines with an ETA otherwise
+    wandb: bool = False                     # log to Weights & Biases (offline without an API key; pip install wandb)
+    wandb_project: str = "forge"            # the wandb project name
+    tensorboard: bool = False               # TensorBoard events in OUT/tensorboard (pip install tensorboard)
+    plot: bool = True                       # redraw OUT/loss.png at each eval when matplotlib is installed
 
 
 @dataclass
@@ -783,6 +785,69 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return config_from_dict(tree)
 
 
+def unused_keys(cfg: JobConfig) -> dict[str, str]:
+    """{dotted key: why}: the keys whose value the chosen options never read (e.g. data.vocab_size
+    unless a BPE tokenizer is trained here), so a printed or saved config can say so."""
+    m, out = cfg.model, {}
+
+    def mark(keys, why):
+        out.update({k: why for k in keys})
+    if not m.moe.n_experts:
+        mark([f"model.moe.{f.name}" for f in dataclasses.fields(MoEConfig) if f.name != "n_experts"],
+             "model.moe.n_experts=0 (dense MLP)")
+    rope_extra = ["rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
+    if m.position != "rope":
+        mark([f"model.{k}" for k in ["rope_theta", "rotary_pct", "rope_interleaved", "rope_scaling"] + rope_extra],
+             f"model.position={m.position}")
+    elif m.rope_scaling != "llama3":
+        mark([f"model.{k}" for k in rope_extra[m.rope_scaling == "linear":]], f"model.rope_scaling={m.rope_scaling}")
+    kinds = set(m.attention_pattern or [m.attention])
+    for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
+        if kind not in kinds and getattr(m, key) is not None:
+            mark([f"model.{key}"], f"no {kind!r} attention")
+    if m.norm != "layernorm":
+        mark(["model.norm_bias"], f"model.norm={m.norm}")
+    if m.block != "parallel":
+        mark(["model.parallel_shared_norm"], f"model.block={m.block}")
+    if m.d_ff:
+        mark(["model.ff_mult", "model.ff_multiple_of"], f"model.d_ff={m.d_ff} is set")
+    d = cfg.data
+    if d.dataset == "shakespeare":
+        mark(["data.paths", "data.blend", "data.split"], "data.dataset=shakespeare (the plays' own train/val split)")
+        if d.tokenizer != "bpe":
+            mark(["data.vocab_size"], f"data.tokenizer={d.tokenizer} (only a bpe tokenizer trained here reads it)")
+    else:
+        mark(["data.vocab_size"], f"data.dataset={d.dataset} (the tokenizer comes with the data)")
+    if cfg.optim.schedule != "wsd":
+        mark(["optim.decay_frac"], f"optim.schedule={cfg.optim.schedule}")
+    if cfg.optim.schedule == "constant":
+        mark(["optim.min_lr"], "optim.schedule=constant")
+    if cfg.parallel.tp == 1:
+        mark(["parallel.sequence_parallel"], "parallel.tp=1")
+    if cfg.parallel.pp == 1:
+        mark(["parallel.pp_partition"], "parallel.pp=1")
+    if not cfg.log.wandb:
+        mark(["log.wandb_project"], "log.wandb=false")
+    return out
+
+
+def config_yaml(cfg: JobConfig) -> str:
+    """The resolved config as YAML, each key in `unused_keys` followed by `# unused: why`. Comments
+    only: `yaml.safe_load` of the text is `cfg.to_dict()` (resume and the config hash read it so)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    unused, lines, path = unused_keys(cfg), [], []       # path: [(indent, key)] of the enclosing mappings
+    for line in text.splitlines():
+        key = re.match(r"^( *)([A-Za-z_]\w*):(?: |$)", line)
+        if key:
+            indent = len(key.group(1))
+            path = [(i, k) for i, k in path if i < indent] + [(indent, key.group(2))]
+            why = unused.get(".".join(k for _, k in path))
+            if why:
+                line += f"  # unused: {why}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def save_config(cfg: JobConfig, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        f.write(config_yaml(cfg))

@@ -37,8 +37,10 @@ def snapshot(path):
     return out
 
 
-@pytest.mark.parametrize("stage,grad_accum,precision", [(0, 1, "fp32"), (1, 2, "fp32"), (2, 1, "fp32"),
-                                                       (0, 2, "bf16"), (1, 1, "bf16")])
+@pytest.mark.parametrize("stage,grad_accum,precision", [                # ~10 s each: one in the fast tier
+    pytest.param(0, 1, "fp32", marks=pytest.mark.slow), (1, 2, "fp32"),
+    pytest.param(2, 1, "fp32", marks=pytest.mark.slow), pytest.param(0, 2, "bf16", marks=pytest.mark.slow),
+    pytest.param(1, 1, "bf16", marks=pytest.mark.slow)])
 def test_resume_is_bit_exact(tmp_path, data_cache, stage, grad_accum, precision):
     """Steps 1..8 uninterrupted == steps 1..4, stop, resume=auto, steps 5..8 (dropout on; bf16
     under autocast at ZeRO 0, DeepSpeed's bf16 optimizer at ZeRO 1)."""
@@ -58,6 +60,7 @@ def test_resume_is_bit_exact(tmp_path, data_cache, stage, grad_accum, precision)
     assert strip(split) == strip(whole)
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_schedule_continues(tmp_path, data_cache):
     """max_steps may change on resume (a warning, not an error); the step count carries on."""
     train(tiny(tmp_path / "r", data_cache, "train.max_steps=4"))

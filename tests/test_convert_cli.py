@@ -52,6 +52,7 @@ def _logits(model, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
+@pytest.mark.slow
 def test_cli_round_trip(hf_dir, tmp_path):
     fg, hf2 = str(tmp_path / "forge"), str(tmp_path / "hf2")
     # --from hf through the real entry point (python -m forge convert ...)

@@ -70,3 +70,18 @@ def test_templates_merge_with_a_matching_config_and_refuse_a_contradicting_one(n
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "tools").glob("*.sh")))
 def test_tool_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "tools" / script)], check=True)
+
+
+def test_image_torch_and_installed_torch_are_in_the_declared_range():
+    """The torch of the Docker base image tag and the torch this suite runs with both satisfy
+    pyproject's torch requirement, so `pip install -e .` keeps the image's build."""
+    import tomllib
+
+    import torch
+    from packaging.requirements import Requirement
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert req.specifier, "torch needs a tested range"
+    base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-", DOCKERFILE, re.M).group(1)
+    assert req.specifier.contains(base), (base, str(req))
+    assert req.specifier.contains(torch.__version__.split("+")[0]), (torch.__version__, str(req))

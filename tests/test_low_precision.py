@@ -105,6 +105,7 @@ def test_autocast_engine_steps_fp32_weights_with_plain_adamw(tmp_path, fp16_on_c
     assert (engines[0].torch_autocast_z0_gradscaler is not None) is (precision == "fp16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, dp, parallel", [(2, 1, dict(tp=2)), (2, 2, dict(zero_stage=0))],
                          ids=["tp2", "dp2"])
 def test_bf16_autocast_layouts_match_one_process(tmp_path, world, dp, parallel):

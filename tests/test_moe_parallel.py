@@ -13,6 +13,7 @@ experts and biases equal one process, as for the dense families in test_tensor_p
 """
 import dataclasses
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -158,5 +159,6 @@ def _check(rank, world):
     _tp_check(rank, world)
 
 
+@pytest.mark.slow
 def test_moe_expert_and_tensor_parallel_match_single_process():
     run_distributed(_check, 2)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.distributed import free_port
 
 
@@ -29,6 +31,7 @@ def launch_two_nodes(tmp_path, cache_dir, out, steps, resume):
     return outs
 
 
+@pytest.mark.slow
 def test_two_nodes_train_and_resume(tmp_path):
     from forge.config import load_config
     from forge.data import build_data

@@ -109,6 +109,7 @@ def _layout_id(preset, world, dp, parallel):
     return name + (f"-dp{dp}" if "ep" in parallel and dp != parallel["ep"] else "")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, world, dp, parallel", LAYOUTS, ids=[_layout_id(*layout) for layout in LAYOUTS])
 def test_layout_matches_one_process(tmp_path_factory, cache_dir, preset, world, dp, parallel):
     # MoE: the router's load-balancing loss is not additive over micro batches (its expert shares
@@ -148,6 +149,7 @@ RESUMED = [  # (preset, world, dp, parallel settings)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, world, dp, parallel", RESUMED, ids=[_layout_id(*layout) for layout in RESUMED])
 def test_resume_matches_one_process(tmp_path_factory, cache_dir, preset, world, dp, parallel):
     """Stopped after step 2 with a checkpoint and resumed, a layout still equals one process:

@@ -51,6 +51,7 @@ def _check(rank, world, sequence_parallel):
             torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=f"{name}: grad of {n}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
 def test_tensor_parallel_matches_single_process(sequence_parallel):
     run_distributed(_check, 2, sequence_parallel)
@@ -85,5 +86,6 @@ def _dropout_streams(rank, world):
     tp_stream.seed(None)
 
 
+@pytest.mark.slow
 def test_dropout_matches_on_replicated_activations_and_differs_inside_tp_regions():
     run_distributed(_dropout_streams, 2)

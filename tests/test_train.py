@@ -109,6 +109,7 @@ def test_grad_accum_equals_bigger_micro_batch(tmp_path, data_cache):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.slow
 def test_bf16_zero1_and_activation_checkpointing_run(tmp_path, data_cache):
     r = train(tiny(tmp_path / "bf16", data_cache, "train.precision=bf16", "parallel.zero_stage=1",
                    "train.max_steps=3", "train.eval_interval=3"))
@@ -179,6 +180,7 @@ def test_cli_bad_configs_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "z3").exists()
 
 
+@pytest.mark.slow
 def test_cli_subprocess_runs_config_file(tmp_path, data_cache):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(open(os.path.join(REPO, "configs", "tiny_debug.yaml")).read())

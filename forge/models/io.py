@@ -10,13 +10,12 @@ import dataclasses
 import errno
 import os
 import shutil
-import tempfile
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from forge.config import ModelConfig, model_from_dict
+from forge.fsutil import make_temp_dir, save_safetensors
 from forge.models.sharded import INDEX_FILE
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
@@ -107,10 +106,10 @@ def save_state_folder(state: dict[str, torch.Tensor], cfg_dict: dict, path: str,
     """Write a full Forge state dict with its config to `path`, atomically."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = make_temp_dir(parent, prefix=".tmp-")
     try:
         with writing(path):
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS_FILE))
+            save_safetensors({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS_FILE))
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 yaml.safe_dump(cfg_dict, f, sort_keys=False)
             if tokenizer_dir and os.path.isdir(tokenizer_dir):

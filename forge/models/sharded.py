@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from forge.fsutil import save_safetensors
 
 INDEX_FILE = "forge_index.json"
 FORMAT = "forge-sharded"
@@ -106,7 +107,7 @@ def write_parts(folder: str, rank: int, parts: list[Part]) -> dict:
         entry["parts"].append(part)
     from forge.models.io import writing
     with writing(os.path.join(folder, file)):           # a full disk names this file
-        save_file(tensors, os.path.join(folder, file))
+        save_safetensors(tensors, os.path.join(folder, file))
     return entries
 
 

@@ -45,7 +45,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from forge.config import ConfigError, JobConfig, flatten_dict
+from forge.config import ConfigError, JobConfig, config_yaml, flatten_dict
 from forge.train import distributed as dist
 
 from forge.models.discovery import (CHECKPOINTS, COMPLETE, MODEL_DIR, STEP_RE, checkpoints_dir,  # noqa: F401
@@ -297,14 +297,13 @@ def _write_sharded(folder: str, parts) -> None:
 
 def _save_model_shards(engine, cfg: JobConfig, groups, folder: str, tokenizer_dir: Optional[str]) -> None:
     """The weights each rank owns (forge.layout.weights), the config and the tokenizer. Collective."""
-    import yaml
     from forge.layout.build import forge_name_of
     from forge.layout.weights import rank_parts
     from forge.models.io import CONFIG_FILE
     _write_sharded(folder, rank_parts(engine.module, cfg.model, groups, forge_name_of(engine.module, cfg.model)))
     if dist.rank() == 0:
         with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            f.write(config_yaml(cfg))                   # unused keys marked by comments
         if tokenizer_dir and os.path.isdir(tokenizer_dir):
             for name in os.listdir(tokenizer_dir):
                 shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(folder, name))

@@ -19,8 +19,8 @@ import sys
 
 import yaml
 
-from forge.config import (ConfigError, add_config_arguments, config_arguments, flatten_dict, load_config,
-                          parse_overrides)
+from forge.config import (ConfigError, add_config_arguments, config_arguments, config_yaml, flatten_dict,
+                          load_config, parse_overrides)
 
 
 def user_keys(path: str | None, overrides: list[str]) -> frozenset:
@@ -50,9 +50,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a model from a YAML config (optional) plus key=value overrides, e.g. "
                     "`forge train configs/shakespeare_char.yaml train.max_steps=200 optim.lr=1e-3`. "
                     "Common keys: model.preset, train.max_steps, train.out_dir, train.seed, "
-                    "train.resume (none | auto | PATH), optim.lr, parallel.zero_stage.")
+                    "train.resume (none | auto | PATH), optim.lr, parallel.zero_stage.",
+        epilog="Every key, its type, default and meaning: docs/config.md (regenerate with `python -m forge.docs`). "
+               "`--print-config` prints the config that would run (defaults < model.preset < YAML < overrides), with "
+               "keys the chosen options never read marked `# unused`, and exits without training; the run saves the "
+               "same text as OUT/config.yaml. The run prints a summary at the end and writes OUT/summary.json, "
+               "OUT/metrics.jsonl and (with matplotlib) OUT/loss.png; `forge plot OUT` draws its curves.")
     add_config_arguments(p)
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML, unused keys marked) and exit without training")
     return p
 
 
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(path, overrides)
         if args.print_config:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            print(config_yaml(cfg), end="")
             return 0
         explicit = user_keys(path, overrides)
         from forge.train.checkpoint import CheckpointError

@@ -10,8 +10,14 @@ lines after the resumed step (written by the interrupted run after its last chec
 so the file reads as one uninterrupted run.
 
 The progress bar (tqdm, on a terminal with `log.progress`) shows the step, loss, lr and tokens/s;
-elsewhere each training line is printed. wandb (`log.wandb`) runs offline unless an API key is
-configured (WANDB_API_KEY or ~/.netrc), and keeps one run id per out_dir across resumes.
+elsewhere (nohup, SLURM, `log.progress=false`) each training line is printed with the elapsed time
+and an ETA, `(max_steps - step) * (seconds since this call started) / (steps this call ran)`.
+Counts are printed human-readable (`human`: 15.4k tok/s, 1.2M tokens); every eval prints val_loss
+and val_ppl = exp(val_loss). With matplotlib installed (`log.plot`), OUT/loss.png is redrawn at each
+eval (`forge.plot`); a failure there is reported, never raised.
+
+wandb (`log.wandb`) runs offline unless an API key is configured (WANDB_API_KEY or ~/.netrc), and
+keeps one run id per out_dir across resumes.
 TensorBoard (`log.tensorboard`) writes to OUT/tensorboard.
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ import math
 import netrc
 import os
 import sys
+import time
 from typing import Any, Optional
 
 from forge.config import ConfigError, JobConfig
@@ -82,11 +89,37 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def human(v: float) -> str:
+    """A count to 3 significant figures with a k/M/B/T suffix (powers of 1000), the suffix chosen so
+    that the shown mantissa is below 1000: 950 -> "950", 15440 -> "15.4k", 999999 -> "1M",
+    1.2e6 -> "1.2M", 3.45e9 -> "3.45B"; a non-integer below 1000 keeps 3 figures (12.34 -> "12.3")."""
+    units, x, i = ("", "k", "M", "B", "T"), float(v), 0
+    while i < len(units) - 1 and abs(float(f"{x:.3g}")) >= 1000:
+        x, i = x / 1000, i + 1
+    if i == 0 and float(v).is_integer():
+        return str(int(v))
+    return (f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}") + units[i]
+
+
+def human_duration(seconds: float) -> str:
+    """Seconds as "45s", "3m05s", "1h02m" or "2d03h" (two units at most, the smaller one truncated)."""
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 class MetricsLogger:
     def __init__(self, cfg: JobConfig, out_dir: str, start_step: int, enabled: bool = True):
         self.enabled, self.cfg, self.out_dir = enabled, cfg, out_dir
         self.path = os.path.join(out_dir, METRICS_FILE)
         self.records: list[dict] = []
+        self.start_step, self.t0 = start_step, time.perf_counter()
+        self.best_val: Optional[tuple[int, float]] = None         # (step, val_loss) of this call
         self.bar = self.wandb_run = self.tb = None
         if not enabled:
             return
@@ -127,7 +160,7 @@ class MetricsLogger:
         if self.bar is not None:
             post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
             if tokens_per_s:
-                post["tok/s"] = f"{tokens_per_s:,.0f}"
+                post["tok/s"] = human(tokens_per_s)
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(step - self.bar.n)
 
@@ -146,13 +179,44 @@ class MetricsLogger:
             for k, v in scalars.items():
                 self.tb.add_scalar(("eval/" if k.startswith("val_") else "train/") + k, v, step)
         if "val_loss" in record:
-            val = record["val_loss"]
-            self.write(f"step {step}: val_loss {val:.4f}" if val is not None else f"step {step}: val_loss not finite")
+            self.write(self.val_line(record))
+            if self.cfg.log.plot:
+                from forge.plot import write_loss_png
+                error = write_loss_png(self.out_dir)
+                if error:
+                    self.write(f"warning: {error}")
         elif self.bar is None:
-            total = self.cfg.train.max_steps
-            keys = ("loss", "lr", "grad_norm", "tokens_per_s")
-            self.write(f"step {step}/{total} | " + " | ".join(f"{k} {_fmt(record[k])}" for k in keys
-                                                             if record.get(k) is not None))
+            self.write(self.train_line(record))
+
+    def val_line(self, record: dict) -> str:
+        """`step 250: val_loss 1.5910 | val_ppl 4.909 (best 1.5800 at step 200)`."""
+        step, val = record["step"], record["val_loss"]
+        if val is None:
+            return f"step {step}: val_loss nan"
+        if self.best_val is None or val < self.best_val[1]:
+            self.best_val = (step, val)
+        line = f"step {step}: val_loss {val:.4f} | val_ppl {math.exp(min(val, 50.0)):.4g}"
+        if self.best_val[0] != step:
+            line += f" (best {self.best_val[1]:.4f} at step {self.best_val[0]})"
+        return line
+
+    def train_line(self, record: dict) -> str:
+        """`step 10/200 | loss 2.345 | lr 0.0003 | grad_norm 0.81 | 15.4k tok/s | 1.2M tokens |
+        elapsed 1m02s | eta 20m10s`; the ETA extrapolates this call's seconds per step."""
+        step, total = record["step"], self.cfg.train.max_steps
+        parts = [f"step {step}/{total}"]
+        parts += [f"{k} {_fmt(record[k])}" for k in ("loss", "lr", "grad_norm") if record.get(k) is not None]
+        if record.get("tokens_per_s"):
+            parts.append(f"{human(record['tokens_per_s'])} tok/s")
+        if record.get("tokens") is not None:
+            parts.append(f"{human(record['tokens'])} tokens")
+        if record.get("elapsed_s") is not None:
+            parts.append(f"elapsed {human_duration(record['elapsed_s'])}")
+        done = step - self.start_step
+        if done > 0 and step < total:
+            per_step = (time.perf_counter() - self.t0) / done
+            parts.append(f"eta {human_duration(per_step * (total - step))}")
+        return " | ".join(parts)
 
     def close(self) -> None:
         if not self.enabled:

@@ -50,6 +50,31 @@ def validate_schedule(optim: OptimConfig, max_steps: int) -> None:
         raise ConfigError(f"optim.decay_frac={optim.decay_frac} must be in [0, 1]")
 
 
+def schedule_warnings(optim: OptimConfig, max_steps: int) -> list[str]:
+    """What of the configured schedule does not fit in `max_steps` updates (empty when it all fits):
+
+    W > max_steps            the peak optim.lr is never reached (max lr = lr * max_steps / W)
+    W = max_steps            the peak is reached only at the last update; no decay (cosine, wsd)
+    wsd, W > max_steps - D   the decay runs max_steps - W updates instead of D = round(decay_frac * max_steps)
+    """
+    W, N, out = optim.warmup_steps, max_steps, []
+    if W > N:
+        out.append(f"optim.warmup_steps={W} > train.max_steps={N}: the lr never reaches optim.lr={optim.lr:g} (it peaks "
+                   f"at {optim.lr * N / W:.3g} on the last step)" + ("" if optim.schedule == "constant" else
+                                                                 f" and the {optim.schedule} decay never runs") +
+                   f"; lower optim.warmup_steps (e.g. {max(1, N // 10)}) or raise train.max_steps")
+    elif W == N and W > 0 and optim.schedule != "constant":
+        out.append(f"optim.warmup_steps={W} = train.max_steps: the lr reaches optim.lr={optim.lr:g} only on the last "
+                   f"step and the {optim.schedule} decay never runs; lower optim.warmup_steps (e.g. {max(1, N // 10)})")
+    elif optim.schedule == "wsd":
+        decay = round(optim.decay_frac * N)
+        if W > N - decay:
+            out.append(f"optim.schedule=wsd decays over {N - W} steps, not the {decay} of optim.decay_frac="
+                       f"{optim.decay_frac:g} x train.max_steps={N}: optim.warmup_steps={W} leaves only {N - W} steps "
+                       "after the warmup")
+    return out
+
+
 class ForgeLRScheduler:
     """Sets the optimizer's lr to `lr_at(t)` for the next update t. DeepSpeed calls `step()` after
     each applied update and saves/loads `state_dict()` with its checkpoint."""

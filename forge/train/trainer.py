@@ -67,10 +67,11 @@ from forge.train.engine import check_supported, compile_determinism, create_engi
 from forge.train.precision import optimizer_layout
 from forge.train.runlock import acquire_for_run
 from forge.train.step import evaluate, train_step
-from forge.train.metrics import MetricsLogger, check_logging_available
+from forge.train.metrics import MetricsLogger, check_logging_available, human
 from forge.train.nonfinite import NonFiniteError, StepGuard, counts
+from forge.train.summary import build_summary, format_summary, layout_lines, rank_param_count, write_summary
 from forge.train.watchdog import StepWatchdog, inject_fault
-from forge.train.schedule import lr_at, validate_schedule
+from forge.train.schedule import lr_at, schedule_warnings, validate_schedule
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainResult:
     interrupted: Optional[int] = None       # signal number when stopped by SIGINT / SIGTERM
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0               # training throughput over the whole call
+    summary: Optional[dict] = None          # what OUT/summary.json holds (rank 0; forge.train.summary)
 
 
 # ---------------------------------------------------------------- helpers
@@ -347,9 +349,15 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                          "rank from its sharded model/ and optim/ files")
         for w in warnings:
             logger.write(f"  config changed since the checkpoint: {w}")
-    logger.write(f"model: {n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}; "
-                 f"{samples_per_step} sequences x {T} tokens per step; ZeRO-{cfg.parallel.zero_stage}, "
-                 f"{cfg.train.precision}, world {dist.world_size()}; out_dir {out_dir}")
+    logger.write(f"model: vocab {cfg.model.vocab_size}; {samples_per_step} sequences x {T} tokens "
+                 f"({human(samples_per_step * T)}) per step; {cfg.train.precision}; out_dir {out_dir}")
+    per_rank = dist.gather_object(rank_param_count(engine.module))        # every rank takes part
+    if main:
+        for line in layout_lines(n_params, per_rank, groups, cfg):
+            logger.write(line)
+    for w in schedule_warnings(cfg.optim, cfg.train.max_steps):
+        logger.write(f"warning: {w}")
+    tokens_at_start = tokens
 
     if rng is not None:
         ckpt.set_rng_state(rng)
@@ -468,6 +476,11 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
         result.tokens_per_s = (step - start_step) * samples_per_step * T / train_time if train_time else 0.0
         logger.close()
     assert saved_at == step
+    if main:
+        from forge.plot import read_run
+        result.summary = build_summary(result, read_run(out_dir)[1], n_params, tokens, tokens - tokens_at_start)
+        write_summary(out_dir, result.summary)
+        print(format_summary(result.summary), flush=True)
     return result
 
 

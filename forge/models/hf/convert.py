@@ -31,7 +31,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -40,9 +39,9 @@ from urllib.parse import urlparse
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from forge.config import ModelConfig
+from forge.fsutil import make_temp_dir, save_safetensors
 from forge.models.hf.families import FAMILIES, FamilySpec, Transform, UnsupportedModelError, representation_errors
 from forge.models.io import (CONFIG_FILE, FOLDER_CONTENTS, SAFETENSORS_DTYPES, WEIGHTS_FILE, WriteError, writing,
                              is_forge_folder,
@@ -489,7 +488,7 @@ def atomic_dir(out: str, force: bool = False):
         raise FileExistsError(f"{out!r} exists and is not empty; pass --force to overwrite it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent)
+    tmp = make_temp_dir(parent, prefix=f".tmp-{os.path.basename(out)}-")
     try:
         with writing(out, under=tmp):
             yield tmp
@@ -544,7 +543,7 @@ def _token_ids(folder: str) -> dict:
 def write_forge_folder(out: str, cfg: ModelConfig, sd: dict, tokenizer_dir: str | None = None,
                        hf_source: dict | None = None, force: bool = False) -> None:
     with atomic_dir(out, force) as tmp:
-        save_file(sd, os.path.join(tmp, WEIGHTS_FILE))
+        save_safetensors(sd, os.path.join(tmp, WEIGHTS_FILE))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             yaml.safe_dump(model_config_dict(cfg), f, sort_keys=False)
         if tokenizer_dir:
