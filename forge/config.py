@@ -484,12 +484,12 @@ class OptimConfig:
     warmup_steps: int = 100                 # linear warmup from 0 to lr over this many steps
     decay_frac: float = 0.2                 # wsd: fraction of max_steps spent decaying
     # optimizer (forge.train.optimizers.OPTIMIZERS): adamw | lion | sgd | adafactor | muon
-    name: str = "adamw"
+    name: str = "adamw"                     # OPTIMIZERS key: adamw | lion | sgd | adafactor | muon
     decay_embeddings: bool = True           # weight decay on embedding tables (norms, biases: never)
-    momentum: float = 0.9                   # sgd
-    nesterov: bool = False                  # sgd
+    momentum: float = 0.9                   # sgd: momentum (0 = plain SGD, no state)
+    nesterov: bool = False                  # sgd: Nesterov momentum
     muon_momentum: float = 0.95             # muon: momentum of the orthogonalised matrices
-    muon_nesterov: bool = True
+    muon_nesterov: bool = True              # muon: Nesterov momentum
     muon_ns_steps: int = 5                  # muon: Newton-Schulz iterations
 
     def validate(self) -> "OptimConfig":
