@@ -186,7 +186,7 @@ def test_disk_full_while_saving_checkpoint(trained, tmp_path, monkeypatch, capsy
     has no COMPLETE marker; resume=auto then takes the previous complete checkpoint."""
     import forge.models.sharded as sharded
     run, cache = copy_run(trained, tmp_path)
-    monkeypatch.setattr(sharded, "save_file", _enospc)
+    monkeypatch.setattr(sharded, "save_safetensors", _enospc)
     assert train_main(tiny_args(run, cache, "train.resume=auto", "train.max_steps=6")) == 2
     err = capsys.readouterr().err
     step6 = run / "checkpoints" / "step_00000006"
@@ -230,14 +230,14 @@ def test_disk_full_while_exporting(folders, tmp_path, monkeypatch, capsys):
     """forge convert: ENOSPC while writing the output exits 2 with "disk full" naming the output,
     and leaves neither the output nor its temporary folder."""
     import forge.models.hf.convert as convert
-    monkeypatch.setattr(convert, "save_file", _enospc)
+    monkeypatch.setattr(convert, "save_safetensors", _enospc)
     out = tmp_path / "forge2"
     assert convert_main(["--from", "hf", "--input", str(folders / "hf"), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "disk full" in err and str(out) in err, err
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
     import forge.models.io as io
-    monkeypatch.setattr(io, "save_file", _enospc)
+    monkeypatch.setattr(io, "save_safetensors", _enospc)
     with pytest.raises(WriteError, match="disk full") as e:
         save_model_folder(forge.from_pretrained(str(folders / "forge")), {}, str(tmp_path / "m"))
     assert e.value.errno == errno.ENOSPC and str(tmp_path / "m") in str(e.value)
