@@ -97,8 +97,8 @@ def _perturbed(value):
         return not value
     if isinstance(value, int):
         return value + 1
-    if isinstance(value, float):
-        return value * 1.5 + 0.25
+    if isinstance(value, float):       # another value in the key's valid range (fractions stay in (0, 1])
+        return value * 0.5 if 0 < value <= 1 else value * 1.5 + 0.25
     return None
 
 
