@@ -179,15 +179,32 @@ def _rope_from_hf(c, partial_ok: bool) -> dict:
                 "rope_low_freq_factor": float(rp["low_freq_factor"]),
                 "rope_high_freq_factor": float(rp["high_freq_factor"]),
                 "rope_original_max_seq_len": int(rp["original_max_position_embeddings"])}
-    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind == "yarn":
+        if rp.get("mscale") or rp.get("mscale_all_dim"):
+            raise UnsupportedModelError(f"yarn's mscale / mscale_all_dim are not supported: {rp}")
+        if rp.get("factor") is None:
+            raise UnsupportedModelError(f"yarn without a factor is not supported: {rp}")
+        af = rp.get("attention_factor")
+        return {**out, "rope_scaling": "yarn", "rope_scaling_factor": float(rp["factor"]),
+                "rope_original_max_seq_len": int(rp["original_max_position_embeddings"]),
+                "rope_yarn_beta_fast": float(rp.get("beta_fast") or 32.0),
+                "rope_yarn_beta_slow": float(rp.get("beta_slow") or 1.0),
+                "rope_yarn_truncate": bool(rp.get("truncate", True)),
+                "rope_attention_factor": None if af is None else float(af)}
+    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
 
 
 def _rope_to_hf(cfg: ModelConfig, partial: bool = False) -> dict:
     rp = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rope_theta}
     if partial:
         rp["partial_rotary_factor"] = cfg.rotary_pct
-    if cfg.rope_scaling in ("linear", "llama3"):
+    if cfg.rope_scaling in ("linear", "llama3", "yarn"):
         rp["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "yarn":
+        rp.update(original_max_position_embeddings=cfg.rope_original_max_seq_len, beta_fast=cfg.rope_yarn_beta_fast,
+                  beta_slow=cfg.rope_yarn_beta_slow, truncate=cfg.rope_yarn_truncate)
+        if cfg.rope_attention_factor is not None:
+            rp["attention_factor"] = cfg.rope_attention_factor
     if cfg.rope_scaling == "llama3":
         rp.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                   original_max_position_embeddings=cfg.rope_original_max_seq_len)
@@ -917,7 +934,8 @@ def canonical(cfg: ModelConfig) -> dict:
     if "local" not in kinds:
         d.pop("local_window")
     rope = ["rope_theta", "rotary_pct", "rope_interleaved", "rope_scaling", "rope_scaling_factor",
-            "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
+            "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len",
+            "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_truncate", "rope_attention_factor"]
     positions = tuple(cfg.layer_position(i) for i in range(cfg.n_layers))
     d.update(position=cfg.position if "embed" in POSITION[cfg.position] else None, layer_positions=positions)
     d.pop("position_pattern")
@@ -932,8 +950,10 @@ def canonical(cfg: ModelConfig) -> dict:
         drop = rope[4:]
     elif cfg.rope_scaling == "linear":
         drop = rope[5:]
-    else:
-        drop = []
+    elif cfg.rope_scaling == "llama3":
+        drop = rope[8:]
+    else:                                     # yarn
+        drop = rope[5:7]
     for k in drop:
         d.pop(k)
     if cfg.position == "rope":
