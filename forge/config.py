@@ -70,6 +70,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0      # weight of the load-balancing auxiliary loss
     z_loss_coef: float = 0.0        # weight of the router z-loss (mean squared logsumexp of the router logits)
     bias_update_rate: float = 0.0   # aux-loss-free balancing (DeepSeek-V3); 0 = off
+    router_bias: bool = False       # a learned bias on the router logits (gpt-oss)
 
     def validate(self, prefix: str = "model.moe") -> "MoEConfig":
         """Every count is >= 0 (sizes >= 1 where set), the coefficients finite and >= 0."""
@@ -145,13 +146,15 @@ class ModelConfig:
                                             # layer (SmolLM3); None = model.position on every layer
     rope_theta_local: Optional[float] = None        # rope base of sliding/local layers, unscaled (Gemma 3
                                             # rope_local_base_freq); None = rope_theta and rope_scaling there
-    # attention sinks and YaRN rope scaling (gpt-oss)
+    # attention sinks, YaRN rope scaling, clamped GLU (gpt-oss)
     attention_sinks: bool = False           # a learned logit per head joins each softmax's denominator, no value
                                             # (explicit scores in query chunks, like attention_softmax)
     rope_yarn_beta_fast: float = 32.0       # yarn: rotations at which frequencies stop being extrapolated
     rope_yarn_beta_slow: float = 1.0        # yarn: rotations below which frequencies are fully interpolated
     rope_yarn_truncate: bool = True         # yarn: round the correction range outward to whole dims
     rope_attention_factor: Optional[float] = None   # yarn: cos/sin multiplied by this; None = 0.1 ln(factor) + 1
+    glu_limit: Optional[float] = None       # glu: gate clamped to <= this, up to [-this, this]; None = no clamp
+    glu_up_offset: float = 0.0              # glu: act(gate) * (up + this)  (gpt-oss: 1)
     # norms
     norm: str = "rmsnorm"                   # NORM registry key, for every location not set below
     norm_attn: Optional[str] = None         # attention-input norm (None = norm)
