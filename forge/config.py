@@ -70,6 +70,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0      # weight of the load-balancing auxiliary loss
     z_loss_coef: float = 0.0        # weight of the router z-loss (mean squared logsumexp of the router logits)
     bias_update_rate: float = 0.0   # aux-loss-free balancing (DeepSeek-V3); 0 = off
+    router_bias: bool = False       # a learned bias on the router logits (gpt-oss)
 
     def validate(self, prefix: str = "model.moe") -> "MoEConfig":
         """Every count is >= 0 (sizes >= 1 where set), the coefficients finite and >= 0."""
@@ -135,16 +136,25 @@ class ModelConfig:
     rope_theta: float = 10000.0             # RoPE base: inv_freq_i = theta ** (-2i / rotary dims)
     rotary_pct: float = 1.0                 # fraction of head_dim rotated (Phi, NeoX)
     rope_interleaved: bool = False          # GPT-J pairs (0,1),(2,3)...; False = NeoX halves
-    rope_scaling: str = "none"              # none | linear | llama3
-    rope_scaling_factor: float = 1.0        # linear / llama3 scaling: frequencies divided by this
+    rope_scaling: str = "none"              # none | linear | llama3 | yarn
+    rope_scaling_factor: float = 1.0        # linear / llama3 / yarn scaling: frequencies divided by this
     rope_low_freq_factor: float = 1.0       # llama3 scaling: wavelengths > original_max_seq_len / this are scaled fully
     rope_high_freq_factor: float = 4.0      # llama3 scaling: wavelengths < original_max_seq_len / this are kept
-    rope_original_max_seq_len: int = 8192   # llama3 scaling: the context length before scaling
+    rope_original_max_seq_len: int = 8192   # llama3 / yarn scaling: the context length before scaling
     position_pattern: Optional[list[str]] = None    # per-layer POSITION keys (cycled) for the in-attention
                                             # position: e.g. ["rope", "rope", "rope", "none"] = NoPE every 4th
                                             # layer (SmolLM3); None = model.position on every layer
     rope_theta_local: Optional[float] = None        # rope base of sliding/local layers, unscaled (Gemma 3
                                             # rope_local_base_freq); None = rope_theta and rope_scaling there
+    # attention sinks, YaRN rope scaling, clamped GLU (gpt-oss)
+    attention_sinks: bool = False           # a learned logit per head joins each softmax's denominator, no value
+                                            # (explicit scores in query chunks, like attention_softmax)
+    rope_yarn_beta_fast: float = 32.0       # yarn: rotations at which frequencies stop being extrapolated
+    rope_yarn_beta_slow: float = 1.0        # yarn: rotations below which frequencies are fully interpolated
+    rope_yarn_truncate: bool = True         # yarn: round the correction range outward to whole dims
+    rope_attention_factor: Optional[float] = None   # yarn: cos/sin multiplied by this; None = 0.1 ln(factor) + 1
+    glu_limit: Optional[float] = None       # glu: gate clamped to <= this, up to [-this, this]; None = no clamp
+    glu_up_offset: float = 0.0              # glu: act(gate) * (up + this)  (gpt-oss: 1)
     # norms
     norm: str = "rmsnorm"                   # NORM registry key, for every location not set below
     norm_attn: Optional[str] = None         # attention-input norm (None = norm)
@@ -254,6 +264,10 @@ class ModelConfig:
             v = getattr(self, key)
             if v is not None and v <= 0:
                 raise ConfigError(f"model.{key}={v} must be positive")
+        if self.attention_sinks and (self.attention_softmax != "softmax" or kinds - {"causal", "sliding", "local", "identity"}):
+            raise ConfigError(f"model.attention_sinks joins a softmax over attention scores: it needs "
+                              f"model.attention_softmax='softmax' (got {self.attention_softmax!r}) and causal, "
+                              f"sliding or local attention (got {sorted(kinds)})")
         if self.strongermax_base == 1.0:
             raise ConfigError("model.strongermax_base=1 makes every weight equal; use a base > 0 other than 1")
         if self.output_softmax not in OUTPUT_SOFTMAX:
@@ -342,8 +356,9 @@ class ModelConfig:
             if self.rotary_dim % 2 or self.rotary_dim == 0:
                 raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
                                   f"= {self.rotary_dim} must be even and positive")
-            if self.rope_scaling not in ("none", "linear", "llama3"):
-                raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of ['linear', 'llama3', 'none']")
+            if self.rope_scaling not in ("none", "linear", "llama3", "yarn"):
+                raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of "
+                                  "['linear', 'llama3', 'none', 'yarn']")
         if self.qkv_clip is not None and self.qkv_clip <= 0:
             raise ConfigError(f"model.qkv_clip={self.qkv_clip} must be positive or null")
         self._validate_attention_variants()
@@ -795,12 +810,16 @@ def unused_keys(cfg: JobConfig) -> dict[str, str]:
     if not m.moe.n_experts:
         mark([f"model.moe.{f.name}" for f in dataclasses.fields(MoEConfig) if f.name != "n_experts"],
              "model.moe.n_experts=0 (dense MLP)")
-    rope_extra = ["rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
+    rope_extra = ["rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len",
+                  "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_truncate", "rope_attention_factor"]
     if m.position != "rope":
         mark([f"model.{k}" for k in ["rope_theta", "rotary_pct", "rope_interleaved", "rope_scaling"] + rope_extra],
              f"model.position={m.position}")
-    elif m.rope_scaling != "llama3":
-        mark([f"model.{k}" for k in rope_extra[m.rope_scaling == "linear":]], f"model.rope_scaling={m.rope_scaling}")
+    else:
+        used = {"none": set(), "linear": {"rope_scaling_factor"},
+                "llama3": set(rope_extra[:4]),
+                "yarn": {"rope_scaling_factor", "rope_original_max_seq_len"} | set(rope_extra[4:])}[m.rope_scaling]
+        mark([f"model.{k}" for k in rope_extra if k not in used], f"model.rope_scaling={m.rope_scaling}")
     kinds = set(m.attention_pattern or [m.attention])
     for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
         if kind not in kinds and getattr(m, key) is not None:

@@ -246,15 +246,17 @@ def _activation_terms(cfg: JobConfig) -> tuple[float, float, str]:
     mode = cfg.train.activation_checkpointing
     scale = 2 if cfg.train.precision == "fp32" else 1
     linear, lin_txt = (34, "34") if t == 1 else ((34 / t, "34/t") if sp else (10 + 24 / t, "10 + 24/t"))
-    if m.attention_softmax == "softmax":
+    sdpa = m.attention_softmax == "softmax" and not m.attention_sinks
+    fn = m.attention_softmax + (" with sinks" if m.attention_sinks else "")
+    if sdpa:
         explicit, why = m.attn_softcap is not None, "explicit softmax (attn_softcap)"
     else:       # one checkpointed chunk of queries at a time, unless one chunk holds every query
-        explicit, why = s <= m.attention_chunk, f"explicit {m.attention_softmax} in one chunk"
+        explicit, why = s <= m.attention_chunk, f"explicit {fn} in one chunk"
     scores, sc_txt = (5 * a * s / (h * t), " + 5as/(ht)") if explicit else (0.0, "")
     whole = scale * s * b * h * (linear + scores)
     if not explicit:
-        why = ("flash/SDPA: no 5as/h term" if m.attention_softmax == "softmax" else
-               f"{m.attention_softmax} in checkpointed chunks of {m.attention_chunk} queries: no 5as/h term")
+        why = ("flash/SDPA: no 5as/h term" if sdpa else
+               f"{fn} in checkpointed chunks of {m.attention_chunk} queries: no 5as/h term")
     if mode == "full":
         keep = scale * 2 * s * b * h / (t if sp else 1)
         return keep, whole, f"full recompute: 2sbh{'/t' if sp else ''} per layer + one layer sbh({lin_txt}{sc_txt})"

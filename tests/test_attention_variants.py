@@ -80,7 +80,7 @@ def naive_attention(name, cfg, q, k, v, qpos, kpos, kind, window, scale, heads):
 def stub(name, cfg, kind, window, n_heads, chunk):
     """The attributes scored_attention reads from an Attention module."""
     score = None if name == "sdpa" else SCORE[name](cfg, n_heads)     # None: SDPA's softmax
-    return SimpleNamespace(score=score, scale=0.7, softcap=None, pos=None, attn_dropout=0.0, training=False,
+    return SimpleNamespace(score=score, sinks=None, scale=0.7, softcap=None, pos=None, attn_dropout=0.0, training=False,
                            chunk=chunk, sliding_window=window, local_window=window)
 
 
@@ -334,6 +334,10 @@ TP_CASES = {  # name -> (model overrides, sequence parallel); every kind of issu
     "widths-sliding-sigmoid-sp": (dict(qk_head_dim=6, v_head_dim=10, attention="sliding", sliding_window=5,
                                        attention_softmax="sigmoid", n_kv_heads=2), True),
     "identity-pattern": (dict(attention_pattern=["identity", "causal"]), False),
+    # issue 15 item 2: per-head sinks split with the heads, GQA, sliding + causal layers, yarn
+    "sinks-gqa-sliding-yarn-sp": (dict(attention_sinks=True, n_kv_heads=2, attention_pattern=["sliding", "causal"],
+                                       sliding_window=5, attention_chunk=6, rope_scaling="yarn",
+                                       rope_scaling_factor=4.0, rope_original_max_seq_len=8), True),
 }
 
 
@@ -360,6 +364,9 @@ def _train_both(rank, world):
         if kw.get("attention_softmax") == "consmax" and kw.get("consmax_per_head", True):
             beta = model.layers["0"].attn.score.beta
             assert beta.shape == (cfg.n_heads // world,) and beta.partition_dim == 0
+        if kw.get("attention_sinks"):
+            sinks = model.layers["0"].attn.sinks.weight
+            assert sinks.shape == (cfg.n_heads // world,) and sinks.partition_dim == 0
         opts = [torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0, eps=1e-6) for m in (full, model)]
         for step in range(3):
             ids = torch.randint(0, 63, (2, 17), generator=torch.Generator().manual_seed(step))

@@ -32,6 +32,9 @@ CASES = [
     ("llama-llama3rope", "llama", "LlamaForCausalLM",
      dict(LLAMA, rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
                                       high_freq_factor=4.0, original_max_position_embeddings=16))),
+    ("llama-yarn", "llama", "LlamaForCausalLM",
+     dict(LLAMA, rope_parameters=dict(rope_type="yarn", rope_theta=500.0, factor=8.0, beta_fast=16.0, beta_slow=1.0,
+                                      truncate=False, original_max_position_embeddings=16))),
     ("llama-bias-tied-linear", "llama", "LlamaForCausalLM",
      dict(LLAMA, num_key_value_heads=4, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
           rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0))),
@@ -183,8 +186,8 @@ def test_unsupported_architecture(llama_dir, tmp_path):
 
 def test_unsupported_rope_type(llama_dir, tmp_path):
     d = _copy_with(llama_dir, str(tmp_path / "x"), edit_cfg=lambda c: c.update(
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=32)))
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+        rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)))
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
         from_pretrained(d)
 
 

@@ -33,6 +33,13 @@ MOE_CASES = [
     ("qwen3_moe-mlp-only-renorm", "qwen3_moe", "Qwen3MoeForCausalLM",
      dict(SMALL, num_hidden_layers=3, num_experts=4, moe_intermediate_size=24, mlp_only_layers=[0],
           norm_topk_prob=True, use_sliding_window=True, sliding_window=8)),
+    # sinks, alternating sliding / full layers, yarn, attention and expert biases, router bias, fused and
+    # interleaved gate_up_proj, clamped experts (limit 0.1 binds at these weight sizes)
+    ("gpt_oss-sinks-yarn-clamped", "gpt_oss", "GptOssForCausalLM",
+     dict(SMALL, head_dim=8, num_local_experts=4, sliding_window=8, swiglu_limit=0.1,
+          layer_types=["sliding_attention", "full_attention"],
+          rope_parameters=dict(rope_type="yarn", rope_theta=500.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                               truncate=False, original_max_position_embeddings=16))),
     ("olmoe-fullqknorm-top3", "olmoe", "OlmoeForCausalLM", dict(SMALL, num_experts=4, num_experts_per_tok=3)),
 ]
 
@@ -48,7 +55,8 @@ def test_moe_parity_and_round_trip(case, ids, tmp_path):
     _parity_and_round_trip(case, ids, tmp_path)
 
 
-PUBLISHED = {"mixtral-8x7b": 46_702_792_704, "qwen3-moe-30b-a3b": 30_532_122_624, "olmoe-1b-7b": 6_919_161_856}
+PUBLISHED = {"gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672,
+             "mixtral-8x7b": 46_702_792_704, "qwen3-moe-30b-a3b": 30_532_122_624, "olmoe-1b-7b": 6_919_161_856}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -62,6 +70,8 @@ def test_moe_preset_sizes(name):
 @pytest.mark.parametrize("name, arch", [("tiny-mixtral", "MixtralForCausalLM"),
                                         ("tiny-qwen3-moe", "Qwen3MoeForCausalLM"),
                                         ("tiny-olmoe", "OlmoeForCausalLM"),
+                                        ("tiny-gpt-oss", "GptOssForCausalLM"),
+                                        ("gpt-oss-20b", "GptOssForCausalLM"),
                                         ("mixtral-8x7b", "MixtralForCausalLM"),
                                         ("qwen3-moe-30b-a3b", "Qwen3MoeForCausalLM"),
                                         ("olmoe-1b-7b", "OlmoeForCausalLM")])

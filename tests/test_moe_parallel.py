@@ -130,7 +130,11 @@ def _tp_check(rank, world):
                           ("tp2-mlp-bias", dataclasses.replace(base, mlp="mlp", mlp_bias=True,
                                                                activation="gelu"), False),
                           ("tp2-sp-mlp-bias", dataclasses.replace(base, mlp="mlp", mlp_bias=True,
-                                                                  activation="gelu"), True)]:
+                                                                  activation="gelu"), True),
+                          # gpt-oss's pieces: router bias, clamped quick_gelu GLU with biases, sinks
+                          ("tp2-sp-gpt-oss", dataclasses.replace(
+                              base, mlp_bias=True, activation="quick_gelu", glu_limit=0.05, glu_up_offset=1.0,
+                              attention_sinks=True, moe=dataclasses.replace(base.moe, router_bias=True)), True)]:
         torch.manual_seed(0)
         full = build_model(cfg)
         _init(full)

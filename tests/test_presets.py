@@ -21,6 +21,8 @@ PUBLISHED = {
     "gemma3-1b": 999_885_952, "gemma3-4b": 3_880_263_168,
     "phi3-mini": 3_821_079_552,                               # Phi-3-mini-4k-instruct ("3.82B")
     "granite-3.0-2b": 2_533_531_648, "granite-3.0-8b": 8_170_848_256,
+    # transformers' GptOssForCausalLM on the meta device with the published configs ("21B", "117B")
+    "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672,
 }
 
 

@@ -157,5 +157,19 @@ PRESETS["phi3-mini"] = _p(**_LLAMA, vocab_size=32064, d_model=3072, n_layers=32,
                           max_seq_len=4096, attention="sliding", sliding_window=2047)
 PRESETS["tiny-phi3"] = dataclasses.replace(PRESETS["phi3-mini"], **{**_TINY, "n_kv_heads": 2, "sliding_window": 16})
 
+# gpt-oss: sinks, alternating 128-token sliding / full layers, YaRN x32 from 4096, attention and expert
+# biases, a router bias, clamped quick_gelu GLU experts (limit 7, up + 1), untied head
+_GPT_OSS = dict(_LLAMA, vocab_size=201088, d_model=2880, n_heads=64, n_kv_heads=8, head_dim=64, d_ff=2880,
+                max_seq_len=131072, attention_pattern=["sliding", "causal"], sliding_window=128, qkv_bias=True,
+                attn_out_bias=True, mlp_bias=True, attention_sinks=True, activation="quick_gelu", glu_limit=7.0,
+                glu_up_offset=1.0, rope_theta=150000.0, rope_scaling="yarn", rope_scaling_factor=32.0,
+                rope_original_max_seq_len=4096, rope_yarn_truncate=False, norm_eps=1e-5)
+_GPT_OSS_MOE = dict(top_k=4, renormalize=True, router_bias=True, aux_loss_coef=0.001)
+PRESETS["gpt-oss-20b"] = _p(**_GPT_OSS, n_layers=24, moe=MoEConfig(n_experts=32, **_GPT_OSS_MOE))
+PRESETS["gpt-oss-120b"] = _p(**_GPT_OSS, n_layers=36, moe=MoEConfig(n_experts=128, **_GPT_OSS_MOE))
+PRESETS["tiny-gpt-oss"] = dataclasses.replace(PRESETS["gpt-oss-20b"], **{
+    **_TINY, "n_kv_heads": 2, "head_dim": 16, "sliding_window": 16, "rope_original_max_seq_len": 32,
+    "rope_scaling_factor": 4.0}, moe=MoEConfig(**{**_GPT_OSS_MOE, **_TINY_MOE}))
+
 for _name, _cfg in PRESETS.items():
     _cfg.validate()

@@ -179,15 +179,32 @@ def _rope_from_hf(c, partial_ok: bool) -> dict:
                 "rope_low_freq_factor": float(rp["low_freq_factor"]),
                 "rope_high_freq_factor": float(rp["high_freq_factor"]),
                 "rope_original_max_seq_len": int(rp["original_max_position_embeddings"])}
-    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind == "yarn":
+        if rp.get("mscale") or rp.get("mscale_all_dim"):
+            raise UnsupportedModelError(f"yarn's mscale / mscale_all_dim are not supported: {rp}")
+        if rp.get("factor") is None:
+            raise UnsupportedModelError(f"yarn without a factor is not supported: {rp}")
+        af = rp.get("attention_factor")
+        return {**out, "rope_scaling": "yarn", "rope_scaling_factor": float(rp["factor"]),
+                "rope_original_max_seq_len": int(rp["original_max_position_embeddings"]),
+                "rope_yarn_beta_fast": float(rp.get("beta_fast") or 32.0),
+                "rope_yarn_beta_slow": float(rp.get("beta_slow") or 1.0),
+                "rope_yarn_truncate": bool(rp.get("truncate", True)),
+                "rope_attention_factor": None if af is None else float(af)}
+    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
 
 
 def _rope_to_hf(cfg: ModelConfig, partial: bool = False) -> dict:
     rp = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rope_theta}
     if partial:
         rp["partial_rotary_factor"] = cfg.rotary_pct
-    if cfg.rope_scaling in ("linear", "llama3"):
+    if cfg.rope_scaling in ("linear", "llama3", "yarn"):
         rp["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "yarn":
+        rp.update(original_max_position_embeddings=cfg.rope_original_max_seq_len, beta_fast=cfg.rope_yarn_beta_fast,
+                  beta_slow=cfg.rope_yarn_beta_slow, truncate=cfg.rope_yarn_truncate)
+        if cfg.rope_attention_factor is not None:
+            rp["attention_factor"] = cfg.rope_attention_factor
     if cfg.rope_scaling == "llama3":
         rp.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                   original_max_position_embeddings=cfg.rope_original_max_seq_len)
@@ -859,6 +876,59 @@ _gpt2_map, _gpt2_tf = gpt2_rules()
 _neox_map, _neox_tf = neox_rules()
 
 
+# gpt-oss: experts fused over the expert dim, stored (in, out): gate_up_proj (E, D, 2F) with gate and up
+# interleaved along the last dim (gate = [..., 0::2], up = [..., 1::2]), gate_up_proj_bias (E, 2F),
+# down_proj (E, F, D), down_proj_bias (E, D); Forge's experts are (E, out, in).
+def _oss_gate_up_to_forge(ts, cfg):
+    t = ts[0]
+    if t.dim() == 3:
+        return [t[..., 0::2].transpose(1, 2).contiguous(), t[..., 1::2].transpose(1, 2).contiguous()]
+    return [t[..., 0::2].contiguous(), t[..., 1::2].contiguous()]
+
+
+def _oss_gate_up_to_hf(ts, cfg):
+    g, u = ts if ts[0].dim() == 2 else (t.transpose(1, 2) for t in ts)
+    return [torch.stack([g, u], dim=-1).flatten(-2).contiguous()]
+
+
+def gpt_oss_from_hf(d):
+    c = hf_config_object(d, "gpt_oss")
+    if c.swiglu_limit is None or float(_get(c, "swiglu_alpha", 1.702)) != 1.702:
+        raise UnsupportedModelError(f"gpt-oss experts need swiglu_limit set and swiglu_alpha=1.702 (quick_gelu); "
+                                    f"got {c.swiglu_limit}, {_get(c, 'swiglu_alpha', None)}")
+    moe = MoEConfig(n_experts=c.num_local_experts, top_k=c.num_experts_per_tok, renormalize=True, router_bias=True,
+                    d_ff=c.intermediate_size, aux_loss_coef=float(_get(c, "router_aux_loss_coef", 0.0)))
+    return _llama_like_from_hf(c, layer_types=True, moe=moe, attention_sinks=True, activation="quick_gelu",
+                               glu_limit=float(c.swiglu_limit), glu_up_offset=1.0, mlp_bias=True)
+
+
+def gpt_oss_to_hf(cfg):
+    d = _llama_like_to_hf(cfg)
+    types = _layer_types_to_hf(cfg)
+    d.update(_moe_to_hf(cfg, "num_local_experts", "intermediate_size", None), hidden_act="silu",
+             layer_types=types, sliding_window=cfg.sliding_window if "sliding_attention" in types else None,
+             swiglu_limit=cfg.glu_limit)
+    return d
+
+
+def gpt_oss_rules():
+    L, F = "model.layers.{i}.", "layers.{i}."
+    key_map = {k: v for k, v in llama_map().items() if ".mlp." not in k}
+    key_map.update({L + "self_attn.sinks": F + "attn.sinks.weight",
+                    L + "mlp.router.weight": F + "mlp.router.weight", L + "mlp.router.bias": F + "mlp.router.bias"})
+    E = L + "mlp.experts."
+    transforms = [
+        Transform("oss_gate_up", (E + "gate_up_proj",), (F + "mlp.experts.w_gate.weight", F + "mlp.experts.w_up.weight"),
+                  _oss_gate_up_to_forge, _oss_gate_up_to_hf),
+        Transform("oss_gate_up_bias", (E + "gate_up_proj_bias",),
+                  (F + "mlp.experts.w_gate.bias", F + "mlp.experts.w_up.bias"), _oss_gate_up_to_forge, _oss_gate_up_to_hf),
+        Transform("oss_down", (E + "down_proj",), (F + "mlp.experts.w_out.weight",),
+                  lambda ts, cfg: [ts[0].transpose(1, 2).contiguous()],
+                  lambda ts, cfg: [ts[0].transpose(1, 2).contiguous()]),
+        Transform("oss_down_bias", (E + "down_proj_bias",), (F + "mlp.experts.w_out.bias",), _identity, _identity)]
+    return key_map, transforms
+
+
 def _moe_spec(arch, model_type, from_hf, to_hf, rules):
     key_map, transforms = rules
     return FamilySpec(arch, model_type, from_hf, to_hf, key_map, transforms, LLAMA_IGNORE, "model.", moe=True)
@@ -890,6 +960,7 @@ FAMILIES: dict[str, FamilySpec] = {
                                      qwen_moe_rules(shared=True)),
     "Qwen3MoeForCausalLM": _moe_spec("Qwen3MoeForCausalLM", "qwen3_moe", qwen3_moe_from_hf, qwen3_moe_to_hf,
                                      qwen_moe_rules(shared=False)),
+    "GptOssForCausalLM": _moe_spec("GptOssForCausalLM", "gpt_oss", gpt_oss_from_hf, gpt_oss_to_hf, gpt_oss_rules()),
     "OlmoeForCausalLM": _moe_spec("OlmoeForCausalLM", "olmoe", olmoe_from_hf, olmoe_to_hf, qwen_moe_rules(shared=False)),
     "SmolLM3ForCausalLM": _spec("SmolLM3ForCausalLM", "smollm3", smollm3_from_hf, smollm3_to_hf, llama_map()),
     "Gemma3ForCausalLM": _spec("Gemma3ForCausalLM", "gemma3_text", gemma3_from_hf, gemma3_to_hf, gemma2_map()),
@@ -917,7 +988,8 @@ def canonical(cfg: ModelConfig) -> dict:
     if "local" not in kinds:
         d.pop("local_window")
     rope = ["rope_theta", "rotary_pct", "rope_interleaved", "rope_scaling", "rope_scaling_factor",
-            "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"]
+            "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len",
+            "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_truncate", "rope_attention_factor"]
     positions = tuple(cfg.layer_position(i) for i in range(cfg.n_layers))
     d.update(position=cfg.position if "embed" in POSITION[cfg.position] else None, layer_positions=positions)
     d.pop("position_pattern")
@@ -932,8 +1004,10 @@ def canonical(cfg: ModelConfig) -> dict:
         drop = rope[4:]
     elif cfg.rope_scaling == "linear":
         drop = rope[5:]
-    else:
-        drop = []
+    elif cfg.rope_scaling == "llama3":
+        drop = rope[8:]
+    else:                                     # yarn
+        drop = rope[5:7]
     for k in drop:
         d.pop(k)
     if cfg.position == "rope":
@@ -974,7 +1048,7 @@ def _moe_canonical(cfg: ModelConfig) -> dict:
     d = {"moe_layers": layers, "moe_top_k": m.top_k, "moe_router": m.router, "moe_expert_ff": expert_ff,
          "moe_renormalize": m.renormalize,
          "moe_shared_ff": shared, "moe_shared_gate": bool(shared and m.shared_gate),
-         "moe_router_bias": m.bias_update_rate > 0}
+         "moe_router_bias": m.bias_update_rate > 0, "moe_router_logit_bias": m.router_bias}
     if len(layers) == cfg.n_layers:
         d["d_ff"] = None                        # no dense layer: the dense hidden size is unused
     return d

@@ -12,6 +12,8 @@ softmax when scores are soft-capped: s -> cap * tanh(s / cap) (Gemma 2).
 Score functions (model.attention_softmax, forge.models.layers.scores): softmax runs through SDPA as
 above; any other p(s) is computed explicitly, over chunks of model.attention_chunk queries, each
 recomputed in backward (checkpointed), so a head holds O(T * chunk) scores, never T x T.
+Attention sinks (model.attention_sinks): a learned logit per head in the softmax's denominator
+(scores.sink_softmax), computed on that explicit chunked path (SDPA takes no sink).
 Heads: n_heads query heads share n_kv_heads key/value heads (MHA, GQA, MQA); queries and keys have
 qk_head_dim channels per head, values v_head_dim (both default head_dim), and wo reads the heads
 concatenated, n_heads * v_head_dim (ReaLLM-Forge's "infinite" attention with concatenated heads).
@@ -34,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION, Rotary
-from forge.models.layers.scores import SCORE
+from forge.models.layers.scores import SCORE, Sinks, sink_softmax
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, enter_tp_region
 from forge.parallel.mappings import copy_to, group_rank, group_size
@@ -79,7 +81,7 @@ def _allowed(kind, qpos, kpos, attn):
 
 def softmax_attention(kind, q, k, v, qpos, kpos, attn):
     """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, H, Tq, v_hd)."""
-    if attn.score is not None:
+    if attn.score is not None or attn.sinks is not None:
         return scored_attention(kind, q, k, v, qpos, kpos, attn)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
@@ -109,13 +111,18 @@ def _scored_chunk(kind, attn, q, k, v, qpos, kpos):
         s = attn.softcap * torch.tanh(s / attn.softcap)
     if hasattr(attn.pos, "bias"):
         s = s + attn.pos.bias(qpos, kpos)                                       # (H, C, Tk)
-    p = attn.score(s, _allowed(kind, qpos, kpos, attn))                         # 0 where masked
+    allowed = _allowed(kind, qpos, kpos, attn)
+    if attn.sinks is not None:
+        p = sink_softmax(s, allowed, attn.sinks.weight)                        # 0 where masked
+    else:
+        p = attn.score(s, allowed)                                              # 0 where masked
     p = F.dropout(p, attn.attn_dropout, attn.training) if attn.training and attn.attn_dropout else p
     return (p @ v.float()).to(v.dtype)
 
 
 def scored_attention(kind, q, k, v, qpos, kpos, attn):
-    """Attention with an explicit score function p(s) (model.attention_softmax), chunk by chunk over
+    """Attention with an explicit score function p(s) (model.attention_softmax, or softmax with
+    sinks), chunk by chunk over
     the queries: memory O(chunk * Tk) per head; under autograd each chunk but a lone one is
     checkpointed (its scores are recomputed in backward, dropout masks included)."""
     rep = q.shape[1] // k.shape[1]
@@ -259,6 +266,7 @@ class Attention(nn.Module):
         # a score function other than softmax (None: SDPA's softmax)
         self.score = None if cfg.attention_softmax == "softmax" else SCORE[cfg.attention_softmax](
             cfg, self.n_heads, tp_group)
+        self.sinks = Sinks(self.n_heads, tp_group) if cfg.attention_sinks else None   # (H/tp,) logits
         position = cfg.layer_position(layer_idx)         # model.position_pattern entry, else model.position
         pos_cls = POSITION[position].get("attention")
         if pos_cls is None:

@@ -3,6 +3,8 @@
 With h = x W_in + b_up (d -> F), act the ACTIVATION entry, and the down biases b_down:
 mlp:       y = act(h) W_out + b_down                    (GPT-2, NeoX, Phi: gelu; squared ReLU: relu2)
 glu:       y = (act(x W_gate + b_up) * (x W_up + b_up)) W_out + b_down
+           with model.glu_limit c (gpt-oss): gate -> min(gate, c), up -> clamp(up, -c, c), and
+           model.glu_up_offset o: act(gate) * (up + o)   (gpt-oss: act=quick_gelu, c = 7, o = 1)
                                                         (SwiGLU: act=silu; GeGLU: act=gelu/gelu_tanh)
 dual_path: y = act(h) W_out1 - act(-h) W_out2 + b_out1 + b_out2   (ReaLLM-Forge's DualPathMLP with zero
            offsets: one up projection, a path through act and a mirrored path through -act(-h),
@@ -77,6 +79,7 @@ ACTIVATION = {
     "leaky_relu": _fixed(F.leaky_relu),                 # negative slope 0.01
     "mish": _fixed(F.mish),
     "prelu": PReLU,
+    "quick_gelu": _fixed(lambda x: x * torch.sigmoid(1.702 * x)),   # gpt-oss's glu, CLIP's QuickGELU
     "relu": _fixed(F.relu),
     "relu2": _fixed(lambda x: F.relu(x).square()),      # squared ReLU (Primer)
     "relu6": _fixed(F.relu6),
@@ -87,6 +90,13 @@ ACTIVATION = {
     "softsign": _fixed(F.softsign),
     "tanh": _fixed(torch.tanh),
 }
+
+
+def glu_product(act, gate, up, limit=None, offset=0.0):
+    """act(gate) * (up + offset), gate clamped to <= limit and up to [-limit, limit] when limit is set."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return act(gate) * (up + offset if offset else up)
 
 
 def build_activation(cfg, group=None) -> nn.Module:
@@ -124,10 +134,11 @@ class GLU(nn.Module):
         self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sequence_parallel,
                                        residual_output=True)
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.limit, self.offset = cfg.glu_limit, cfg.glu_up_offset
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
         x = enter_tp_region(x, self.tp_group, self.sequence_parallel)     # one input-gradient reduction
-        return self.w_out(self.act(self.w_gate(x)) * self.w_up(x))
+        return self.w_out(glu_product(self.act, self.w_gate(x), self.w_up(x), self.limit, self.offset))
 
 
 class DualPathMLP(nn.Module):

@@ -11,6 +11,7 @@ with i >= moe.first_dense and (i - moe.first_dense) % moe.every == 0 (`is_moe_la
 
 Parameters (names under `layers.{i}.mlp.`), experts stacked along dim 0 (this rank's E/ep):
     router.weight                       (E, D)       dense
+    router.bias                         (E,)         dense, only with moe.router_bias (gpt-oss)
     router.expert_bias                  (E,)         buffer, only with moe.bias_update_rate > 0
     experts.w_gate.weight, w_up.weight  (E/ep, F, D) glu        experts.w_in.weight (E/ep, F, D) mlp
     experts.w_out.weight                (E/ep, D, F)
@@ -49,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge.models.layers.mlp import MLP_REGISTRY, build_activation
+from forge.models.layers.mlp import MLP_REGISTRY, build_activation, glu_product
 from forge.models.layers.moe_dispatch import capacity_for, dispatch_combine
 from forge.models.layers.moe_router import (Router, attach_aux_loss, get_aux_loss_scale, load_balancing_loss,
                                             set_aux_loss_scale, z_loss)
@@ -97,6 +98,7 @@ class Experts(nn.Module):
             raise ValueError(f"expert hidden size {d_ff} is not divisible by parallel.tp={tp}")
         f, d = d_ff // tp, cfg.d_model
         self.glu, self.act, self.tp_group = cfg.mlp == "glu", build_activation(cfg), tp_group
+        self.limit, self.offset = cfg.glu_limit, cfg.glu_up_offset
         self.out_bias_here = group_rank(tp_group) == 0        # a row-parallel bias is added once
         names = ("w_gate", "w_up") if self.glu else ("w_in",)
         for name in names:
@@ -122,7 +124,7 @@ class Experts(nn.Module):
         outs = []
         for e, rows in enumerate(x.split(sizes)):
             z = [F.linear(rows, w[e], None if b is None else b[e]) for w, b in first]
-            h = self.act(z[0]) * z[1] if self.glu else self.act(z[0])
+            h = glu_product(self.act, z[0], z[1], self.limit, self.offset) if self.glu else self.act(z[0])
             o = F.linear(h, w_out[e])
             outs.append(o if b_out is None else o + b_out[e])
         return torch.cat(outs)

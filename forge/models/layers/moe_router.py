@@ -1,6 +1,6 @@
 """Mixture-of-experts router and its auxiliary losses (all in fp32).
 
-    logits = x W_r^T                                  (N, E), x cast to fp32
+    logits = x W_r^T (+ b_r with moe.router_bias)     (N, E), x cast to fp32
     scores = softmax(logits)  |  sigmoid(logits)      (router = softmax | sigmoid)
     chosen = top-k(scores + b)                        b: aux-loss-free bias (DeepSeek-V3), selection only
     weights = scores[chosen]  (/ their sum when renormalize)
@@ -79,6 +79,7 @@ class Router(nn.Module):
         self.rate = moe.bias_update_rate
         self.grad_group = grad_group        # sequence parallel: each tp rank routes its own tokens
         self.weight = nn.Parameter(torch.empty(moe.n_experts, cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(moe.n_experts)) if moe.router_bias else None
         self.init_buffers()
 
     def init_buffers(self):
@@ -102,7 +103,8 @@ class Router(nn.Module):
     def forward(self, x):
         """x (N, D) -> logits (N, E) fp32, scores (N, E) fp32, idx (N, k) int64, weights (N, k) fp32."""
         w = copy_to(self.weight, self.grad_group)
-        logits = F.linear(x.float(), w.float())
+        b = None if self.bias is None else copy_to(self.bias, self.grad_group).float()
+        logits = F.linear(x.float(), w.float(), b)
         scores = logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
         select = scores if self.expert_bias is None else scores + self.expert_bias.float()
         idx = torch.topk(select, self.top_k, dim=-1).indices

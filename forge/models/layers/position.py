@@ -4,7 +4,12 @@ learned:    x_t += P[t], P a learned (max_seq_len, D) table                     
 sinusoidal: x_t += PE[t], PE[t, 2i] = sin(t / 10000^(2i/D)), PE[t, 2i+1] = cos(...)
 rope:       rotate pairs of q/k channels by angle t * theta^(-2i/r) over the first r = rotary_dim
             channels. Pairing: NeoX/Llama halves (i, i + r/2) or GPT-J interleaved (2i, 2i+1).
-            Scaling: linear (t / factor) or Llama 3 (wavelength-dependent inverse frequencies).
+            Scaling: linear (t / factor), Llama 3 (wavelength-dependent inverse frequencies) or YaRN
+            (Peng et al. 2023): inv_i = interp_i (1 - e_i) + extrap_i e_i, extrap_i = theta^(-2i/r),
+            interp_i = extrap_i / factor, e_i = 1 - clamp((i - lo) / (hi - lo), 0, 1) with lo, hi the
+            dims at which beta_fast, beta_slow rotations fit the original context
+            (d(n) = r ln(L_orig / (2 pi n)) / (2 ln theta), floored/ceiled when truncated), and cos,
+            sin multiplied by the attention factor (default 0.1 ln(factor) + 1), as in transformers.
 alibi:      score(i, j) += -m_h * (i - j), slopes m_h = 2^(-8 h / H) (Press et al., 2022)
 none:       no position information (causal masking alone).
 Per layer: model.position_pattern (cycled over layers, like attention_pattern) picks the in-attention
@@ -65,13 +70,44 @@ def rope_inv_freq(cfg) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
         inv = torch.where(medium, smoothed, scaled)
+    elif cfg.rope_scaling == "yarn":
+        inv = _yarn_inv_freq(cfg, inv)
     return inv
+
+
+def _yarn_inv_freq(cfg, extrap: torch.Tensor) -> torch.Tensor:
+    """YaRN's blend of extrapolated (theta^(-2i/r)) and interpolated (/ factor) frequencies."""
+    r, base, old = cfg.rotary_dim, cfg.rope_theta, cfg.rope_original_max_seq_len
+
+    def dim_of(rotations):      # the dim whose wavelength fits `rotations` times into the old context
+        return r * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    lo, hi = dim_of(cfg.rope_yarn_beta_fast), dim_of(cfg.rope_yarn_beta_slow)
+    if cfg.rope_yarn_truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, r - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(r // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    e = 1 - ramp                                        # 1: extrapolate (high frequencies), 0: interpolate
+    pos_freqs = base ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r)
+    return 1.0 / (cfg.rope_scaling_factor * pos_freqs) * (1 - e) + extrap * e
+
+
+def rope_attention_factor(cfg) -> float:
+    """The factor cos and sin are multiplied by: YaRN's attention factor, else 1."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor is not None:
+        return cfg.rope_attention_factor
+    f = cfg.rope_scaling_factor
+    return 1.0 if f <= 1 else 0.1 * math.log(f) + 1.0
 
 
 class Rotary(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.r, self.interleaved, self.cfg = cfg.rotary_dim, cfg.rope_interleaved, cfg
+        self.mscale = rope_attention_factor(cfg)
         self.init_buffers()
 
     def init_buffers(self):
@@ -83,6 +119,8 @@ class Rotary(nn.Module):
             freqs = freqs.repeat_interleave(2, dim=-1)                       # (T, r): f0 f0 f1 f1 ...
         else:
             freqs = torch.cat([freqs, freqs], dim=-1)                        # (T, r): f0 f1 ... f0 f1 ...
+        if self.mscale != 1.0:
+            return (freqs.cos() * self.mscale).to(dtype), (freqs.sin() * self.mscale).to(dtype)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def _rotate(self, x):

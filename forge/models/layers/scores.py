@@ -27,6 +27,11 @@ its gradient reaches anything (an -inf fill would give NaN gradients in squarepl
 Normalised functions (softermax, strongermax) are softmaxes of rescaled scores,
 b^(s/t) / sum b^(s/t) = softmax(s ln(b) / t), with the masked entries at -inf.
 
+Attention sinks (model.attention_sinks, gpt-oss): with softmax, a learned logit z_h per head joins
+each query's normalisation and carries no value, p_ij = e^s_ij / (e^z_h + sum_j' e^s_ij'): a softmax
+over [s_i., z_h] whose last column is dropped (`sink_softmax`), so a query's weights sum to < 1.
+The logits (Sinks, (n_heads/tp,) per rank) are split over tensor-parallel ranks with the heads.
+
 Parameters: consmax's per-head (beta, gamma) have shape (n_heads/tp,) on each tensor-parallel
 rank, split like the heads (partition_dim 0); per-layer ones are replicated and their gradients
 summed over tp (copy_to).
@@ -140,6 +145,26 @@ class Pointwise(nn.Module):
 
     def forward(self, s, allowed):
         return _pointwise(self.f, s, allowed, self.divisor)
+
+
+class Sinks(nn.Module):
+    """The sink logits z_h of this rank's heads: weight (n_heads/tp,), split with the heads, initialised 0."""
+
+    def __init__(self, n_heads, tp_group=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_heads))
+        _mark(self.weight, 0, tp_group)
+
+    def init_constants(self):
+        self.weight.zero_()
+
+
+def sink_softmax(s, allowed, sinks):
+    """softmax over [s_i., z_h] with the sink's column dropped: s (B, H, Tq, Tk), allowed (Tq, Tk),
+    sinks (H,) -> (B, H, Tq, Tk), 0 where masked."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    z = sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)               # (B, H, Tq, 1)
+    return torch.softmax(torch.cat([s, z], dim=-1), dim=-1)[..., :-1]
 
 
 def _pointwise_entry(name):
