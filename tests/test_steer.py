@@ -1,0 +1,127 @@
+"""Manual steering vectors (forge.steer): injection point, extraction, decoding with the KV cache, CLI."""
+import torch
+from safetensors import safe_open
+
+from forge.config import ModelConfig
+from forge.generate import generate, main as generate_main
+from forge.models.transformer import build_model
+from forge.steer import load_vector, main as steer_main, mean_difference, set_steering
+
+from test_generate import _save_folder
+
+
+def _model(n_layers=4):
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(vocab_size=50, d_model=32, n_layers=n_layers, n_heads=4, max_seq_len=32))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.12)
+    return m.eval()
+
+
+def _hidden(model, ids):
+    """Each block's output captured by forward hooks, then the logits."""
+    outs, hooks = [], [layer.register_forward_hook(lambda m, i, o: outs.append(o.clone()))
+                       for layer in model.layers.values()]
+    try:
+        logits = model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs, logits
+
+
+def test_zero_vector_changes_nothing():
+    m, ids = _model(), torch.randint(0, 50, (2, 9))
+    ref = m(ids)
+    set_steering(m, torch.zeros(32), layer=1, scale=3.0)
+    assert torch.equal(m(ids), ref)
+
+
+def test_vector_changes_exactly_the_layers_after_it():
+    m, ids = _model(), torch.randint(0, 50, (2, 9))
+    ref, ref_logits = _hidden(m, ids)
+    set_steering(m, torch.randn(32), layer=1)
+    got, logits = _hidden(m, ids)
+    # a block's hook sees its output before the steering vector is added after block 1
+    for i in (0, 1):
+        assert torch.equal(got[i], ref[i]), i
+    for i in (2, 3):
+        assert not torch.allclose(got[i], ref[i]), i
+    assert not torch.allclose(logits, ref_logits)
+    set_steering(m, None)
+    assert torch.equal(m(ids), ref_logits)
+
+
+def test_steering_on_the_last_layer_shifts_the_final_norm_input():
+    m, ids = _model(n_layers=2), torch.randint(0, 50, (1, 5))
+    v = torch.randn(32)
+    outs, _ = _hidden(m, ids)
+    set_steering(m, v, layer=1, scale=0.5)
+    expected = m.head(m.norm(outs[1] + 0.5 * v))
+    assert torch.allclose(m(ids), expected, atol=1e-6)
+
+
+def test_extract_identical_sets_is_exactly_zero():
+    m = _model()
+    prompts = [torch.randint(0, 50, (n,)).tolist() for n in (3, 7, 5)]
+    v = mean_difference(m, prompts, [list(p) for p in prompts], layer=2)
+    assert torch.equal(v, torch.zeros(32))
+
+
+def test_extract_is_the_mean_difference_of_hooked_hidden_states():
+    m, L = _model(), 2
+    pos = [torch.randint(0, 50, (n,)).tolist() for n in (3, 7)]
+    neg = [torch.randint(0, 50, (n,)).tolist() for n in (4, 2, 6)]
+
+    def token_mean(prompts):      # every token of every prompt, weighted equally
+        rows = [_hidden(m, torch.tensor([p]))[0][L][0] for p in prompts]
+        return torch.cat(rows).double().mean(0)
+
+    v = mean_difference(m, pos, neg, layer=L)
+    assert torch.allclose(v.double(), token_mean(pos) - token_mean(neg), atol=1e-6)
+    assert v.abs().max() > 1e-3
+
+
+def test_kv_cache_decoding_with_steering_equals_recomputation():
+    m, ids = _model(), torch.randint(0, 50, (2, 5))
+    set_steering(m, torch.randn(32), layer=1, scale=2.0)
+    cached = generate(m, ids, 12, temperature=0, use_cache=True)
+    recomputed = generate(m, ids, 12, temperature=0, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    # and logit by logit: prompt into the cache, then tokens one at a time, vs the whole sequence
+    seq = cached
+    cache = m.new_cache()
+    step = [m(seq[:, :5], cache=cache)] + [m(seq[:, t:t + 1], cache=cache) for t in range(5, seq.shape[1])]
+    assert torch.allclose(torch.cat(step, 1), m(seq), atol=1e-5)
+    set_steering(m, None)
+    assert not torch.equal(generate(m, ids, 12, temperature=0), cached)
+
+
+def test_cli_extract_then_generate_with_the_vector(tmp_path, capsys):
+    model, tok = _save_folder(tmp_path / "m")
+    (tmp_path / "pos.txt").write_text("love and joy\nsweet friend\n\n")
+    (tmp_path / "neg.txt").write_text("hate and woe\n")
+    out = tmp_path / "vec.safetensors"
+    assert steer_main(["extract", "--checkpoint", str(tmp_path / "m"), "--positive", str(tmp_path / "pos.txt"),
+                       "--negative", str(tmp_path / "neg.txt"), "--layer", "0", "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["layer"] == "0"
+    v, layer = load_vector(str(out))
+    enc = [tok.encode(s) for s in ("love and joy", "sweet friend")], [tok.encode("hate and woe")]
+    assert layer == 0 and torch.allclose(v, mean_difference(model, *enc, layer=0))
+
+    ids = torch.tensor([tok.encode("ROMEO:")])
+    set_steering(model, v, layer, scale=8.0)
+    ref = generate(model, ids, 10, temperature=0)[0, ids.shape[1]:].tolist()
+    if tok.eod_id in ref:
+        ref = ref[: ref.index(tok.eod_id)]
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(tmp_path / "m"), "--prompt", "ROMEO:", "--max-new-tokens", "10",
+                          "--temperature", "0", "--no-echo", "--steer", str(out), "--steer-scale", "8"]) == 0
+    assert capsys.readouterr().out == tok.decode(ref) + "\n"
+    # a layer the model does not have is refused, naming it
+    assert steer_main(["extract", "--checkpoint", str(tmp_path / "m"), "--positive", str(tmp_path / "pos.txt"),
+                       "--negative", str(tmp_path / "neg.txt"), "--layer", "5", "--out", str(out)]) == 2
+    assert "outside the model's layers" in capsys.readouterr().err
