@@ -125,3 +125,58 @@ def test_cli_extract_then_generate_with_the_vector(tmp_path, capsys):
     assert steer_main(["extract", "--checkpoint", str(tmp_path / "m"), "--positive", str(tmp_path / "pos.txt"),
                        "--negative", str(tmp_path / "neg.txt"), "--layer", "5", "--out", str(out)]) == 2
     assert "outside the model's layers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ learned steering vectors
+def _learned(layer, **kw):
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=4, n_heads=4, max_seq_len=32, steering_layer=layer, **kw)
+    return build_model(cfg, seed=3).eval()
+
+
+def test_learned_vector_starts_at_zero_and_changes_nothing():
+    ids = torch.randint(0, 50, (2, 9))
+    plain, steered = _learned(None), _learned(2)
+    assert torch.equal(steered.layers["2"].steering, torch.zeros(32))
+    assert [n for n, _ in steered.named_parameters() if "steering" in n] == ["layers.2.steering"]
+    assert torch.equal(steered(ids), plain(ids))          # same seed: every other weight is the same
+
+
+def test_learned_vector_is_added_after_its_block_as_the_manual_one():
+    ids, v = torch.randint(0, 50, (2, 9)), torch.randn(32)
+    learned, manual = _learned(1), _learned(None)
+    with torch.no_grad():
+        learned.layers["1"].steering.copy_(v)
+    set_steering(manual, v, layer=1)
+    assert torch.allclose(learned(ids), manual(ids), atol=1e-6)
+    ref, _ = _hidden(_learned(None), ids)
+    got, _ = _hidden(learned, ids)           # block 1's hook sees its output with v added
+    assert torch.equal(got[0], ref[0])
+    assert torch.allclose(got[1], ref[1] + v, atol=1e-6)
+    assert not torch.allclose(got[2], ref[2])
+
+
+def test_steering_config_is_validated():
+    import pytest
+    from forge.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="model.steering_layer"):
+        load_config(None, ["model.n_layers=2", "model.steering_layer=2"])
+    with pytest.raises(ConfigError, match="needs model.steering_layer"):
+        load_config(None, ["model.steering_freeze_model=true"])
+
+
+def test_frozen_model_trains_only_the_steering_vector(tmp_path):
+    from forge.models.io import load_model_folder
+    from forge.train.trainer import train
+    from test_train import tiny
+    cfg = tiny(tmp_path / "run", str(tmp_path / "cache"), "model.steering_layer=0",
+               "model.steering_freeze_model=true", "train.max_steps=10", "optim.lr=3e-2", "optim.warmup_steps=1")
+    r = train(cfg)
+    start = build_model(r.config.model, seed=r.config.train.seed)
+    trained, _ = load_model_folder(r.checkpoint + "/model")
+    after = dict(trained.named_parameters())
+    for name, p in start.named_parameters():
+        if name == "layers.0.steering":
+            assert torch.equal(p, torch.zeros(32)) and after[name].abs().max() > 1e-3
+        else:
+            assert torch.equal(after[name], p), name         # bit-equal: frozen
+    assert sum(r.losses[-3:]) < sum(r.losses[:3])            # the vector alone lowers the loss
