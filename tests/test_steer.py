@@ -1,4 +1,6 @@
-"""Manual steering vectors (forge.steer): injection point, extraction, decoding with the KV cache, CLI."""
+"""Steering vectors: manual ones (forge.steer: injection point, extraction, decoding with the KV cache, CLI)
+and learned ones (model.steering_layer: zero start, training the vector alone, tp / pp layouts)."""
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -156,7 +158,7 @@ def test_learned_vector_is_added_after_its_block_as_the_manual_one():
 
 
 def test_steering_config_is_validated():
-    import pytest
+
     from forge.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="model.steering_layer"):
         load_config(None, ["model.n_layers=2", "model.steering_layer=2"])
@@ -180,3 +182,29 @@ def test_frozen_model_trains_only_the_steering_vector(tmp_path):
         else:
             assert torch.equal(after[name], p), name         # bit-equal: frozen
     assert sum(r.losses[-3:]) < sum(r.losses[:3])            # the vector alone lowers the loss
+
+
+STEERED = [  # (parallel layout, steering overrides): the vector replicated over tp; on its layer's stage under pp
+    (dict(tp=2), ["model.steering_layer=1", "model.steering_freeze_model=true"]),
+    (dict(tp=2, sequence_parallel="true"), ["model.steering_layer=1", "model.steering_freeze_model=true"]),
+    (dict(pp=2), ["model.steering_layer=1"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel, steering", STEERED, ids=["tp2-frozen", "tp2-sp-frozen", "pp2"])
+def test_learned_steering_layout_matches_one_process(tmp_path_factory, parallel, steering):
+    """A learned steering run under tp / pp: the same losses and final weights (vector included) as one process."""
+    from tests.test_parallel_layouts import job, run
+    cache = str(tmp_path_factory.mktemp("steer-data"))
+    ref_losses, ref_weights, _ = run(job(str(tmp_path_factory.mktemp("ref")), cache, "tiny-llama", 1) + steering, 1)
+    losses, weights, _ = run(job(str(tmp_path_factory.mktemp("lay")), cache, "tiny-llama", 1, **parallel) + steering, 2)
+    assert "layers.1.steering" in weights and ref_weights["layers.1.steering"].abs().max() > 0
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
+    assert weights.keys() == ref_weights.keys()
+    for name, ref in ref_weights.items():
+        if name.endswith("attn.wk.bias"):
+            continue
+        err = (weights[name] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
