@@ -170,9 +170,9 @@ def test_frozen_model_trains_only_the_steering_vector(tmp_path):
     from forge.models.io import load_model_folder
     from forge.train.trainer import train
     from test_train import tiny
-    cfg = tiny(tmp_path / "run", str(tmp_path / "cache"), "model.steering_layer=0",
-               "model.steering_freeze_model=true", "train.max_steps=10", "optim.lr=3e-2", "optim.warmup_steps=1")
-    r = train(cfg)
+    extra = ("model.steering_layer=0", "model.steering_freeze_model=true", "train.max_steps=10", "optim.lr=3e-2",
+             "optim.warmup_steps=1")
+    r = train(tiny(tmp_path / "run", str(tmp_path / "cache"), *extra))
     start = build_model(r.config.model, seed=r.config.train.seed)
     trained, _ = load_model_folder(r.checkpoint + "/model")
     after = dict(trained.named_parameters())
@@ -182,6 +182,10 @@ def test_frozen_model_trains_only_the_steering_vector(tmp_path):
         else:
             assert torch.equal(after[name], p), name         # bit-equal: frozen
     assert sum(r.losses[-3:]) < sum(r.losses[:3])            # the vector alone lowers the loss
+    # stopped at step 5 and resumed: the same run, bit for bit (the optimizer state is the vector's alone)
+    first = train(tiny(tmp_path / "split", str(tmp_path / "cache"), *extra), stop_at=5)
+    second = train(tiny(tmp_path / "split", str(tmp_path / "cache"), *extra, "train.resume=auto"))
+    assert second.start_step == 5 and first.losses + second.losses == r.losses
 
 
 STEERED = [  # (parallel layout, steering overrides): the vector replicated over tp; on its layer's stage under pp
