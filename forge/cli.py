@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "train": ("forge.train.cli", "train a model from a YAML config plus key=value overrides"),
     "generate": ("forge.generate", "sample text from a checkpoint"),
+    "steer": ("forge.steer", "extract a steering vector (mean activation difference of two prompt sets)"),
     "eval": ("forge.evaluate", "validation loss / perplexity of a checkpoint, or lm-evaluation-harness tasks"),
     "prepare": ("forge.data.prepare", "tokenize text/jsonl/parquet/arrow into .bin/.idx shards"),
     "convert": ("forge.models.hf.convert", "convert checkpoints to and from Hugging Face folders"),

@@ -202,6 +202,10 @@ class ModelConfig:
     dropout: float = 0.0                    # embedding and residual dropout
     attn_dropout: float = 0.0               # dropout on the attention probabilities
     init_std: float = 0.02                  # std of the normal weight initialisation
+    # learned steering vector (ReaLLM-Forge lsv): a parameter v (D,), zero at init, added to the residual
+    # stream after block steering_layer's output, x_L <- x_L + v (Forge name layers.{L}.steering)
+    steering_layer: Optional[int] = None    # block index L (0-based) after which v is added; null = none
+    steering_freeze_model: bool = False     # train only the steering vector: every other parameter frozen
 
     # ---- derived sizes ----
     @property
@@ -311,6 +315,11 @@ class ModelConfig:
         for k in ("dropout", "attn_dropout"):
             check_range(f"model.{k}", getattr(self, k), low=0, high=1, high_open=True)
         self.moe.validate()
+        if self.steering_layer is not None and not 0 <= self.steering_layer < self.n_layers:
+            raise ConfigError(f"model.steering_layer={self.steering_layer} must be in [0, model.n_layers="
+                              f"{self.n_layers}) or null")
+        if self.steering_freeze_model and self.steering_layer is None:
+            raise ConfigError("model.steering_freeze_model=true needs model.steering_layer (a steering vector to train)")
 
     def layer_position(self, i: int) -> str:
         """In-attention position kind of layer i: the position_pattern entry (cycled) or model.position."""
@@ -618,6 +627,9 @@ class JobConfig:
         self.model.validate()
         for section in (self.parallel, self.data, self.optim, self.train):
             section.validate()
+        if self.model.steering_freeze_model and self.parallel.pp > 1:
+            raise ConfigError("model.steering_freeze_model=true with parallel.pp > 1 is not supported: the stages "
+                              "without the steering vector would have nothing to train")
         moe, ep = self.model.moe, self.parallel.ep
         if moe.n_experts and self.parallel.zero_stage == 3:
             raise ConfigError("parallel.zero_stage=3 with a mixture-of-experts model (model.moe.n_experts > 0) is not "

@@ -3,6 +3,7 @@
     forge generate --checkpoint OUT --prompt "ROMEO:" --max-new-tokens 200 \\
                    --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
     forge generate --checkpoint OUT --interactive
+    forge generate --checkpoint OUT --steer vec.safetensors --steer-scale 4   (forge.steer)
 
 `--checkpoint` is a training run directory (the newest `checkpoints/step_*/` holding a COMPLETE
 marker is used), one checkpoint step directory, or a Forge model folder (config.yaml + tokenizer
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step")
     p.add_argument("--device", type=device_value, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--steer", default=None,
+                   help="steering vector file (forge steer extract): added to the residual stream at its layer")
+    p.add_argument("--steer-scale", type=float, default=1.0, help="multiplier of the --steer vector")
     return p
 
 
@@ -462,6 +466,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
         model, tok, _ = load_for_generation(args.checkpoint, args.device, dtype)
+        if args.steer:
+            from forge.steer import load_vector, set_steering
+            vector, layer = load_vector(args.steer)
+            set_steering(model, vector, layer, args.steer_scale)
     except (FileNotFoundError, ValueError) as e:
         print(f"forge generate: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,17 @@ def build_for_layout(cfg, groups: ParallelGroups, sequence_parallel=False, parti
                                device=device)
         with torch.device("meta"):           # parameter names and partition dims of the tp layout
             model.forge_partition_dims = partition_dims(Transformer(cfg, groups.context(sequence_parallel)))
+    if cfg.steering_freeze_model:
+        freeze_all_but_steering(model)
     return model
+
+
+def freeze_all_but_steering(model: torch.nn.Module) -> None:
+    """model.steering_freeze_model: every parameter but the steering vector (layers.{L}.steering)
+    gets requires_grad=False, so the optimizer (forge.train.optimizers.param_groups) and gradient
+    clipping see the steering vector alone and the model's weights stay as they were."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] == "steering")
 
 
 def zero3_partitioner(ds_config: dict, groups: ParallelGroups):

@@ -9,9 +9,13 @@ With A = attention, M = MLP, N* = norms, D(z) = dropout(m z) with m = model.resi
     parallel:   y = x + D(A(N_a(x))) + D(M(N_m(x)))   with N_m = N_a when parallel_shared_norm
                                                                         (GPT-J, PaLM, Phi; NeoX: two norms)
 N_a is of kind model.norm_attn, N_m model.norm_mlp, N_pa and N_pm model.norm_post (each None: model.norm).
+Block model.steering_layer also owns the learned steering vector v (D,), zero at init: its output is
+y + v (so a pipeline stage holding the block holds v; replicated over tp, its gradient summed over
+tp under sequence parallelism, where each rank adds it to its own tokens).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -20,6 +24,7 @@ from forge.models.layers.attention import Attention
 from forge.models.layers.mlp import MLP_REGISTRY
 from forge.models.layers.norm import build_norm
 from forge.parallel.context import SINGLE, ParallelContext
+from forge.parallel.mappings import copy_to
 from forge.parallel.random import tp_stream
 
 
@@ -88,6 +93,12 @@ class Block(nn.Module):
         self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
         self.residual_multiplier = cfg.residual_multiplier
         self.checkpoint_attention = False   # selective activation checkpointing (attention only)
+        self.steering = nn.Parameter(torch.empty(cfg.d_model)) if cfg.steering_layer == layer_idx else None
+        self.tp_group = tp_group
+
+    def init_constants(self):
+        if self.steering is not None:
+            self.steering.zero_()
 
     def drop(self, x):  # a branch output z -> dropout(m z)
         if self.residual_multiplier != 1.0:
@@ -105,4 +116,8 @@ class Block(nn.Module):
         return self.attn(x, pos, cache)
 
     def forward(self, x, pos, cache=None):  # (B, T, D) -> (B, T, D)
-        return self._wiring(self, x, pos, cache)
+        y = self._wiring(self, x, pos, cache)
+        if self.steering is None:
+            return y
+        v = copy_to(self.steering, self.tp_group) if self.sequence_parallel else self.steering
+        return y + v.to(y.dtype)

@@ -160,6 +160,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
         self.activation_checkpointing = "none"       # none | full | attention
+        # a manual steering vector (forge.steer.set_steering): (layer l, v (D,)) adds v to the
+        # residual stream after block l's output, x_l <- x_l + v; None: no steering. Not a
+        # parameter: it is not saved with the model.
+        self.steering: tuple[int, torch.Tensor] | None = None
 
     def set_activation_checkpointing(self, mode: str) -> None:
         if mode not in ("none", "full", "attention"):
@@ -178,11 +182,13 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {ids.shape[1]} is not divisible by parallel.tp="
                                  f"{group_size(self.tp_group)} (needed by parallel.sequence_parallel)")
             x = scatter_to(x, 1, self.tp_group)                                # (B, T/tp, D)
-        for layer in self.layers.values():
+        for i, layer in enumerate(self.layers.values()):
             if self.activation_checkpointing == "full" and self.training and cache is None:
                 x = checkpoint(layer, x, pos, None, use_reentrant=False)
             else:
                 x = layer(x, pos, cache)
+            if self.steering is not None and self.steering[0] == i:
+                x = x + self.steering[1].to(x.dtype)                           # (B, T, D) + (D,)
         up = self.embed.up.weight if self.cfg.tie_embed_proj else None
         logits = self.head(self.norm(x), up=up)
         return logits
