@@ -5,7 +5,8 @@ A quantiser maps x to q(x) = s (c - z), c = clamp(round(x / s) + z, c_min, c_max
     affine    (b bits):  s = (max x - min x) / (2^b - 1),  z = round(-min x / s),  c in [0, 2^b - 1]
     ternary:             s = mean|x| (absmean, BitNet b1.58),  z = 0,  c in {-1, 0, 1}   (b ignored)
 so q(x) takes at most 2^b values (3 for ternary), |q(x) - x| <= s / 2 inside the clip range
-[s (c_min - z), s (c_max - z)], and q(q(x)) = q(x) for symmetric and affine (their statistics of
+[s (c_min - z - 1/2), s (c_max - z + 1/2)] (the values rounding reaches: all of them for symmetric
+and affine, whose scale spans the tensor; |x| <= 1.5 s for ternary), and q(q(x)) = q(x) for symmetric and affine (their statistics of
 q(x) equal those of x). Ternary keeps its codes, q(q(x)) / s' = q(x) / s, but not its scale:
 mean|q(x)| = s * (fraction of nonzero codes).
 The statistics (max|x|, min/max, mean|x|) are taken over the whole tensor ("tensor") or per
@@ -79,9 +80,9 @@ def quantize(x, method, bits, granularity="tensor", group=None):
     group: the tp group over which the statistic's dimensions are split (None: not split)."""
     xf = x.detach().float()
     s, z, cmin, cmax = QUANT_METHOD[method](xf, bits, _stat_dims(xf, granularity), group)
-    u = torch.round(xf / s) + z
-    q = (u.clamp(cmin, cmax) - z) * s
-    inside = (xf >= (cmin - z) * s) & (xf <= (cmax - z) * s)
+    r = xf / s + z
+    q = (torch.round(r).clamp(cmin, cmax) - z) * s
+    inside = (r >= cmin - 0.5) & (r <= cmax + 0.5)           # where rounding, not the clamp, decides
     return q.to(x.dtype), inside
 
 
