@@ -168,3 +168,33 @@ def _tp_check(rank, world):
 def test_tensor_parallel_quantised_forward_and_gradients_match_one_process():
     from tests.distributed import run_distributed
     run_distributed(_tp_check, 2)
+
+
+QAT_RUN = ["model.quant.weight_method=symmetric", "model.quant.weight_bits=4", "model.quant.embed_method=affine",
+           "model.quant.act_method=symmetric", "model.quant.act_points=[qkv_in,o_in,mlp_in,mlp_hidden]",
+           "model.quant.warmup_steps=2"]
+
+
+@pytest.mark.slow
+def test_tp2_training_run_with_qat_matches_one_process(tmp_path, qat_cache_dir):
+    """4 steps of `forge train` (the ramp passes mix 0.5 then 1) under tp=2 give one process's losses
+    and final weights within 1e-5: the scale reductions make shards quantise like whole tensors."""
+    import math
+
+    from tests.test_parallel_layouts import job, run
+    ref_losses, ref_w, _ = run(job(str(tmp_path / "ref"), qat_cache_dir, "tiny-llama", 1) + QAT_RUN, 1)
+    losses, w, _ = run(job(str(tmp_path / "tp"), qat_cache_dir, "tiny-llama", 1, tp=2) + QAT_RUN, 2)
+    assert len(losses) == len(ref_losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def qat_cache_dir(tmp_path_factory):
+    from forge.config import load_config
+    from forge.data import build_data
+    d = str(tmp_path_factory.mktemp("data"))
+    cfg = load_config(None, ["data.seq_len=32", "model.max_seq_len=32", f"data.cache_dir={d}"])
+    build_data(cfg.data, seed=cfg.train.seed, work_dir=d, rank=0, world_size=1)
+    return d
