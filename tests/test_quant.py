@@ -198,3 +198,36 @@ def qat_cache_dir(tmp_path_factory):
     cfg = load_config(None, ["data.seq_len=32", "model.max_seq_len=32", f"data.cache_dir={d}"])
     build_data(cfg.data, seed=cfg.train.seed, work_dir=d, rank=0, world_size=1)
     return d
+
+
+def test_convert_to_hf_quantized_and_full_precision(tmp_path, capsys):
+    """`forge convert --to hf --quantized` writes q(W): transformers' LLaMA then gives the logits of
+    the Forge model with weight QAT at mix 1; without --quantized it gives the full-precision
+    model's; a model without model.quant refuses --quantized."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from forge.models.hf.convert import main
+    from forge.models.io import model_config_dict, save_state_folder, unique_state_dict
+    cfg = _quant_cfg("tiny-llama", weight_method="symmetric", weight_bits=3, weight_granularity="channel",
+                     act_method="affine", act_points=["mlp_hidden"])
+    qat = build_model(cfg, seed=5).eval()
+    src = str(tmp_path / "forge")
+    save_state_folder(unique_state_dict(qat), model_config_dict(cfg), src)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    weights_only = build_model(dataclasses.replace(cfg, quant=QuantConfig(weight_method="symmetric", weight_bits=3,
+                                                                          weight_granularity="channel")), seed=5)
+    plain = build_model(PRESETS["tiny-llama"], seed=5)
+    for flag, ref in (["--quantized"], weights_only), ([], plain):
+        out = str(tmp_path / ("q" if flag else "fp"))
+        assert main(["--to", "hf", "--input", src, "--output", out, "--dtype", "fp32", *flag]) == 0
+        notes = capsys.readouterr().out
+        assert ("act_points" in notes) if flag else ("full-precision" in notes)
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, ref.eval()(ids), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(weights_only(ids), plain(ids), atol=1e-3)     # the two references differ
+    src2 = str(tmp_path / "plain")
+    save_state_folder(unique_state_dict(plain), model_config_dict(PRESETS["tiny-llama"]), src2)
+    assert main(["--to", "hf", "--input", src2, "--output", str(tmp_path / "x"), "--quantized"]) == 2
+    assert "no quantisation-aware training" in capsys.readouterr().err
