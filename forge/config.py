@@ -105,13 +105,21 @@ class QuantConfig:
                                             # o_in (of wo), scores / probs (explicit attention scores only),
                                             # mlp_in (of the up/gate projections), mlp_hidden (of the down one)
     warmup_steps: int = 0                   # the quant_warmup_steps of the ramp; 0 = quantised from step 1
+    linear: str = "linear"                  # LINEAR_KIND: linear (weight_* above) | bitlinear_1p58 (BitNet b1.58:
+                                            # absmean ternary weights, per-token absmax int8 inputs, plain STE)
 
     @property
     def enabled(self) -> bool:
-        return any(m is not None for m in (self.weight_method, self.embed_method, self.act_method))
+        return self.linear != "linear" or any(m is not None for m in (self.weight_method, self.embed_method,
+                                                                     self.act_method))
 
     def validate(self, prefix: str = "model.quant") -> "QuantConfig":
-        from forge.parallel.quant import QUANT_METHOD
+        from forge.parallel.quant import LINEAR_KIND, QUANT_METHOD
+        if self.linear not in LINEAR_KIND:
+            raise ConfigError(f"{prefix}.linear={self.linear!r} is not one of {sorted(LINEAR_KIND)}")
+        if self.linear != "linear" and self.weight_method is not None:
+            raise ConfigError(f"{prefix}.linear={self.linear!r} fixes how weights are quantised; "
+                              f"{prefix}.weight_method must be null")
         for kind in ("weight", "embed", "act"):
             m = getattr(self, f"{kind}_method")
             if m is not None and m not in QUANT_METHOD:
@@ -434,7 +442,7 @@ class ModelConfig:
             if scoreless:
                 raise ConfigError(f"model.quant.act_points={q.act_points} quantises attention scores, but "
                                   f"model.attention {scoreless} computes none (only the softmax kinds have scores)")
-        if self.moe.n_experts and (q.weight_method or {"mlp_in", "mlp_hidden"} & set(q.act_points)):
+        if self.moe.n_experts and (q.weight_method or q.linear != "linear" or {"mlp_in", "mlp_hidden"} & set(q.act_points)):
             raise ConfigError("model.quant (weights or MLP activations) does not reach the stacked experts of "
                               "model.moe.n_experts > 0; quantisation-aware training is for dense MLPs")
         if self.moe.n_experts and self.mlp not in ("mlp", "glu"):

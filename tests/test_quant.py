@@ -146,10 +146,13 @@ def _tp_check(rank, world):
     from forge.parallel.mappings import gather_from
     from forge.parallel.sharding import gather_tensors, shard_state_dict
     groups = build_groups(tp=world)
-    for preset, gran in (("tiny-llama", "tensor"), ("tiny-gpt2", "channel")):
+    bitnet = _quant_cfg("tiny-llama", linear="bitlinear_1p58", embed_method="symmetric")
+    for preset, gran in (("tiny-llama", "tensor"), ("tiny-gpt2", "channel"), (bitnet, None)):
         cfg = dataclasses.replace(_quant_cfg(preset, weight_method="symmetric", weight_bits=4,
                                              weight_granularity=gran, embed_method="affine", embed_granularity=gran,
-                                             act_method="symmetric", act_points=ALL_POINTS), vocab_size=255)
+                                             act_method="symmetric", act_points=ALL_POINTS), vocab_size=255) \
+            if gran else dataclasses.replace(preset, vocab_size=255)
+        preset = preset if gran else "bitlinear_1p58"
         torch.manual_seed(0)
         full = build_model(cfg)
         model = build_model(cfg, groups.context(False))
@@ -231,3 +234,35 @@ def test_convert_to_hf_quantized_and_full_precision(tmp_path, capsys):
     save_state_folder(unique_state_dict(plain), model_config_dict(PRESETS["tiny-llama"]), src2)
     assert main(["--to", "hf", "--input", src2, "--output", str(tmp_path / "x"), "--quantized"]) == 2
     assert "no quantisation-aware training" in capsys.readouterr().err
+
+
+def test_bitlinear_1p58_matches_transformers_autobitlinear():
+    """model.quant.linear=bitlinear_1p58 == transformers' BitNet AutoBitLinear (online_quant): absmean
+    ternary weights, per-token absmax int8 inputs; outputs and the straight-through gradients."""
+    pytest.importorskip("transformers")
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    qc = QuantConfig(linear="bitlinear_1p58")
+    x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(0))
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        ours = cls(24, 16, bias=True, quant=qc)
+        ref = AutoBitLinear(24, 16, bias=True, online_quant=True)
+        with torch.no_grad():
+            ours.weight.copy_(_w((16, 24), 1))
+            ours.bias.copy_(torch.randn(16))
+            ref.weight.copy_(ours.weight)
+            ref.bias.copy_(ours.bias)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-5)
+        s = ours.weight.abs().mean()
+        levels = (ours.weight_quant(ours.weight.detach()) / s).round().unique().tolist()
+        assert set(levels) <= {-1.0, 0.0, 1.0}
+    with pytest.raises(ConfigError, match="weight_method must be null"):
+        _quant_cfg(linear="bitlinear_1p58", weight_method="affine").validate()

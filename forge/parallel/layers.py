@@ -12,6 +12,9 @@ Weights are stored (out_features, in_features) as in nn.Linear, holding only thi
 a sharded parameter carries `partition_dim`, the dimension along which the full tensor is split.
 A parameter that is replicated but receives partial gradients on each rank (a bias added after a
 sequence-parallel reduce-scatter) enters the forward through `copy_to`, whose backward sums them.
+quant (a forge.config.QuantConfig or None): the weight used is fake-quantised, W + mix (q(W) - W)
+(forge.parallel.quant), its scale reduced over tp where the statistic spans the split dimension;
+with model.quant.linear='bitlinear_1p58' the input is quantised too, y = q(X) q(W)^T + b (BitNet b1.58).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from forge.kernels import linear   # F.linear unless the oneDNN CPU backend is on
 from forge.parallel.mappings import (copy_to, gather_from, gather_seq, group_rank, group_size,
                                      reduce_from, reduce_scatter_seq, scatter_to)
-from forge.parallel.quant import embed_quant, weight_quant
+from forge.parallel.quant import bitlinear_quant, embed_quant, weight_quant
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -62,10 +65,15 @@ class ColumnParallelLinear(nn.Module):
         _mark(self.weight, 0, group)
         _mark(self.bias, 0, group)
         self.weight_quant = weight_quant(quant, group, 0)
+        self.input_quant = None
+        if quant is not None and quant.linear != "linear" and not skip_weight:
+            self.weight_quant, self.input_quant = bitlinear_quant(quant, group, 0)
 
     def forward(self, x, weight=None):
         if not self.input_ready:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         w = self.weight if weight is None else weight
         y = linear(x, self.weight_quant(w) if self.weight_quant is not None else w, self.bias)
         return gather_from(y, -1, self.group) if self.gather_output else y
@@ -83,10 +91,15 @@ class ReplicatedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.weight_quant = weight_quant(quant)             # whole on every rank: no reduction
+        self.input_quant = None
+        if quant is not None and quant.linear != "linear":
+            self.weight_quant, self.input_quant = bitlinear_quant(quant)
 
     def forward(self, x):  # (B, T, in) or (B, T/tp, in) -> (B, T, out)
         if not self.input_ready:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         b = copy_to(self.bias, self.group) if self.bias is not None else None
         w = copy_to(self.weight, self.group)
         return linear(x, self.weight_quant(w) if self.weight_quant is not None else w, b)
@@ -107,10 +120,15 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         _mark(self.weight, 1, group)
         self.weight_quant = weight_quant(quant, group, 1)
+        self.input_quant = None
+        if quant is not None and quant.linear != "linear":
+            self.weight_quant, self.input_quant = bitlinear_quant(quant, group, 1)
 
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to(x, -1, self.group)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         y = linear(x, self.weight_quant(self.weight) if self.weight_quant is not None else self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_seq(y, self.group)

@@ -87,7 +87,8 @@ def quantize(x, method, bits, granularity="tensor", group=None):
 
 
 class _Mix(torch.autograd.Function):
-    """x + mix (q - x) forward (q exactly at mix = 1); gradient (1 - mix) + mix * inside."""
+    """x + mix (q - x) forward (q exactly at mix = 1); gradient (1 - mix) + mix * inside
+    (inside all True: the plain straight-through estimator)."""
 
     @staticmethod
     def forward(ctx, x, q, inside, mix):
@@ -105,9 +106,10 @@ class FakeQuant(nn.Module):
     """x -> x + mix (q(x) - x) with the clipped straight-through gradient (module docstring).
     `mix` is set by set_quant_step; group: the tp group over which the statistic is split."""
 
-    def __init__(self, method: str, bits: int, granularity: str = "tensor", group=None):
+    def __init__(self, method: str, bits: int, granularity: str = "tensor", group=None, clipped: bool = True):
         super().__init__()
         self.method, self.bits, self.granularity, self.group = method, bits, granularity, group
+        self.clipped = clipped          # False: identity gradient everywhere (BitNet's STE)
         self.warmup_steps, self.mix = 0, 1.0
 
     def extra_repr(self):
@@ -117,6 +119,8 @@ class FakeQuant(nn.Module):
         if self.mix == 0.0 or (self.method != "ternary" and self.bits >= 16):
             return x
         q, inside = quantize(x, self.method, self.bits, self.granularity, self.group)
+        if not self.clipped:
+            inside = torch.ones_like(inside)
         return _Mix.apply(x, q, inside, float(self.mix))
 
 
@@ -131,6 +135,29 @@ def set_quant_step(module: nn.Module, step: int) -> None:
     for m in module.modules():
         if isinstance(m, FakeQuant):
             m.mix = ramp(step, m.warmup_steps)
+
+
+LINEAR_KIND = {   # model.quant.linear: how every attention / MLP projection quantises (None: as configured)
+    "linear": None,
+    # BitNet b1.58 (Ma et al. 2024): W -> absmean ternary (one scale per tensor), the input X -> per-token
+    # absmax int8 (s = max|x_t| / 127, codes in [-128, 127]), y = q(X) q(W)^T + b; plain STE for both
+    "bitlinear_1p58": (("ternary", 2), ("symmetric", 8)),
+}
+
+
+def bitlinear_quant(qc, group=None, partition_dim=None):
+    """(weight FakeQuant, input FakeQuant) of a model.quant.linear='bitlinear_1p58' projection, or
+    (None, None). The weight's per-tensor mean |W| is reduced over tp when the weight is split; the
+    input's per-token max |x| when its features are split (a row-parallel layer, partition_dim 1)."""
+    kind = LINEAR_KIND[qc.linear] if qc is not None else None
+    if kind is None:
+        return None, None
+    split = partition_dim is not None and group_size(group) > 1
+    (wm, wb), (am, ab) = kind
+    w = FakeQuant(wm, wb, "tensor", group if split else None, clipped=False)
+    a = FakeQuant(am, ab, "token", group if split and partition_dim == 1 else None, clipped=False)
+    w.warmup_steps = a.warmup_steps = qc.warmup_steps
+    return w, a
 
 
 def weight_quant(qc, group=None, partition_dim=None):

@@ -72,12 +72,15 @@ def export_plan(cfg: ModelConfig, quantized: bool) -> tuple[ModelConfig, list[st
         return plain, ["model.quant is not part of the Hugging Face format: wrote the full-precision weights "
                        "(pass --quantized to write the fake-quantised q(W) instead)"]
     notes = []
-    if q.weight_method is None and q.embed_method is None:
+    if q.weight_method is None and q.embed_method is None and q.linear == "linear":
         raise ValueError("--quantized: model.quant quantises only activations, which no Hugging Face format "
                          "holds; convert without --quantized to write the full-precision weights")
     if q.act_points:
         notes.append(f"model.quant.act_points={q.act_points}: activation quantisation is not part of the Hugging "
                      f"Face format; the exported model runs the quantised weights on full-precision activations")
+    if q.linear != "linear":
+        notes.append(f"model.quant.linear={q.linear!r}: wrote the ternary weights q(W); the per-token int8 "
+                     f"quantisation of the projections' inputs is not part of the exported format")
     if q.embed_method and cfg.tie_embeddings:
         notes.append("tied embeddings: the Hugging Face head reads the quantised table q(E) (Forge's head read E)")
     return plain, notes
