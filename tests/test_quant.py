@@ -136,6 +136,8 @@ def test_config_refusals():
         dataclasses.replace(_quant_cfg(act_method="affine", act_points=["scores"]), attention="linear").validate()
     with pytest.raises(ConfigError, match="bits"):
         _quant_cfg(weight_method="affine", weight_bits=1).validate()
+    with pytest.raises(ConfigError, match="stacked experts"):
+        _quant_cfg("tiny-mixtral", weight_method="symmetric").validate()
 
 
 def _tp_check(rank, world):
