@@ -87,6 +87,59 @@ class MoEConfig:
         return self
 
 
+QUANT_POINTS = ("qkv_in", "o_in", "scores", "probs", "mlp_in", "mlp_hidden")
+
+
+@dataclass
+class QuantConfig:
+    """Quantisation-aware training (forge.parallel.quant): fake quantisation with a clipped
+    straight-through gradient, ramped in over warmup_steps (mix = min(1, step / warmup_steps)).
+    A method of None leaves that kind of tensor in full precision; bits >= 16 too."""
+    weight_method: Optional[str] = None     # attention and MLP projection weights: symmetric | affine | ternary
+    weight_bits: int = 8
+    weight_granularity: str = "tensor"      # tensor | channel (one scale per output row)
+    embed_method: Optional[str] = None      # token table wte and learned positions
+    embed_bits: int = 8
+    embed_granularity: str = "tensor"       # tensor | channel (one scale per row: token / position)
+    act_method: Optional[str] = None        # activations at act_points, one scale per token
+    act_bits: int = 8
+    act_points: list[str] = field(default_factory=list)   # subset of QUANT_POINTS: qkv_in (input of wq/wk/wv),
+                                            # o_in (of wo), scores / probs (explicit attention scores only),
+                                            # mlp_in (of the up/gate projections), mlp_hidden (of the down one)
+    warmup_steps: int = 0                   # the quant_warmup_steps of the ramp; 0 = quantised from step 1
+    linear: str = "linear"                  # LINEAR_KIND: linear (weight_* above) | bitlinear_1p58 (BitNet b1.58:
+                                            # absmean ternary weights, per-token absmax int8 inputs, plain STE)
+
+    @property
+    def enabled(self) -> bool:
+        return self.linear != "linear" or any(m is not None for m in (self.weight_method, self.embed_method,
+                                                                     self.act_method))
+
+    def validate(self, prefix: str = "model.quant") -> "QuantConfig":
+        from forge.parallel.quant import LINEAR_KIND, QUANT_METHOD
+        if self.linear not in LINEAR_KIND:
+            raise ConfigError(f"{prefix}.linear={self.linear!r} is not one of {sorted(LINEAR_KIND)}")
+        if self.linear != "linear" and self.weight_method is not None:
+            raise ConfigError(f"{prefix}.linear={self.linear!r} fixes how weights are quantised; "
+                              f"{prefix}.weight_method must be null")
+        for kind in ("weight", "embed", "act"):
+            m = getattr(self, f"{kind}_method")
+            if m is not None and m not in QUANT_METHOD:
+                raise ConfigError(f"{prefix}.{kind}_method={m!r} is not one of {sorted(QUANT_METHOD)} (or null)")
+            check_range(f"{prefix}.{kind}_bits", getattr(self, f"{kind}_bits"), low=2)
+        for kind in ("weight", "embed"):
+            g = getattr(self, f"{kind}_granularity")
+            if g not in ("tensor", "channel"):
+                raise ConfigError(f"{prefix}.{kind}_granularity={g!r} is not one of ['channel', 'tensor']")
+        bad = [p for p in self.act_points if p not in QUANT_POINTS]
+        if bad:
+            raise ConfigError(f"{prefix}.act_points has {bad}, not among {list(QUANT_POINTS)}")
+        if self.act_points and self.act_method is None:
+            raise ConfigError(f"{prefix}.act_points={self.act_points} is set but {prefix}.act_method is null")
+        check_range(f"{prefix}.warmup_steps", self.warmup_steps, low=0)
+        return self
+
+
 # model.output_softmax -> (base, temperature) of p_v = b^(z_v / t) / sum_u b^(z_u / t) over the vocabulary
 OUTPUT_SOFTMAX = {"softmax": lambda m: (math.e, 1.0), "softermax": lambda m: (2.0, 1.0),
                   "strongermax": lambda m: (m.strongermax_base, m.strongermax_temperature)}
@@ -180,6 +233,7 @@ class ModelConfig:
     mlp_down_bias: Optional[bool] = None    # bias of the output projections (None = mlp_bias)
     kan_degree: int = 3                     # kan: Chebyshev polynomials T_0 .. T_degree per input feature
     moe: MoEConfig = field(default_factory=MoEConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)   # quantisation-aware training
     # block wiring
     block: str = "pre_ln"                   # BLOCK registry key
     parallel_shared_norm: bool = True       # parallel block: one norm for attn+mlp (GPT-J, PaLM, Phi) or two (NeoX)
@@ -320,6 +374,7 @@ class ModelConfig:
                               f"{self.n_layers}) or null")
         if self.steering_freeze_model and self.steering_layer is None:
             raise ConfigError("model.steering_freeze_model=true needs model.steering_layer (a steering vector to train)")
+        self.quant.validate()
 
     def layer_position(self, i: int) -> str:
         """In-attention position kind of layer i: the position_pattern entry (cycled) or model.position."""
@@ -406,6 +461,15 @@ class ModelConfig:
             raise ConfigError(f"model.hsnorm_radius={self.hsnorm_radius} must be positive or null")
         if self.kan_degree < 1:
             raise ConfigError(f"model.kan_degree={self.kan_degree} must be >= 1")
+        q = self.quant
+        if {"scores", "probs"} & set(q.act_points):
+            scoreless = sorted({k for k in self.attention_pattern or [self.attention] if k in ("linear", "identity")})
+            if scoreless:
+                raise ConfigError(f"model.quant.act_points={q.act_points} quantises attention scores, but "
+                                  f"model.attention {scoreless} computes none (only the softmax kinds have scores)")
+        if self.moe.n_experts and (q.weight_method or q.linear != "linear" or {"mlp_in", "mlp_hidden"} & set(q.act_points)):
+            raise ConfigError("model.quant (weights or MLP activations) does not reach the stacked experts of "
+                              "model.moe.n_experts > 0; quantisation-aware training is for dense MLPs")
         if self.moe.n_experts and self.mlp not in ("mlp", "glu"):
             raise ConfigError(f"model.mlp={self.mlp!r} has no mixture-of-experts form (model.moe.n_experts > 0 "
                               f"needs model.mlp in ['glu', 'mlp'])")
@@ -779,7 +843,8 @@ def model_from_dict(d: dict, prefix: str = "model") -> ModelConfig:
         name = d["preset"]
         if name not in PRESETS:
             raise ConfigError(f"{prefix}.preset={name!r} is not one of {sorted(PRESETS)}")
-        base = dataclasses.replace(PRESETS[name], moe=dataclasses.replace(PRESETS[name].moe))
+        base = dataclasses.replace(PRESETS[name], moe=dataclasses.replace(PRESETS[name].moe),
+                                   quant=dataclasses.replace(PRESETS[name].quant))
     return build_dataclass(ModelConfig, d, prefix, base=base)
 
 

@@ -48,7 +48,7 @@ def padded_vocab(cfg: ModelConfig, tp: int) -> int:
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE):
         super().__init__()
-        self.tok = VocabParallelEmbedding(padded_vocab(cfg, ctx.tp), cfg.embed_dim, ctx.tp_group)
+        self.tok = VocabParallelEmbedding(padded_vocab(cfg, ctx.tp), cfg.embed_dim, ctx.tp_group, quant=cfg.quant)
         # factorised: (B, T, E') -> (B, T, D), replicated over tp (see the module docstring)
         self.up = nn.Linear(cfg.n_embd_wte, cfg.d_model, bias=False) if cfg.n_embd_wte else None
         pos_cls = POSITION[cfg.position].get("embed")

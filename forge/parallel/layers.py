@@ -12,6 +12,9 @@ Weights are stored (out_features, in_features) as in nn.Linear, holding only thi
 a sharded parameter carries `partition_dim`, the dimension along which the full tensor is split.
 A parameter that is replicated but receives partial gradients on each rank (a bias added after a
 sequence-parallel reduce-scatter) enters the forward through `copy_to`, whose backward sums them.
+quant (a forge.config.QuantConfig or None): the weight used is fake-quantised, W + mix (q(W) - W)
+(forge.parallel.quant), its scale reduced over tp where the statistic spans the split dimension;
+with model.quant.linear='bitlinear_1p58' the input is quantised too, y = q(X) q(W)^T + b (BitNet b1.58).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from forge.kernels import linear   # F.linear unless the oneDNN CPU backend is on
 from forge.parallel.mappings import (copy_to, gather_from, gather_seq, group_rank, group_size,
                                      reduce_from, reduce_scatter_seq, scatter_to)
+from forge.parallel.quant import bitlinear_quant, embed_quant, weight_quant
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -49,7 +53,7 @@ class ColumnParallelLinear(nn.Module):
     sequence_parallel: gathered first); output (B, T, out/tp), or (B, T, out) with gather_output."""
 
     def __init__(self, in_features, out_features, bias=True, group=None, gather_output=False,
-                 sequence_parallel=False, skip_weight=False, input_ready=False):
+                 sequence_parallel=False, skip_weight=False, input_ready=False, quant=None):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         self.input_ready = input_ready      # the caller already applied enter_tp_region
@@ -60,11 +64,18 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(local)) if bias else None
         _mark(self.weight, 0, group)
         _mark(self.bias, 0, group)
+        self.weight_quant = weight_quant(quant, group, 0)
+        self.input_quant = None
+        if quant is not None and quant.linear != "linear" and not skip_weight:
+            self.weight_quant, self.input_quant = bitlinear_quant(quant, group, 0)
 
     def forward(self, x, weight=None):
         if not self.input_ready:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
-        y = linear(x, self.weight if weight is None else weight, self.bias)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        w = self.weight if weight is None else weight
+        y = linear(x, self.weight_quant(w) if self.weight_quant is not None else w, self.bias)
         return gather_from(y, -1, self.group) if self.gather_output else y
 
 
@@ -74,17 +85,24 @@ class ReplicatedLinear(nn.Module):
     their partial gradients are summed over the group."""
 
     def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=False,
-                 input_ready=False):
+                 input_ready=False, quant=None):
         super().__init__()
         self.group, self.sequence_parallel, self.input_ready = group, sequence_parallel, input_ready
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.weight_quant = weight_quant(quant)             # whole on every rank: no reduction
+        self.input_quant = None
+        if quant is not None and quant.linear != "linear":
+            self.weight_quant, self.input_quant = bitlinear_quant(quant)
 
     def forward(self, x):  # (B, T, in) or (B, T/tp, in) -> (B, T, out)
         if not self.input_ready:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         b = copy_to(self.bias, self.group) if self.bias is not None else None
-        return linear(x, copy_to(self.weight, self.group), b)
+        w = copy_to(self.weight, self.group)
+        return linear(x, self.weight_quant(w) if self.weight_quant is not None else w, b)
 
 
 class RowParallelLinear(nn.Module):
@@ -92,7 +110,7 @@ class RowParallelLinear(nn.Module):
     output (B, T, out) summed over ranks, or (B, T/tp, out) when sequence_parallel."""
 
     def __init__(self, in_features, out_features, bias=True, group=None, input_is_parallel=True,
-                 sequence_parallel=False, residual_output=False):
+                 sequence_parallel=False, residual_output=False, quant=None):
         super().__init__()
         self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
         self.residual_output = residual_output   # the output of a residual branch (scaled init)
@@ -101,11 +119,17 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         _mark(self.weight, 1, group)
+        self.weight_quant = weight_quant(quant, group, 1)
+        self.input_quant = None
+        if quant is not None and quant.linear != "linear":
+            self.weight_quant, self.input_quant = bitlinear_quant(quant, group, 1)
 
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to(x, -1, self.group)
-        y = linear(x, self.weight)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        y = linear(x, self.weight_quant(self.weight) if self.weight_quant is not None else self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_seq(y, self.group)
             return y + copy_to(self.bias, self.group) if self.bias is not None else y
@@ -116,7 +140,7 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose rows (vocabulary) are split in contiguous ranges across the group."""
 
-    def __init__(self, num_embeddings, embedding_dim, group=None):
+    def __init__(self, num_embeddings, embedding_dim, group=None, quant=None):
         super().__init__()
         self.group = group
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -124,13 +148,15 @@ class VocabParallelEmbedding(nn.Module):
         self.start = group_rank(group) * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim))
         _mark(self.weight, 0, group)
+        self.weight_quant = embed_quant(quant, group)      # the table as looked up (a tied head reads W)
 
     def forward(self, ids):  # (B, T) -> (B, T, D)
+        w = self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
         if group_size(self.group) == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, w)
         local = ids - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        outside = (local < 0) | (local >= w.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), w)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from(out, self.group)
 

@@ -60,6 +60,7 @@ import torch
 
 from forge.config import ConfigError, JobConfig, save_config
 from forge.data.integrity import check_same_data, verify_data
+from forge.parallel.quant import set_quant_step
 from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
 from forge.train import distributed as dist
@@ -391,6 +392,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     from forge.models.layers.moe import moe_metrics
     # every rank, also a pipeline stage without MoE layers: the metrics are gathered over pp
     has_moe = bool(cfg.model.moe.n_experts)
+    quant = cfg.model.quant.enabled
 
     engine.train()
     window_t, window_tokens, window_losses, train_time = 0.0, 0, [], 0.0
@@ -404,6 +406,8 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
             while step < end_step:
                 t0 = time.perf_counter()
                 step += 1
+                if quant:                   # the ramp of model.quant.warmup_steps reads the step explicitly
+                    set_quant_step(engine.module, step)
                 step_loss, grad_norm = train_step(engine, it, GA, groups, clip_params, max_norm, has_moe, step_guard)
                 skip = step_guard.reason
                 if sched is not None and sched.last_step != step:      # DeepSpeed does not step it after

@@ -2,7 +2,7 @@
 
     forge convert --from hf --input HF_DIR|ORG/NAME --output FORGE_DIR [--dtype fp32] [--force]
     forge convert --to hf   --input FORGE_DIR|RUN_DIR|STEP_DIR --output HF_DIR [--max-shard-size 5GB]
-                            [--dtype bf16] [--arch X] [--force]
+                            [--dtype bf16] [--arch X] [--force] [--quantized]
     forge.from_pretrained(path, dtype=torch.float32) -> Transformer   (ids (B, T) -> logits (B, T, V))
 
 `path` may be a Forge model folder (config.yaml + model.safetensors, or a checkpoint's sharded
@@ -43,6 +43,7 @@ import yaml
 from forge.config import ModelConfig
 from forge.fsutil import make_temp_dir, save_safetensors
 from forge.models.hf.families import FAMILIES, FamilySpec, Transform, UnsupportedModelError, representation_errors
+from forge.models.hf.quantized import QuantizedWeights, export_plan
 from forge.models.io import (CONFIG_FILE, FOLDER_CONTENTS, SAFETENSORS_DTYPES, WEIGHTS_FILE, WriteError, writing,
                              is_forge_folder,
                              load_model_folder, load_state_dict_strict, model_config_dict, read_model_config,
@@ -751,6 +752,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=sorted(FAMILIES), help="--to hf: the HF architecture to write "
                    "(default: the source's, else the first that represents the model exactly)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --output")
+    p.add_argument("--quantized", action="store_true", help="--to hf of a model trained with model.quant: write "
+                   "the fake-quantised weights q(W) (default: the full-precision W); see forge.models.hf.quantized")
     return p
 
 
@@ -770,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.from_ == "hf":
+            if args.quantized:
+                raise ValueError("--quantized applies to --to hf (a model trained with model.quant)")
             if args.max_shard_size:
                 raise ValueError("--max-shard-size applies to --to hf (a Forge folder is one model.safetensors)")
             dtype = DTYPES[args.dtype or "fp32"]
@@ -795,10 +800,14 @@ def main(argv: list[str] | None = None) -> int:
             if kind != "forge":
                 raise ValueError(f"{args.input!r} is a Hugging Face folder, not a Forge one (use --from hf)")
             cfg = read_model_config(folder)
+            export_cfg, notes = export_plan(cfg, args.quantized)
             check_tokenizer_files(folder)          # before any work: a broken tokenizer is never copied
             with FolderWeights(folder) as weights:
-                spec = write_hf_folder(args.output, cfg, weights, args.dtype and DTYPES[args.dtype], args.arch,
+                source = QuantizedWeights(weights, cfg) if args.quantized else weights
+                spec = write_hf_folder(args.output, export_cfg, source, args.dtype and DTYPES[args.dtype], args.arch,
                                        folder, args.force, args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+            for note in notes:
+                print(f"forge convert: note: {note}")
             files = sorted(n for n in os.listdir(args.output) if n.endswith(".safetensors"))
             print(f"wrote Hugging Face folder {args.output} ({spec.architecture}, {len(files)} safetensors "
                   f"file{'s' if len(files) > 1 else ''}, {args.dtype or 'stored dtype'})")

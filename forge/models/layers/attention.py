@@ -22,6 +22,12 @@ qk-norm (registry QK_NORM): head = a norm over each head's channels, full = over
 l2_scale = q^ . k^ g with q^ = q / ||q||, k^ = k / ||k|| per head and a learned scalar g initialised
 to log2(L^2 - L), L = max_seq_len (Henry et al. 2020, "Query-Key Normalization for Transformers"),
 or model.qk_norm_scale; g replaces the 1/sqrt(hd) scale.
+Quantisation-aware training (model.quant, forge.parallel.quant): the projections' weights are
+fake-quantised inside the parallel linears; the activation points are the input of wq/wk/wv
+(qkv_in), the input of wo (o_in, its per-token scale reduced over tp: heads are split), and the
+scores s (masked entries set to 0 first) and weights p (scores, probs) of the explicit path, one
+scale per query row, before p(s) and before p v. Quantised scores with attention_softmax=softmax
+take the explicit path with an explicit softmax instead of SDPA; linear attention has no scores.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from forge.models.layers.scores import SCORE, Sinks, sink_softmax
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, enter_tp_region
 from forge.parallel.mappings import copy_to, group_rank, group_size
+from forge.parallel.quant import act_quant
 from forge.parallel.random import tp_stream
 
 
@@ -112,10 +119,14 @@ def _scored_chunk(kind, attn, q, k, v, qpos, kpos):
     if hasattr(attn.pos, "bias"):
         s = s + attn.pos.bias(qpos, kpos)                                       # (H, C, Tk)
     allowed = _allowed(kind, qpos, kpos, attn)
+    if getattr(attn, "score_quant", None) is not None:        # masked scores never enter a row's scale
+        s = attn.score_quant(s.masked_fill(~allowed, 0.0))
     if attn.sinks is not None:
         p = sink_softmax(s, allowed, attn.sinks.weight)                        # 0 where masked
     else:
         p = attn.score(s, allowed)                                              # 0 where masked
+    if getattr(attn, "prob_quant", None) is not None:
+        p = attn.prob_quant(p)
     p = F.dropout(p, attn.attn_dropout, attn.training) if attn.training and attn.attn_dropout else p
     return (p @ v.float()).to(v.dtype)
 
@@ -255,17 +266,21 @@ class Attention(nn.Module):
         self.chunk = cfg.attention_chunk
         sp = dict(group=tp_group, sequence_parallel=sequence_parallel)
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-        self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, **sp, input_ready=True)
+        qc = cfg.quant
+        self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
         kv_cls = ReplicatedLinear if self.kv_replicated else ColumnParallelLinear
-        self.wk = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True)
-        self.wv = kv_cls(cfg.d_model, cfg.kv_heads * vd, cfg.qkv_bias, **sp, input_ready=True)
-        self.wo = RowParallelLinear(cfg.n_heads * vd, cfg.d_model, cfg.attn_out_bias, **sp, residual_output=True)
+        self.wk = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
+        self.wv = kv_cls(cfg.d_model, cfg.kv_heads * vd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
+        self.wo = RowParallelLinear(cfg.n_heads * vd, cfg.d_model, cfg.attn_out_bias, **sp, residual_output=True,
+                                    quant=qc)
+        self.in_quant, self.o_quant = act_quant(qc, "qkv_in"), act_quant(qc, "o_in", tp_group)
+        self.score_quant, self.prob_quant = act_quant(qc, "scores"), act_quant(qc, "probs")
         self.qkv_clip = cfg.qkv_clip
         self.qk_norm = cfg.qk_norm
         QK_NORM[cfg.qk_norm](self, cfg, tp_group)
         # a score function other than softmax (None: SDPA's softmax)
-        self.score = None if cfg.attention_softmax == "softmax" else SCORE[cfg.attention_softmax](
-            cfg, self.n_heads, tp_group)
+        explicit = cfg.attention_softmax != "softmax" or self.score_quant or self.prob_quant
+        self.score = SCORE[cfg.attention_softmax](cfg, self.n_heads, tp_group) if explicit else None
         self.sinks = Sinks(self.n_heads, tp_group) if cfg.attention_sinks else None   # (H/tp,) logits
         position = cfg.layer_position(layer_idx)         # model.position_pattern entry, else model.position
         pos_cls = POSITION[position].get("attention")
@@ -296,6 +311,8 @@ class Attention(nn.Module):
                 cache.advance(self.layer_idx, pos.shape[0])
             return torch.zeros_like(x)                                          # (B, T, D) or (B, T/tp, D)
         x = enter_tp_region(x, self.tp_group, self.sequence_parallel)        # one input-gradient reduction
+        if self.in_quant is not None:
+            x = self.in_quant(x)
         q, k, v = self.wq(x), self.wk(x), self.wv(x)                          # (B, T, H*hd), (B, T, Hkv*hd), (B, T, Hkv*vd)
         B, T = q.shape[:2]                     # T is the full length even when x is a sequence shard
         if self.qkv_clip is not None:
@@ -320,4 +337,5 @@ class Attention(nn.Module):
             kpos = torch.arange(k.shape[2], device=x.device)
         with tp_stream.fork(x.device) if self.training and self.attn_dropout else contextlib.nullcontext():
             o = ATTENTION[self.kind](self.kind, q, k, v, pos, kpos, self)      # (B, H, T, vd)
-        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.vd))
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.vd)           # (B, T, H*vd), heads split over tp
+        return self.wo(self.o_quant(o) if self.o_quant is not None else o)

@@ -26,6 +26,11 @@ partial sums over i are all-reduced).
 Activations are modules built by ACTIVATION[key](group): the fixed ones wrap a torch function;
 prelu holds one learned slope (replicated: it enters through `copy_to`, so the partial gradients
 of ranks that see different hidden features are summed).
+
+Quantisation-aware training (model.quant): every projection's weight is fake-quantised inside the
+parallel linears; act_points mlp_in quantises the input of the up/gate projections (the basis
+phi(x) for KAN) and mlp_hidden the input of each down projection (act(h), act(g) * u, -act(-h),
+phi(h)), whose per-token scale is reduced over tp (the hidden features are split).
 """
 from __future__ import annotations
 
@@ -36,6 +41,15 @@ import torch.nn.functional as F
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 from forge.parallel.mappings import copy_to
+from forge.parallel.quant import act_quant
+
+
+def _q(fq, x):
+    return fq(x) if fq is not None else x
+
+
+def _act_points(mod, cfg, tp_group):
+    mod.in_quant, mod.hidden_quant = act_quant(cfg.quant, "mlp_in"), act_quant(cfg.quant, "mlp_hidden", tp_group)
 
 
 class Act(nn.Module):
@@ -114,12 +128,14 @@ class MLP(nn.Module):
         tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         d_ff = d_ff or cfg.ff_dim
         self.act = build_activation(cfg, tp_group)
-        self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sequence_parallel)
+        self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sequence_parallel,
+                                         quant=cfg.quant)
         self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sequence_parallel,
-                                       residual_output=True)
+                                       residual_output=True, quant=cfg.quant)
+        _act_points(self, cfg, tp_group)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
-        return self.w_out(self.act(self.w_in(x)))
+        return self.w_out(_q(self.hidden_quant, self.act(self.w_in(_q(self.in_quant, x)))))
 
 
 class GLU(nn.Module):
@@ -128,17 +144,20 @@ class GLU(nn.Module):
         tp_group, sequence_parallel = ctx.tp_group, ctx.sp
         d_ff = d_ff or cfg.ff_dim
         self.act = build_activation(cfg, tp_group)
-        col = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True)
+        col = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True, quant=cfg.quant)
         self.w_gate = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, **col)
         self.w_up = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, **col)
         self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sequence_parallel,
-                                       residual_output=True)
+                                       residual_output=True, quant=cfg.quant)
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.limit, self.offset = cfg.glu_limit, cfg.glu_up_offset
+        _act_points(self, cfg, tp_group)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
         x = enter_tp_region(x, self.tp_group, self.sequence_parallel)     # one input-gradient reduction
-        return self.w_out(glu_product(self.act, self.w_gate(x), self.w_up(x), self.limit, self.offset))
+        x = _q(self.in_quant, x)
+        return self.w_out(_q(self.hidden_quant, glu_product(self.act, self.w_gate(x), self.w_up(x), self.limit,
+                                                              self.offset)))
 
 
 class DualPathMLP(nn.Module):
@@ -147,14 +166,16 @@ class DualPathMLP(nn.Module):
         tp_group, sp = ctx.tp_group, ctx.sp
         d_ff = d_ff or cfg.ff_dim
         self.act = build_activation(cfg, tp_group)
-        self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sp)
-        row = dict(group=tp_group, sequence_parallel=sp, residual_output=True)
+        self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sp,
+                                         quant=cfg.quant)
+        row = dict(group=tp_group, sequence_parallel=sp, residual_output=True, quant=cfg.quant)
         self.w_out1 = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, **row)
         self.w_out2 = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, **row)
+        _act_points(self, cfg, tp_group)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
-        h = self.w_in(x)                                                 # (B, T, F/tp)
-        return self.w_out1(self.act(h)) + self.w_out2(-self.act(-h))
+        h = self.w_in(_q(self.in_quant, x))                              # (B, T, F/tp)
+        return self.w_out1(_q(self.hidden_quant, self.act(h))) + self.w_out2(_q(self.hidden_quant, -self.act(-h)))
 
 
 def chebyshev_basis(x, degree: int):
@@ -174,15 +195,16 @@ class KAN(nn.Module):
         d_ff, self.degree = d_ff or cfg.ff_dim, cfg.kan_degree
         n = cfg.kan_degree + 1
         self.w_in = ColumnParallelLinear(cfg.d_model * n, d_ff, cfg.up_bias, tp_group, sequence_parallel=sp,
-                                         input_ready=True)                 # c_{j,i,k} at [j, i n + k]
+                                         input_ready=True, quant=cfg.quant)   # c_{j,i,k} at [j, i n + k]
         self.w_out = RowParallelLinear(d_ff * n, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sp,
-                                       residual_output=True)
+                                       residual_output=True, quant=cfg.quant)
         self.tp_group, self.sequence_parallel = tp_group, sp
+        _act_points(self, cfg, tp_group)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
         x = enter_tp_region(x, self.tp_group, self.sequence_parallel)     # (B, T, D)
-        h = self.w_in(chebyshev_basis(x, self.degree))                   # (B, T, D n) -> (B, T, F/tp)
-        return self.w_out(chebyshev_basis(h, self.degree))               # (B, T, F/tp n) -> (B, T, D)
+        h = self.w_in(_q(self.in_quant, chebyshev_basis(x, self.degree)))  # (B, T, D n) -> (B, T, F/tp)
+        return self.w_out(_q(self.hidden_quant, chebyshev_basis(h, self.degree)))  # (B, T, F/tp n) -> (B, T, D)
 
 
 class IdentityMLP(nn.Module):

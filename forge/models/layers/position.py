@@ -24,14 +24,18 @@ import math
 import torch
 import torch.nn as nn
 
+from forge.parallel.quant import embed_quant
+
 
 class LearnedPositions(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.d_model))
+        self.weight_quant = embed_quant(cfg.quant)          # model.quant.embed_*: the table fake-quantised
 
     def forward(self, x, pos):  # x (B, T, D), pos (T,)
-        return x + self.weight[pos].to(x.dtype)
+        w = self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
+        return x + w[pos].to(x.dtype)
 
 
 class SinusoidalPositions(nn.Module):

@@ -1,0 +1,86 @@
+"""`forge convert --to hf` of a model trained with quantisation-aware training (model.quant).
+
+Hugging Face's dense families hold floating-point weights and no fake-quantisation step, so:
+  * without --quantized the full-precision weights W are written, model.quant is dropped from the
+    exported config, and a note says so;
+  * with --quantized each fake-quantised weight is written as q(W) (forge.parallel.quant at mix = 1,
+    the scale taken over the whole tensor as training's tp-reduced scale was): the quantised
+    values dequantised, which a float checkpoint holds exactly in fp32 (bf16 / fp16 round them).
+    Activation quantisation (model.quant.act_points) has no place in those formats and is dropped,
+    with a note; with tied embeddings and model.quant.embed_method the HF head reads q(E) where
+    Forge's head read E, also noted.
+A model without model.quant refuses --quantized (there is nothing quantised to write).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from forge.config import ModelConfig, QuantConfig
+
+
+def quantized_weight_names(cfg: ModelConfig) -> dict:
+    """Forge weight name -> (method, bits, granularity) of every fake-quantised weight, read off
+    the model as built (on the meta device), so it lists exactly the tensors training quantised."""
+    from forge.models import build_model
+    from forge.parallel.quant import FakeQuant
+    model = build_model(cfg, device="meta")
+    out = {}
+    for name, module in model.named_modules():
+        fq = getattr(module, "weight_quant", None)
+        if isinstance(fq, FakeQuant) and getattr(module, "weight", None) is not None:
+            out[f"{name}.weight"] = (fq.method, fq.bits, fq.granularity)
+    return out
+
+
+class QuantizedWeights:
+    """Forge weights (FolderWeights / StateDictWeights) with q(W) in place of each fake-quantised W."""
+
+    def __init__(self, weights, cfg: ModelConfig):
+        self.weights, self.quantized = weights, quantized_weight_names(cfg)
+
+    def names(self):
+        return self.weights.names()
+
+    def shape(self, name):
+        return self.weights.shape(name)
+
+    def dtype(self, name):
+        return self.weights.dtype(name)
+
+    def get(self, name) -> torch.Tensor:
+        from forge.parallel.quant import quantize
+        w = self.weights.get(name)
+        spec = self.quantized.get(name)
+        if spec is None or (spec[0] != "ternary" and spec[1] >= 16):    # bits >= 16: full precision
+            return w
+        method, bits, granularity = spec
+        return quantize(w, method, bits, granularity)[0]
+
+
+def export_plan(cfg: ModelConfig, quantized: bool) -> tuple[ModelConfig, list[str]]:
+    """(the config to export, the notes to print); ValueError for --quantized without model.quant."""
+    q = cfg.quant
+    if not q.enabled:
+        if quantized:
+            raise ValueError("--quantized: the model has no quantisation-aware training (model.quant is off); "
+                             "there are no quantised weights to write")
+        return cfg, []
+    plain = dataclasses.replace(cfg, quant=QuantConfig())
+    if not quantized:
+        return plain, ["model.quant is not part of the Hugging Face format: wrote the full-precision weights "
+                       "(pass --quantized to write the fake-quantised q(W) instead)"]
+    notes = []
+    if q.weight_method is None and q.embed_method is None and q.linear == "linear":
+        raise ValueError("--quantized: model.quant quantises only activations, which no Hugging Face format "
+                         "holds; convert without --quantized to write the full-precision weights")
+    if q.act_points:
+        notes.append(f"model.quant.act_points={q.act_points}: activation quantisation is not part of the Hugging "
+                     f"Face format; the exported model runs the quantised weights on full-precision activations")
+    if q.linear != "linear":
+        notes.append(f"model.quant.linear={q.linear!r}: wrote the ternary weights q(W); the per-token int8 "
+                     f"quantisation of the projections' inputs is not part of the exported format")
+    if q.embed_method and cfg.tie_embeddings:
+        notes.append("tied embeddings: the Hugging Face head reads the quantised table q(E) (Forge's head read E)")
+    return plain, notes
