@@ -96,13 +96,13 @@ class QuantConfig:
     straight-through gradient, ramped in over warmup_steps (mix = min(1, step / warmup_steps)).
     A method of None leaves that kind of tensor in full precision; bits >= 16 too."""
     weight_method: Optional[str] = None     # attention and MLP projection weights: symmetric | affine | ternary
-    weight_bits: int = 8                # bit width b of the weights (>= 16: full precision)
+    weight_bits: int = 8                    # bit width b of the weights (>= 16: full precision)
     weight_granularity: str = "tensor"      # tensor | channel (one scale per output row)
     embed_method: Optional[str] = None      # token table wte and learned positions
-    embed_bits: int = 8                 # bit width of the embedding tables
+    embed_bits: int = 8                     # bit width of the embedding tables
     embed_granularity: str = "tensor"       # tensor | channel (one scale per row: token / position)
     act_method: Optional[str] = None        # activations at act_points, one scale per token
-    act_bits: int = 8                   # bit width of the activations at act_points
+    act_bits: int = 8                       # bit width of the activations at act_points
     act_points: list[str] = field(default_factory=list)   # subset of QUANT_POINTS: qkv_in (input of wq/wk/wv),
                                             # o_in (of wo), scores / probs (explicit attention scores only),
                                             # mlp_in (of the up/gate projections), mlp_hidden (of the down one)
