@@ -19,7 +19,9 @@ watchdog (a C thread, no GIL) is armed `grace_s` later (default max(5 s, timeout
 the stacks to stderr, then exits with status 1. A rank that is stopped (SIGSTOP, a frozen cgroup)
 runs no thread at all, and its launcher sees a live worker and waits forever (torchrun does); for
 it a sidecar process (`python -c`, no imports) that the beats reach through a pipe SIGKILLs the
-rank 2 * grace_s after the deadline, with a line on stderr. It ends when the pipe closes.
+rank 2 * grace_s after the deadline, with a line on stderr. It ends when the pipe closes, and
+ignores SIGTERM/SIGINT/SIGHUP: torchrun tears a node down with a signal to the worker's process
+group, which holds the sidecar too, and a stopped rank cannot act on that signal until it is killed.
 
 `inject_fault(step, rank)` is a test hook: FORGE_FAULT="RANK:STEP:ACTION" makes rank RANK, after
 step STEP, `kill` itself (SIGKILL), `stop` (SIGSTOP), `sleep` (its main thread sleeps, the GIL
@@ -149,6 +151,8 @@ class StepWatchdog:
 _SIDECAR = r"""
 import os, select, signal, sys, time
 pid, rank, extra = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)           # a launcher's group kill must not end the sidecar first
 fd, buf, deadline, armed = sys.stdin.fileno(), b"", None, 0.0
 while True:
     wait = None if deadline is None else max(0.0, deadline - time.monotonic())
