@@ -18,7 +18,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -53,6 +53,24 @@ def check_range(key: str, value: Any, *, low: Optional[float] = None, high: Opti
         raise ConfigError(f"{key}={value!r} must be {want}{null}")
 
 
+def check_choices(section: Any, prefix: str) -> None:
+    """The one check of every enumerated field: a field annotated `Literal[...]` (or `Optional` of
+    one) must hold one of the literal values; nested sections are checked under their own prefix.
+    Registry-valued fields (attention, norm, ...) are checked against their registries instead."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp = getattr(section, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}.{f.name}")
+            continue
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            if value is None and type(None) in typing.get_args(tp):
+                continue
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise ConfigError(f"{prefix}.{f.name}={value!r} is not one of {sorted(typing.get_args(tp), key=str)}")
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-experts MLP settings (n_experts=0 means dense)."""
@@ -60,7 +78,7 @@ class MoEConfig:
     top_k: int = 2                  # experts each token is routed to
     every: int = 1                  # MoE in every k-th layer
     first_dense: int = 0            # the first k layers stay dense
-    router: str = "softmax"         # softmax | sigmoid
+    router: Literal["softmax", "sigmoid"] = "softmax"   # expert weights: softmax over the logits, or a sigmoid per expert (DeepSeek-V3)
     renormalize: bool = True        # renormalise the chosen top-k weights to sum to 1
     d_ff: Optional[int] = None      # expert hidden size (default: model d_ff)
     n_shared_experts: int = 0       # experts every token also passes through (DeepSeek, Qwen2-MoE)
@@ -97,10 +115,10 @@ class QuantConfig:
     A method of None leaves that kind of tensor in full precision; bits >= 16 too."""
     weight_method: Optional[str] = None     # attention and MLP projection weights: symmetric | affine | ternary
     weight_bits: int = 8                    # bit width b of the weights (>= 16: full precision)
-    weight_granularity: str = "tensor"      # tensor | channel (one scale per output row)
+    weight_granularity: Literal["tensor", "channel"] = "tensor"   # one weight scale per tensor, or per output row (channel)
     embed_method: Optional[str] = None      # token table wte and learned positions
     embed_bits: int = 8                     # bit width of the embedding tables
-    embed_granularity: str = "tensor"       # tensor | channel (one scale per row: token / position)
+    embed_granularity: Literal["tensor", "channel"] = "tensor"    # one scale per table, or per row: token / position (channel)
     act_method: Optional[str] = None        # activations at act_points, one scale per token
     act_bits: int = 8                       # bit width of the activations at act_points
     act_points: list[str] = field(default_factory=list)   # subset of QUANT_POINTS: qkv_in (input of wq/wk/wv),
@@ -127,10 +145,6 @@ class QuantConfig:
             if m is not None and m not in QUANT_METHOD:
                 raise ConfigError(f"{prefix}.{kind}_method={m!r} is not one of {sorted(QUANT_METHOD)} (or null)")
             check_range(f"{prefix}.{kind}_bits", getattr(self, f"{kind}_bits"), low=2)
-        for kind in ("weight", "embed"):
-            g = getattr(self, f"{kind}_granularity")
-            if g not in ("tensor", "channel"):
-                raise ConfigError(f"{prefix}.{kind}_granularity={g!r} is not one of ['channel', 'tensor']")
         bad = [p for p in self.act_points if p not in QUANT_POINTS]
         if bad:
             raise ConfigError(f"{prefix}.act_points has {bad}, not among {list(QUANT_POINTS)}")
@@ -189,7 +203,7 @@ class ModelConfig:
     rope_theta: float = 10000.0             # RoPE base: inv_freq_i = theta ** (-2i / rotary dims)
     rotary_pct: float = 1.0                 # fraction of head_dim rotated (Phi, NeoX)
     rope_interleaved: bool = False          # GPT-J pairs (0,1),(2,3)...; False = NeoX halves
-    rope_scaling: str = "none"              # none | linear | llama3 | yarn
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"   # long-context rescaling of the RoPE frequencies
     rope_scaling_factor: float = 1.0        # linear / llama3 / yarn scaling: frequencies divided by this
     rope_low_freq_factor: float = 1.0       # llama3 scaling: wavelengths > original_max_seq_len / this are scaled fully
     rope_high_freq_factor: float = 4.0      # llama3 scaling: wavelengths < original_max_seq_len / this are kept
@@ -387,6 +401,7 @@ class ModelConfig:
         return self.position == "rope" or "rope" in (self.position_pattern or [])
 
     def validate(self) -> "ModelConfig":
+        check_choices(self, "model")
         from forge.models.layers.attention import REFUSED_ATTENTION
         from forge.models.registry import REGISTRIES
         for kind in self.attention_pattern or [self.attention]:
@@ -420,9 +435,6 @@ class ModelConfig:
             if self.rotary_dim % 2 or self.rotary_dim == 0:
                 raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
                                   f"= {self.rotary_dim} must be even and positive")
-            if self.rope_scaling not in ("none", "linear", "llama3", "yarn"):
-                raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of "
-                                  "['linear', 'llama3', 'none', 'yarn']")
         if self.qkv_clip is not None and self.qkv_clip <= 0:
             raise ConfigError(f"model.qkv_clip={self.qkv_clip} must be positive or null")
         self._validate_attention_variants()
@@ -436,8 +448,6 @@ class ModelConfig:
         if self.moe.n_experts:
             if not 0 < self.moe.top_k <= self.moe.n_experts:
                 raise ConfigError(f"model.moe.top_k={self.moe.top_k} must be in [1, model.moe.n_experts={self.moe.n_experts}]")
-            if self.moe.router not in ("softmax", "sigmoid"):
-                raise ConfigError(f"model.moe.router={self.moe.router!r} is not one of ['sigmoid', 'softmax']")
             if self.moe.every < 1 or self.moe.first_dense < 0:
                 raise ConfigError(f"model.moe.every={self.moe.every} must be >= 1 and model.moe.first_dense="
                                   f"{self.moe.first_dense} >= 0")
@@ -513,7 +523,7 @@ class ParallelConfig:
     tp: int = 1                             # tensor-parallel size: each layer's linears split over tp ranks
     pp: int = 1                             # pipeline-parallel stages
     ep: int = 1                             # data ranks that split one set of experts (divides dp)
-    zero_stage: int = 0                     # ZeRO 0 | 1 | 2 | 3: optimizer state / + grads / + weights split over dp
+    zero_stage: Literal[0, 1, 2, 3] = 0     # ZeRO stage: 1 splits optimizer state over dp, 2 also grads, 3 also weights
     sequence_parallel: bool = False         # with tp > 1: norms and dropout on sequence shards (Megatron-style)
     pp_partition: str = "parameters"        # parameters | uniform | type:<regex>
     offload_optimizer: bool = False         # ZeRO optimizer state kept in CPU memory
@@ -521,10 +531,9 @@ class ParallelConfig:
 
     def validate(self) -> "ParallelConfig":
         """tp, pp, ep >= 1; zero_stage one of 0-3; pp_partition parameters | uniform | type:REGEX."""
+        check_choices(self, "parallel")
         for k in ("tp", "pp", "ep"):
             check_range(f"parallel.{k}", getattr(self, k), low=1)
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not one of [0, 1, 2, 3]")
         if self.pp_partition not in ("parameters", "uniform") and not self.pp_partition.startswith("type:"):
             raise ConfigError(f"parallel.pp_partition={self.pp_partition!r} is not one of ['parameters', "
                               "'type:REGEX', 'uniform']")
@@ -568,7 +577,7 @@ class OptimConfig:
     beta2: float = 0.95                     # AdamW second-moment decay
     eps: float = 1e-8                       # AdamW epsilon
     grad_clip: float = 1.0                  # clip the global gradient norm to this; 0 = off
-    schedule: str = "cosine"                # cosine | wsd | constant
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"   # lr after warmup: cosine decay, warmup-stable-decay, or constant
     warmup_steps: int = 100                 # linear warmup from 0 to lr over this many steps
     decay_frac: float = 0.2                 # wsd: fraction of max_steps spent decaying
     # optimizer (forge.train.optimizers.OPTIMIZERS): adamw | lion | sgd | adafactor | muon
@@ -583,6 +592,7 @@ class OptimConfig:
     def validate(self) -> "OptimConfig":
         """lr finite > 0, min_lr in [0, lr], betas in [0, 1), eps > 0, weight_decay >= 0,
         grad_clip >= 0 (0 = off), warmup_steps >= 0, decay_frac in [0, 1]; NaN and inf refused."""
+        check_choices(self, "optim")
         check_range("optim.lr", self.lr, low=0, low_open=True)
         check_range("optim.min_lr", self.min_lr, low=0)
         if self.min_lr > self.lr:
@@ -594,8 +604,6 @@ class OptimConfig:
         check_range("optim.grad_clip", self.grad_clip, low=0, what=">= 0 (0 turns clipping off)")
         check_range("optim.warmup_steps", self.warmup_steps, low=0)
         check_range("optim.decay_frac", self.decay_frac, low=0, high=1)
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"optim.schedule={self.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
         return self
 
 
@@ -605,7 +613,7 @@ class TrainConfig:
     micro_batch_size: int = 8               # sequences per data-parallel rank per forward/backward
     grad_accum: int = 1                     # micro batches per step (micro_batch_size * grad_accum * dp sequences)
     seed: int = 1234                        # seeds the weights (per tensor name), the data order and dropout
-    precision: str = "fp32"                 # fp32 | bf16 | fp16
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # compute dtype (bf16/fp16 keep fp32 master weights)
     out_dir: str = "runs/default"           # config.yaml, metrics.jsonl, summary.json, loss.png, checkpoints/ go here
     resume: str = "none"                    # none | auto | path to a checkpoint
     init_from: Optional[str] = None         # a fresh run starts from these weights: Forge folder, checkpoint,
@@ -614,9 +622,9 @@ class TrainConfig:
     eval_interval: int = 250                # validation every this many steps, and at the end; 0 = never
     eval_steps: int = 20                    # validation batches per eval (capped at the validation split)
     log_interval: int = 10                  # a metrics.jsonl training line every this many steps
-    activation_checkpointing: str = "none"  # none | full | attention
+    activation_checkpointing: Literal["none", "full", "attention"] = "none"   # recompute in backward: nothing, whole blocks, or attention only
     compile: bool = False                   # torch.compile the model (inductor)
-    linear_backend: str = "aten"            # aten | onednn | auto: fp32 CPU linears (forge.kernels)
+    linear_backend: Literal["aten", "onednn", "auto"] = "aten"   # fp32 CPU linears (forge.kernels); auto picks per machine
     # non-finite steps (forge.train.nonfinite) and checkpoint retention (forge.train.checkpoint)
     max_skipped_steps: int = 5              # abort (NonFiniteError) after this many skipped steps in a row; 0 = never
     spike_factor: float = 0.0               # also skip a step whose loss > factor x mean of the last 20 applied; 0 = off
@@ -634,6 +642,7 @@ class TrainConfig:
         """max_steps, micro_batch_size, grad_accum, eval_steps >= 1; the intervals >= 0 (0 = never);
         the choices known; out_dir a directory or creatable as one (checked before anything is
         written: an existing file there, or above it, is an error)."""
+        check_choices(self, "train")
         for k in ("max_steps", "micro_batch_size", "grad_accum", "eval_steps"):
             check_range(f"train.{k}", getattr(self, k), low=1)
         for k in ("save_interval", "eval_interval", "log_interval"):
@@ -646,13 +655,6 @@ class TrainConfig:
         check_range("train.collective_timeout_s", self.collective_timeout_s, low=0, low_open=True, what="> 0 (seconds)")
         for k in ("step_timeout_s", "first_step_timeout_s"):
             check_range(f"train.{k}", getattr(self, k), low=0, what=">= 0 (seconds; 0 = off / step_timeout_s)")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision={self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
-        if self.linear_backend not in ("aten", "onednn", "auto"):
-            raise ConfigError(f"train.linear_backend={self.linear_backend!r} is not one of ['aten', 'auto', 'onednn']")
-        if self.activation_checkpointing not in ("none", "full", "attention"):
-            raise ConfigError(f"train.activation_checkpointing={self.activation_checkpointing!r} is not one of "
-                              "['attention', 'full', 'none']")
         if not self.out_dir:
             raise ConfigError("train.out_dir is empty; name the run directory (e.g. train.out_dir=runs/x)")
         node = os.path.abspath(self.out_dir)
@@ -698,8 +700,6 @@ class JobConfig:
         if moe.n_experts and self.parallel.zero_stage == 3:
             raise ConfigError("parallel.zero_stage=3 with a mixture-of-experts model (model.moe.n_experts > 0) is not "
                               "supported (DeepSpeed's MoE does not work with ZeRO-3); use parallel.zero_stage 0, 1 or 2")
-        if ep < 1:
-            raise ConfigError(f"parallel.ep={ep} must be >= 1")
         if ep > 1 and not moe.n_experts:
             raise ConfigError(f"parallel.ep={ep} needs a mixture-of-experts model (model.moe.n_experts > 0)")
         if moe.n_experts and moe.n_experts % ep:
@@ -711,7 +711,57 @@ class JobConfig:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.blend is not None and len(self.data.blend) != len(self.data.paths):
             raise ConfigError(f"data.blend has {len(self.data.blend)} weights for {len(self.data.paths)} data.paths")
+        self._validate_layout()
+        from forge.train.optimizers import check_optim      # the optimizer registry and its limits
+        check_optim(self)
         return self
+
+    def _validate_layout(self) -> None:
+        """The parallel layout against the model and the run: what DeepSpeed's engines run (pipeline
+        with ZeRO 0/1 only, fp16 loss scaling needs ZeRO >= 1 there, offload needs ZeRO), and tp
+        splitting the heads, the MLP and expert hidden sizes and (sequence parallel) the sequence."""
+        m, p, t = self.model, self.parallel, self.train
+        if p.pp > 1 and p.zero_stage > 1:
+            raise ConfigError(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's pipeline engine "
+                              "supports ZeRO stages 0 and 1 only; use parallel.zero_stage=1 (or parallel.pp=1 for ZeRO 2/3)")
+        if t.precision == "fp16" and p.zero_stage == 0 and p.pp > 1:
+            raise ConfigError("train.precision=fp16 with parallel.zero_stage=0 and parallel.pp > 1: DeepSpeed's pipeline "
+                              "engine does not scale the fp16 loss at ZeRO 0; use parallel.zero_stage=1 (or bf16)")
+        if p.sequence_parallel and p.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if p.offload_optimizer and p.zero_stage == 0:
+            raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage 1 or 2")
+        if p.pp > m.n_layers + 3:
+            raise ConfigError(f"parallel.pp={p.pp} exceeds the pipeline's {m.n_layers + 3} layers "
+                              "(embedding, model.n_layers blocks, norm, head)")
+        if p.tp == 1:
+            return
+        kinds = set(m.attention_pattern or [m.attention]) - {"identity"}
+        if kinds and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
+            raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}, and divide or be a "
+                              f"multiple of model.n_kv_heads={m.kv_heads}")
+        from forge.models.layers.moe import is_moe_layer
+        dense = m.mlp != "identity" and not all(is_moe_layer(m, i) for i in range(m.n_layers))
+        if dense and m.ff_dim % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide the MLP hidden size {m.ff_dim} (model.d_ff, or "
+                              "model.ff_mult * model.d_model rounded up to model.ff_multiple_of)")
+        expert_ff = m.moe.d_ff or m.ff_dim
+        if m.moe.n_experts and expert_ff % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide the expert hidden size {expert_ff} (model.moe.d_ff)")
+        if p.sequence_parallel and self.data.seq_len % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel=true: parallel.tp={p.tp} does not divide "
+                              f"data.seq_len={self.data.seq_len} (each rank holds seq_len / tp positions)")
+
+    def check_world(self, world: int) -> None:
+        """The layout against the number of processes: tp * pp divides it, ep divides the data-
+        parallel size dp = world / (tp * pp)."""
+        p = self.parallel
+        if world % (p.tp * p.pp):
+            raise ConfigError(f"the world size {world} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}")
+        dp = world // (p.tp * p.pp)
+        if dp % p.ep:
+            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (= world {world} / "
+                              f"(parallel.tp * parallel.pp))")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -736,6 +786,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value not in options or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not one of {sorted(options, key=str)}")
+        return options[options.index(value)]          # 1.0 -> the literal 1
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

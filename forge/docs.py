@@ -50,12 +50,14 @@ def field_comments(source: str) -> dict[tuple[str, str], str]:
 
 
 def _type_name(tp) -> str:
-    """`int`, `str | None`, `list[float] | None` for an annotation."""
+    """`int`, `str | None`, `list[float] | None`, `fp32 | bf16` (a Literal) for an annotation."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
         return " \\| ".join(_type_name(a) for a in args).replace("NoneType", "null")
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if origin is typing.Literal:                     # one of the values: `fp32 \| bf16 \| fp16`
+        return " \\| ".join(str(a) for a in args)
     return getattr(tp, "__name__", str(tp))
 
 

@@ -97,7 +97,6 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -293,36 +292,13 @@ class RankPlan:
 
 
 def _layout(cfg: JobConfig, world: int) -> tuple[int, int, int, int]:
-    """(tp, pp, dp, ep) after the checks `forge train` makes before launch; ConfigError otherwise."""
-    from forge.train.engine import check_supported
-    p, m = cfg.parallel, cfg.model
+    """(tp, pp, dp, ep) of a validated config on `world` processes; ConfigError where it does not
+    fit (`JobConfig.check_world`). The plan is for GPUs: fp16 is not checked against this host."""
     if world < 1:
         raise ConfigError(f"--world {world} must be >= 1")
-    # the plan is for GPUs: fp16 is allowed whatever this host's accelerator supports
-    with mock.patch("forge.train.engine.accelerator_supports_fp16", return_value=True):
-        check_supported(cfg, world)
-    tp, pp, ep = p.tp, p.pp, p.ep
-    dp = world // (tp * pp)
-    if dp % ep:
-        raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size {dp} (= --world {world} / "
-                          f"(parallel.tp * parallel.pp = {tp} * {pp}))")
-    if m.n_heads % tp or (m.kv_heads % tp and tp % m.kv_heads):
-        raise ConfigError(f"parallel.tp={tp} must divide model.n_heads={m.n_heads}, and divide or be a multiple "
-                          f"of model.n_kv_heads={m.kv_heads}")
-    from forge.models.layers.moe import is_moe_layer
-    hidden = {"model.d_ff": m.ff_dim} if not all(is_moe_layer(m, i) for i in range(m.n_layers)) else {}
-    if m.moe.n_experts:
-        hidden["model.moe.d_ff"] = m.moe.d_ff or m.ff_dim
-    for key, size in hidden.items():
-        if size % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide the MLP hidden size {size} ({key})")
-    if p.sequence_parallel and cfg.data.seq_len % tp:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={tp} "
-                          "(needed by parallel.sequence_parallel)")
-    if pp > m.n_layers + 3:
-        raise ConfigError(f"parallel.pp={pp} exceeds the pipeline's {m.n_layers + 3} layers "
-                          "(embedding, model.n_layers blocks, norm, head)")
-    return tp, pp, dp, ep
+    cfg.check_world(world)
+    p = cfg.parallel
+    return p.tp, p.pp, world // (p.tp * p.pp), p.ep
 
 
 @contextlib.contextmanager

@@ -157,3 +157,78 @@ def test_config_error_is_printed_by_rank_0_only(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert main(["optim.lr=.nan"]) == 2
     assert capsys.readouterr().err.count("optim.lr") == 1
+
+
+def _literal_fields(cls, prefix):
+    """(dotted key, allowed values) of every Literal-typed field under dataclass `cls`."""
+    import dataclasses
+    import typing
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _literal_fields(tp, f"{prefix}.{f.name}")
+        elif typing.get_origin(tp) is typing.Literal:
+            out.append((f"{prefix}.{f.name}", typing.get_args(tp)))
+    return out
+
+
+def _all_literal_fields():
+    from forge.config import JobConfig
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(JobConfig)
+    return [kv for f in dataclasses.fields(JobConfig) for kv in _literal_fields(hints[f.name], f.name)]
+
+
+def test_every_enumerated_key_is_one_checked_literal():
+    """Issue 14 item 3: the string enums are Literal fields; a value outside one is refused by the
+    one check, naming the key and the choices, and each choice is accepted (or refused only by a
+    cross-field rule that names another key)."""
+    keys = dict(_all_literal_fields())
+    for key in ("train.precision", "optim.schedule", "train.linear_backend", "model.rope_scaling", "model.moe.router",
+                "train.activation_checkpointing", "parallel.zero_stage"):
+        assert key in keys, key
+    for key, options in keys.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*is not one of"):
+            load_config(None, [f"{key}=bogus"])
+        for value in options:
+            try:
+                assert getattr(load_config(None, [f"{key}={value}"]), key.split(".")[0]) is not None
+            except ConfigError as e:
+                assert key not in str(e).split(":")[0] or "is not one of" not in str(e), e
+
+
+def test_a_model_config_built_in_code_is_checked_too():
+    from forge.config import ModelConfig, MoEConfig
+    with pytest.raises(ConfigError, match="model.moe.router='top2'"):
+        ModelConfig(moe=MoEConfig(n_experts=4, router="top2")).validate()
+    with pytest.raises(ConfigError, match="model.rope_scaling='ntk'"):
+        ModelConfig(position="alibi", rope_scaling="ntk").validate()
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.n_heads=4", "model.d_model=64", "parallel.tp=3"], "parallel.tp=3 must divide model.n_heads"),
+    (["model.preset=tiny-llama", "model.d_ff=130", "parallel.tp=4"], "MLP hidden size 130"),
+    (["model.preset=tiny-mixtral", "model.moe.d_ff=33", "parallel.tp=2"], "expert hidden size 33"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=31", "model.max_seq_len=32"],
+     "does not divide data.seq_len=31"),
+    (["parallel.pp=2", "parallel.zero_stage=3"], "parallel.zero_stage=3"),
+    (["parallel.offload_optimizer=true"], "parallel.offload_optimizer"),
+    (["optim.name=muon", "parallel.tp=2"], "optim.name='muon'"),
+])
+def test_layout_inconsistencies_are_refused_by_load_config(overrides, fragment):
+    """Issue 14 item 3: what engine.check_supported, the schedule check and the layers re-checked
+    is refused by JobConfig.validate, before any process group exists."""
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_the_world_size_is_checked_against_the_layout():
+    cfg = load_config(None, ["model.preset=tiny-mixtral", "parallel.tp=2", "parallel.ep=2"])
+    cfg.check_world(8)                                   # dp = 4, ep = 2 divides it
+    with pytest.raises(ConfigError, match="parallel.tp \\* parallel.pp"):
+        cfg.check_world(6 + 1)
+    with pytest.raises(ConfigError, match="parallel.ep=2 must divide the data-parallel size 1"):
+        cfg.check_world(2)

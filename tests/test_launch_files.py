@@ -62,8 +62,9 @@ def test_templates_merge_with_a_matching_config_and_refuse_a_contradicting_one(n
     offload = ["parallel.offload_optimizer=true"] if "offload" in name else []
     ds = build_ds_config(load_config(None, [f"parallel.ds_config={name}", f"parallel.zero_stage={stage}"] + offload), 2)
     assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 2 * 8
+    other = stage % 3 + 1 if offload else (stage + 1) % 4      # offload needs ZeRO >= 1 (JobConfig.validate)
     with pytest.raises(ConfigError, match="zero_optimization.stage"):
-        build_ds_config(load_config(None, [f"parallel.ds_config={name}", f"parallel.zero_stage={(stage + 1) % 4}"]
+        build_ds_config(load_config(None, [f"parallel.ds_config={name}", f"parallel.zero_stage={other}"]
                                     + offload), 2)
 
 

@@ -39,17 +39,6 @@ def lr_at(t: int, optim: OptimConfig, max_steps: int) -> float:
     raise ConfigError(f"optim.schedule={optim.schedule!r} is not one of ['constant', 'cosine', 'wsd']")
 
 
-def validate_schedule(optim: OptimConfig, max_steps: int) -> None:
-    if optim.lr <= 0:
-        raise ConfigError(f"optim.lr={optim.lr} must be positive")
-    if optim.min_lr < 0 or optim.min_lr > optim.lr:
-        raise ConfigError(f"optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]")
-    if optim.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
-    if not 0.0 <= optim.decay_frac <= 1.0:
-        raise ConfigError(f"optim.decay_frac={optim.decay_frac} must be in [0, 1]")
-
-
 def schedule_warnings(optim: OptimConfig, max_steps: int) -> list[str]:
     """What of the configured schedule does not fit in `max_steps` updates (empty when it all fits):
 

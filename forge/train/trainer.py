@@ -72,7 +72,7 @@ from forge.train.metrics import MetricsLogger, check_logging_available, human
 from forge.train.nonfinite import NonFiniteError, StepGuard, counts
 from forge.train.summary import build_summary, format_summary, layout_lines, rank_param_count, write_summary
 from forge.train.watchdog import StepWatchdog, inject_fault
-from forge.train.schedule import lr_at, schedule_warnings, validate_schedule
+from forge.train.schedule import lr_at, schedule_warnings
 
 
 @dataclass
@@ -206,7 +206,6 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     t_start = time.perf_counter()
     cfg = copy.deepcopy(cfg).validate()
     check_supported(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    validate_schedule(cfg.optim, cfg.train.max_steps)
     check_logging_available(cfg)
     out_dir = os.path.abspath(cfg.train.out_dir)
     cfg.train.out_dir = out_dir
