@@ -24,9 +24,12 @@ compiler); `--linear auto` (default) routes Forge's fp32 CPU linears through one
 (forge.kernels, about 2x MKL's sgemm on AMD CPUs), `--linear aten` keeps F.linear, i.e. the very
 kernels HF uses (then eager Forge and HF time the same within noise).
 
-HF side: the matching transformers class (Llama, Qwen2 for q/k/v-only biases, Mistral for sliding
-window) with its default attention implementation (sdpa) and no torch.compile ("eager" mode),
-its loss computed by its own loss function (`labels=..., shift_labels=...`).
+HF side: the transformers class of the conversion family that represents the model exactly (the
+one `forge convert --to hf` would write, forge.models.hf.convert.pick_family; e.g. Llama, Qwen2 for
+q/k/v-only biases, Mistral for sliding window), its weights from Forge's through that family's key
+map, with its default attention implementation (sdpa) and no torch.compile ("eager" mode), its
+loss computed by its own loss function (`labels=..., shift_labels=...`). A model no family
+represents is timed alone, and the reason is printed.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ import time
 import torch
 
 from forge.config import ConfigError, ModelConfig, model_from_dict, parse_overrides
+from forge.dtypes import DTYPES
 
 # Dense (no sparsity) peak FLOP/s by device-name substring, checked in order.
 PEAK_FLOPS = [
@@ -53,31 +57,12 @@ PEAK_FLOPS = [
     ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
 ]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Used when forge.models.presets (or the named preset) is not available.
-_FALLBACK_PRESETS = {
-    "tiny-llama": ModelConfig(vocab_size=32000, d_model=256, n_layers=4, n_heads=4, max_seq_len=256,
-                              d_ff=688, norm_eps=1e-5, position="rope", norm="rmsnorm", mlp="glu",
-                              activation="silu", block="pre_ln"),
-}
-
-
-def _preset(name: str) -> ModelConfig:
-    try:
-        from forge.models.presets import PRESETS
-    except ImportError:
-        PRESETS = {}
-    table = {**_FALLBACK_PRESETS, **PRESETS}
-    if name not in table:
-        raise ConfigError(f"--preset {name!r} is not one of {sorted(table)}")
-    base = table[name]
-    return dataclasses.replace(base, moe=dataclasses.replace(base.moe))
-
-
 def bench_config(args) -> ModelConfig:
     """The preset with the shape flags and `model.key=value` overrides applied."""
-    cfg = _preset(args.preset)
+    from forge.models.presets import PRESETS
+    if args.preset not in PRESETS:
+        raise ConfigError(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
+    cfg = model_from_dict({"preset": args.preset})
     shape = {"n_layers": args.layers, "d_model": args.d_model, "n_heads": args.heads, "vocab_size": args.vocab}
     for k, v in shape.items():
         if v is not None:
@@ -106,77 +91,27 @@ def bench_config(args) -> ModelConfig:
 
 
 # ------------------------------------------------------------------ Hugging Face counterpart
-def hf_counterpart(cfg: ModelConfig):
-    """(transformers config, model class) of the same family and shape, or raise ValueError."""
-    import transformers as tf
-    why = []
-    checks = {"position": "rope", "norm": "rmsnorm", "mlp": "glu", "activation": "silu", "block": "pre_ln",
-              "qk_norm": "none", "norm_offset": 0.0, "embed_scale": 1.0, "final_norm": True,
-              "rope_interleaved": False, "rotary_pct": 1.0, "head_bias": False, "attn_softcap": None,
-              "logit_softcap": None, "attn_scale": None, "attention_pattern": None,
-              "attention_softmax": "softmax", "qk_head_dim": None, "v_head_dim": None}
-    if hasattr(cfg, "qkv_clip"):
-        checks["qkv_clip"] = None
-    for k, v in checks.items():
-        if getattr(cfg, k) != v:
-            why.append(f"model.{k}={getattr(cfg, k)!r} (needs {v!r})")
-    for loc in ("attn", "mlp", "post", "final"):
-        if cfg.norm_at(loc) != "rmsnorm":
-            why.append(f"model.norm_{loc}={cfg.norm_at(loc)!r} (needs 'rmsnorm')")
-    if cfg.up_bias != cfg.mlp_bias or cfg.down_bias != cfg.mlp_bias:
-        why.append("model.mlp_up_bias / mlp_down_bias that differ from model.mlp_bias")
-    if cfg.attention not in ("causal", "sliding"):
-        why.append(f"model.attention={cfg.attention!r}")
-    if cfg.moe.n_experts:
-        why.append("a mixture-of-experts MLP")
-    if cfg.attn_out_bias and not cfg.qkv_bias:
-        why.append("an output-projection bias without q/k/v biases")
-    if why:
-        raise ValueError("no Hugging Face counterpart (Llama / Qwen2 / Mistral) for " + ", ".join(why)
-                         + "; use --no-hf")
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling == "linear":
-        rope = {**rope, "rope_type": "linear", "factor": cfg.rope_scaling_factor}
-    elif cfg.rope_scaling == "llama3":
-        rope = {**rope, "rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-                "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
-                "original_max_position_embeddings": cfg.rope_original_max_seq_len}
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
-                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                  num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, max_position_embeddings=cfg.max_seq_len,
-                  rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
-                  initializer_range=cfg.init_std, use_cache=False)
-    if cfg.attention == "sliding":
-        if cfg.qkv_bias or cfg.mlp_bias:
-            raise ValueError("no Hugging Face counterpart for sliding-window attention with biases; use --no-hf")
-        return tf.MistralConfig(**common, sliding_window=cfg.sliding_window), tf.MistralForCausalLM
-    if cfg.qkv_bias and not cfg.attn_out_bias and not cfg.mlp_bias:
-        return tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
-    return (tf.LlamaConfig(**common, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias),
-            tf.LlamaForCausalLM)
+def hf_counterpart(cfg: ModelConfig, dtype: torch.dtype):
+    """(family spec, transformers config, model class) of the conversion family that represents
+    `cfg` exactly (forge.models.hf.convert.pick_family: the one `forge convert --to hf` writes),
+    or raise UnsupportedModelError (a ValueError) saying why no family does."""
+    import transformers
+    from forge.models.hf.convert import hf_config_for, pick_family
+    spec = pick_family(cfg)
+    hf_cfg = hf_config_for(spec, cfg, dtype)
+    hf_cfg.use_cache = False
+    return spec, hf_cfg, getattr(transformers, spec.architecture)
 
 
-def hf_state_dict(forge_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Forge parameter names -> Llama-family HF names (same layouts: NeoX-half RoPE, (out, in))."""
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-             "attn.wo": "self_attn.o_proj", "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
-             "mlp.w_out": "mlp.down_proj"}
-    out = {}
-    for k, t in forge_sd.items():
-        if k == "embed.tok.weight":
-            out["model.embed_tokens.weight"] = t
-        elif k == "norm.weight":
-            out["model.norm.weight"] = t
-        elif k.startswith("head.proj."):
-            out["lm_head." + k.split(".")[-1]] = t
-        elif k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
-            mod, leaf = rest.rsplit(".", 1)
-            out[f"model.layers.{i}.{names[mod]}.{leaf}"] = t
-        else:
-            raise KeyError(f"no Hugging Face name for Forge tensor {k!r}")
-    return out
+def hf_state_dict(spec, cfg: ModelConfig, model) -> dict[str, torch.Tensor]:
+    """Forge `model`'s weights under the family's in-memory HF names (its key map and transforms,
+    as `forge convert --to hf` writes them; on-disk names that transformers renames in memory,
+    e.g. GPT-NeoX's embed_out -> lm_head, mapped back through the family's aliases)."""
+    from forge.models.hf.convert import forge_to_hf_state_dict
+    from forge.models.io import unique_state_dict
+    on_disk = {v: k for k, v in spec.aliases.items()}
+    sd = forge_to_hf_state_dict(spec, cfg, unique_state_dict(model))
+    return {on_disk.get(k, k): t for k, t in sd.items()}
 
 
 # ------------------------------------------------------------------ memory
@@ -307,16 +242,15 @@ def _build_forge(cfg, device, dtype, compile_, seed):
 
 
 def _build_hf(cfg, forge_model, device, dtype, attn_impl):
-    hf_cfg, cls = hf_counterpart(cfg)
+    spec, hf_cfg, cls = hf_counterpart(cfg, dtype)
     hf_cfg._attn_implementation = attn_impl
     with torch.device(device):
         hf = cls(hf_cfg).to(dtype)
-    from forge.models.io import unique_state_dict
-    sd = hf_state_dict(unique_state_dict(forge_model), cfg)
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing, unexpected = hf.load_state_dict(hf_state_dict(spec, cfg, forge_model), strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k in spec.tied_hf_keys)]
     if missing or unexpected:
-        raise RuntimeError(f"HF weight copy: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{spec.architecture}: transformers' in-memory parameter names differ from the "
+                         f"family's file names (missing {missing[:3]}, unexpected {unexpected[:3]})")
     hf.train()
 
     def loss_fn(x, y):

@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from forge.dtypes import DTYPES
 from forge.generate import device_value, positive_int
 
 SPLITS = ("valid", "test")
@@ -97,7 +98,7 @@ def find_run_config(folder: str, levels: int = 3) -> Optional[str]:
 
 def checkpoint_state(folder: str) -> dict:
     """The trainer's state.json of the checkpoint step dir above a model folder ({} if none)."""
-    from forge.train.checkpoint import STATE_FILE
+    from forge.models.discovery import STATE_FILE
     path = os.path.join(os.path.dirname(os.path.abspath(folder)), STATE_FILE)
     if not os.path.isfile(path):
         return {}
@@ -150,7 +151,7 @@ def evaluate_checkpoint(checkpoint: str, args) -> dict:
     from forge.data import build_data
     from forge.generate import load_for_generation
     t0 = time.perf_counter()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model, tok, folder = load_for_generation(checkpoint, args.device, dtype, flag="CHECKPOINT")
     run_config = find_run_config(folder)
     cfg = eval_config(model.cfg, run_config, args)
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=positive_int, default=None,
                    help="data-parallel ranks to emulate (default: the checkpoint's, as its training evaluated)")
     p.add_argument("--device", type=device_value, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     h = p.add_argument_group("lm-evaluation-harness (pip install 'forge[eval]')")
     h.add_argument("--tasks", help="comma-separated lm_eval task names (or task YAML files)")

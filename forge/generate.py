@@ -40,6 +40,8 @@ from typing import Callable, Optional
 
 import torch
 
+from forge.dtypes import DTYPES
+
 NEG_INF = float("-inf")
 
 
@@ -184,21 +186,16 @@ def resolve_model_folder(path: str, flag: str = "--checkpoint") -> str:
     """The Forge model folder behind `path`: a model folder itself, a checkpoint step directory
     (its `model/`; it must hold the COMPLETE marker), or a training run directory (the newest
     `checkpoints/step_*/` with a COMPLETE marker and a model folder)."""
-    from forge.models.io import FOLDER_CONTENTS, is_forge_folder
+    from forge.models.io import FOLDER_CONTENTS
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {path!r} does not exist")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{flag} {path!r} is not a directory")
-    from forge.models.discovery import complete_model_folder
-    step_model = complete_model_folder(path)        # a step dir (or its model/): COMPLETE checked
-    if step_model is not None and is_forge_folder(step_model):
-        return step_model
-    if is_forge_folder(path):
-        return path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from forge.models.hf.convert import newest_checkpoint_model
-        return newest_checkpoint_model(path)
+    from forge.models.discovery import find_model_folder
+    folder = find_model_folder(path)                # a step dir (COMPLETE checked), run dir, model folder
+    if folder is not None:
+        return folder
     raise FileNotFoundError(f"{flag} {path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a "
                             f"checkpoint step directory (model/ + COMPLETE), a training run directory "
                             f"(checkpoints/) nor a Hugging Face folder (config.json)")
@@ -325,44 +322,27 @@ def run_one(model, tok, text: str, args, generator: torch.Generator, out=None) -
 
 
 # argparse types: a bad value is refused by argparse itself, naming the flag, with exit status 2
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be a positive integer (>= 1)")
-    return v
+def checked(parse: Callable, ok: Callable, need: str) -> Callable[[str], object]:
+    """An argparse `type`: `parse(text)` (int or float), then `ok(value)`; either failing is an
+    ArgumentTypeError (argparse: exit 2 naming the flag) saying what the flag needs."""
+    kind = "an integer" if parse is int else "a number"
+
+    def convert(text: str):
+        try:
+            v = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text} must be {need}")
+        return v
+    convert.__name__ = need         # argparse names the type in its "invalid <name> value" fallback
+    return convert
 
 
-def temperature_value(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = greedy)")
-    return v
-
-
-def probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v <= 1:                       # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return v
-
-
-def seed_value(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= v < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"{v} must be in [0, 2**63)")
-    return v
+positive_int = checked(int, lambda v: v >= 1, "a positive integer (>= 1)")
+temperature_value = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
+probability = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")                # also refuses nan
+seed_value = checked(int, lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")
 
 
 def device_value(text: str) -> str:
@@ -395,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eod", action="store_true", help="keep going past the end-of-document token")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step")
     p.add_argument("--device", type=device_value, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--steer", default=None,
                    help="steering vector file (forge steer extract): added to the residual stream at its layer")
     p.add_argument("--steer-scale", type=float, default=1.0, help="multiplier of the --steer vector")
@@ -463,7 +443,7 @@ def interactive(model, tok, args, generator) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     try:
         model, tok, _ = load_for_generation(args.checkpoint, args.device, dtype)
         if args.steer:

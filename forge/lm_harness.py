@@ -31,6 +31,8 @@ import sys
 from typing import Optional
 
 import torch
+
+from forge.dtypes import DTYPES
 import torch.nn.functional as F
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'forge[eval]' (or pip install lm_eval==0.4.9)"
@@ -246,7 +248,7 @@ def main_tasks(args) -> int:
     except ImportError as e:
         print(f"forge eval: --tasks: {e}", file=sys.stderr)
         return 2
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     try:
         model, tok, _ = load_for_generation(args.checkpoint, args.device, dtype, flag="CHECKPOINT")
         lm = make_forge_lm(model, tok, batch_size=args.batch_size or 8, seed=args.seed)

@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Optional
 
+from forge.fsutil import atomic_file
+
 DEFAULT_METRICS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
 LABELS = {"loss": "train loss", "val_loss": "validation loss", "val_ppl": "validation perplexity",
           "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "tokens / s",
@@ -124,9 +126,8 @@ def _save(fig, out: str) -> None:
     """Write the figure next to `out` and rename it into place (a viewer never sees half a PNG)."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, out)
+    with atomic_file(out, mode=None, suffix=".png") as tmp:
+        fig.savefig(tmp)
 
 
 def write_loss_png(out_dir: str, name: str = "loss.png") -> Optional[str]:

@@ -20,3 +20,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One data-index cache folder for the session's tiny training runs (forge.data.cache keys
+    its entries by what they are built from, so runs share what is the same)."""
+    return str(tmp_path_factory.mktemp("forge_data_cache"))

@@ -13,6 +13,7 @@ from forge.config import ConfigError, ModelConfig, load_config
 from forge.models import build_model
 from forge.models.layers.attention import softmax_attention
 from forge.models.layers.scores import SCORE
+from tests.helpers import assert_cache_decoding_equals_recomputation, assert_causal
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes: see conftest.one_thread
 
@@ -198,15 +199,7 @@ def model_of(**kw):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_causal_changing_token_t_never_changes_logits_before_t(name):
-    model = model_of(**VARIANTS[name])
-    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
-    t = 13
-    other = ids.clone()
-    other[:, t] = (ids[:, t] + 1) % 64
-    with torch.no_grad():
-        a, b = model(ids), model(other)
-    assert torch.equal(a[:, :t], b[:, :t])
-    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4
+    assert_causal(model_of(**VARIANTS[name]), seq_len=24, t=13)
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -224,21 +217,7 @@ def test_sliding_window_masks_exactly(name):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_cache_decoding_equals_recomputation(name):
-    """Prompt of 7 through the cache, then 1 and 3 tokens at a time: logits equal one full pass
-    within 1e-5, and greedy decoding with the cache equals decoding without it."""
-    from forge.generate import generate
-    model = model_of(**VARIANTS[name])
-    seq = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(seq)
-        cache = model.new_cache()
-        parts = [model(seq[:, :7], cache=cache)] + [model(seq[:, 7:8], cache=cache)]
-        parts += [model(seq[:, t:t + 3], cache=cache) for t in range(8, 19, 3)]
-    assert cache.length == 19
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
-    prompt = seq[:, :5]
-    assert torch.equal(generate(model, prompt, 10, temperature=0.0, use_cache=True),
-                       generate(model, prompt, 10, temperature=0.0, use_cache=False))
+    assert_cache_decoding_equals_recomputation(model_of(**VARIANTS[name]), new_tokens=10)
 
 
 @pytest.mark.parametrize("kw", [dict(qk_norm="l2_scale", n_kv_heads=2, position="none"),
@@ -403,25 +382,17 @@ def test_forge_train_tp2_equals_one_process(tmp_path_factory):
     relative at every step and the checkpointed weights (read back from the per-rank files)
     within 1e-5. g starts at 3, not log2(L^2 - L) ~ 10: with consmax's unnormalised e^(s - beta)
     that sharp start amplifies fp32 roundoff to ~1.6e-5 in 4 Adam steps (each alone: < 2e-6)."""
+    from tests.helpers import assert_same_training, built_data
     from tests.test_parallel_layouts import STEPS, job, run
-    from forge.config import load_config
-    from forge.data import build_data
-    d = str(tmp_path_factory.mktemp("data"))
-    build_data(load_config(None, ["data.seq_len=32", "model.max_seq_len=32", f"data.cache_dir={d}"]).data,
-               seed=1234, work_dir=d, rank=0, world_size=1)
+    d = built_data(str(tmp_path_factory.mktemp("data")))
     results = []
     for world, parallel in ((1, {}), (2, dict(tp=2))):
         out = str(tmp_path_factory.mktemp(f"train-tp{world}"))
         results.append(run(job(out, d, "tiny-llama", 1, **parallel) + FORGE_TRAIN_KINDS, world))
     (ref_losses, ref_weights, _), (losses, weights, _) = results
     assert len(losses) == STEPS
-    for a, b in zip(losses, ref_losses):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
-    assert weights.keys() == ref_weights.keys()
     assert weights["layers.0.attn.score.beta"].shape == (4,)          # whole again: both ranks' heads
-    for name, ref in ref_weights.items():
-        err = (weights[name] - ref).norm() / ref.norm().clamp_min(1e-12)
-        assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
+    assert_same_training(losses, weights, ref_losses, ref_weights)
 
 
 def test_plan_keeps_the_score_term_only_for_one_unchunked_explicit_chunk():

@@ -21,24 +21,14 @@ from forge.models.sharded import WeightFileError
 from forge.train.checkpoint import CheckpointError, CheckpointWriteError
 from forge.train.cli import main as train_main
 from forge.train.trainer import config_mismatch, train
+from tests.helpers import snapshot, tiny_run_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(out_dir, cache, *extra):
-    return ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "data.seq_len=32",
-            f"data.cache_dir={cache}", "train.micro_batch_size=4", "train.max_steps=4", "train.save_interval=2",
-            "train.eval_interval=0", "train.log_interval=1", "optim.warmup_steps=1", f"train.out_dir={out_dir}",
-            "log.progress=false", *extra]
-
-
-def snapshot(path):
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, path)] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
-    return out
+    return tiny_run_args(out_dir, cache, "train.max_steps=4", "train.save_interval=2", "train.eval_interval=0",
+                         "train.log_interval=1", "optim.warmup_steps=1", *extra)
 
 
 def truncate(file, keep=0.5):

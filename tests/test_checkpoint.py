@@ -11,30 +11,13 @@ from forge.config import load_config
 from forge.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, resolve_resume
 from forge.train.cli import main as cli_main
 from forge.train.trainer import train
-
-
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("forge_data_cache"))
+from tests.helpers import snapshot, tiny_run_args
 
 
 def tiny(out_dir, cache, *extra):
-    return load_config(None, [
-        "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "model.dropout=0.1",
-        "data.seq_len=32", f"data.cache_dir={cache}", "train.micro_batch_size=4", "train.max_steps=8",
-        "optim.lr=3e-3", "optim.warmup_steps=2", "train.log_interval=1", "train.eval_interval=3",
-        "train.eval_steps=2", "train.save_interval=0", f"train.out_dir={out_dir}", "log.progress=false",
-        *extra])
-
-
-def snapshot(path):
-    """{relative path: (size, mtime)} of every file under `path`."""
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, path)] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
-    return out
+    return load_config(None, tiny_run_args(
+        out_dir, cache, "model.dropout=0.1", "train.max_steps=8", "optim.lr=3e-3", "optim.warmup_steps=2",
+        "train.log_interval=1", "train.eval_interval=3", "train.eval_steps=2", "train.save_interval=0", *extra))
 
 
 @pytest.mark.parametrize("stage,grad_accum,precision", [                # ~10 s each: one in the fast tier

@@ -1,8 +1,6 @@
 """Sampling helpers against hand-computed examples, `generate` semantics, checkpoint resolution,
-the `forge generate` CLI (one-shot, interactive, clear errors) and a `forge bench` smoke test."""
+the `forge generate` CLI (one-shot, interactive, clear errors)."""
 import io
-import json
-import math
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from forge.config import ModelConfig
 from forge.generate import (GenerationError, generate, main, resolve_model_folder, sample_next,
                             top_k_filter, top_p_filter)
 from forge.models.transformer import build_model
+from tests.helpers import save_char_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes: see conftest.one_thread
@@ -155,24 +154,8 @@ def test_generate_eos_pads_finished_rows_and_stops():
 
 
 # ------------------------------------------------------------------ checkpoints and the CLI
-ALPHABET = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
 def _save_folder(path, max_seq_len=48):
-    from forge.data.tokenizer import CharTokenizer
-    from forge.models.io import model_config_dict, save_model_folder
-    tok = CharTokenizer.from_alphabet(ALPHABET)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=max_seq_len)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.1)
-    tok_dir = str(path) + "-tok"
-    tok.save(tok_dir)
-    save_model_folder(model, model_config_dict(cfg), str(path), tokenizer_dir=tok_dir)
-    return model.eval(), tok
+    return save_char_model(path, str(path) + "-tok", max_seq_len, std=0.1)
 
 
 def _run_dir(tmp_path):
@@ -310,18 +293,3 @@ def test_cli_empty_prompt_starts_a_document(tmp_path, capsys):
     code, out, err = _cli(["--checkpoint", str(tmp_path / "m"), "--max-new-tokens", "5", "--seed", "0",
                            "--ignore-eod"], capsys)
     assert code == 0 and len(out) >= 1
-
-
-# ------------------------------------------------------------------ forge bench smoke test
-def test_bench_smoke(capsys):
-    from forge.bench import main as bench_main
-    argv = ["--preset", "tiny-llama", "--steps", "1", "--warmup", "0", "--seq-len", "16", "--batch", "1"]
-    assert bench_main(argv) == 0
-    out = capsys.readouterr().out
-    for field in ("tokens/s", "peak mem", "ratio forge/hf", "forge", "hf (sdpa, eager)", "loss@init"):
-        assert field in out, out
-    assert bench_main(argv + ["--json", "--no-hf"]) == 0
-    res = json.loads(capsys.readouterr().out)
-    row = res["results"][0]
-    assert row["tokens_per_s"] > 0 and row["peak_mem_bytes"] >= 0 and "ratio_forge_over_hf" not in res
-    assert res["flops_per_token"] > 0 and math.isfinite(row["loss_at_init"] or 0.0)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_train import data_cache, tiny  # noqa: F401 - data_cache is a fixture
+from tests.test_train import tiny
 
 
 @pytest.fixture

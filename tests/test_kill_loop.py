@@ -20,11 +20,6 @@ from tests.test_runlock import REPO, tiny_args
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("forge_data_cache"))
-
-
 def _start(out, cache):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = tiny_args(out, cache, f"train.max_steps={STEPS}", "train.save_interval=1", "train.resume=auto")

@@ -10,12 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forge.config import ModelConfig
-from forge.models.transformer import build_model
+from tests.helpers import save_char_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ALPHABET = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CTX = 24
 
 
@@ -31,20 +29,9 @@ def harness():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny Forge model folder with a character tokenizer (context CTX tokens)."""
-    from forge.data.tokenizer import CharTokenizer
-    from forge.models.io import model_config_dict, save_model_folder
     root = tmp_path_factory.mktemp("lm_harness")
-    tok = CharTokenizer.from_alphabet(ALPHABET)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.15)
-    tok.save(str(root / "tok"))
-    save_model_folder(model, model_config_dict(cfg), str(root / "model"), tokenizer_dir=str(root / "tok"))
-    return root / "model", model.eval(), tok
+    model, tok = save_char_model(root / "model", root / "tok", CTX, std=0.15)
+    return root / "model", model, tok
 
 
 def _forge_logprob(model, tok, context: str, continuation: str) -> tuple[float, bool]:

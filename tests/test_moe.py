@@ -318,9 +318,13 @@ def test_config_errors(overrides, fragment):
         load_config(None, ["model.preset=tiny-llama", *overrides])
 
 
-def test_zero2_with_moe_is_accepted():
-    cfg = load_config(None, ["model.preset=tiny-mixtral", "parallel.zero_stage=2", "parallel.ep=2"])
-    assert cfg.model.moe.n_experts == 4
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_2_with_moe_is_accepted(stage):
+    """Experts split over ep=2 under ZeRO-1/2 validate and give a DeepSpeed config of that stage
+    (stage 3 is refused: test_config_errors)."""
+    from forge.train.engine import build_ds_config
+    cfg = load_config(None, ["model.preset=tiny-mixtral", f"parallel.zero_stage={stage}", "parallel.ep=2"])
+    assert build_ds_config(cfg, 2)["zero_optimization"]["stage"] == stage
 
 
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen3-moe", "tiny-olmoe"])

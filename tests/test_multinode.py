@@ -33,11 +33,8 @@ def launch_two_nodes(tmp_path, cache_dir, out, steps, resume):
 
 @pytest.mark.slow
 def test_two_nodes_train_and_resume(tmp_path):
-    from forge.config import load_config
-    from forge.data import build_data
-    cache = str(tmp_path / "data")
-    cfg = load_config(None, ["data.seq_len=32", "model.max_seq_len=32", f"data.cache_dir={cache}"])
-    build_data(cfg.data, seed=cfg.train.seed, work_dir=cache, rank=0, world_size=1)
+    from tests.helpers import built_data
+    cache = built_data(str(tmp_path / "data"))
     out = tmp_path / "run"
     launch_two_nodes(tmp_path, cache, out, steps=2, resume="none")
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()

@@ -23,11 +23,6 @@ from tests.test_train import tiny
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("forge_data_cache"))
-
-
 class _InfGrad(torch.autograd.Function):
     """Identity forward; an infinite gradient backward (a finite loss with a non-finite norm)."""
 

@@ -199,11 +199,6 @@ def test_bad_optimizer_settings_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- training runs
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("optim_data_cache"))
-
-
 def _tiny(out_dir, cache, *extra):
     return load_config(None, [
         "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "model.dropout=0.1",
@@ -249,6 +244,7 @@ def test_elementwise_optimizers_under_zero1_tp_pp_match_one_process(tmp_path_fac
     losses and final weights within 1e-5; under ZeRO 1 stopped after step 2 and resumed (each rank's
     exp_avg / momentum_buffer fragments through the sharded optim/ files). (lion ran under pp = 2
     and sgd under tp = 2 too, once.)"""
+    from tests.helpers import assert_same_training
     from tests.test_parallel_layouts import job, run
     cache = str(tmp_path_factory.mktemp("data")) if "cache" not in _REFS else _REFS["cache"]
     _REFS["cache"] = cache
@@ -263,10 +259,4 @@ def test_elementwise_optimizers_under_zero1_tp_pp_match_one_process(tmp_path_fac
         run_distributed(_train, 2, over, 2)
         over = over + ["train.resume=auto"]
     losses, weights, _ = run(over, 2)
-    assert len(losses) == len(ref_losses)
-    for a, b in zip(losses, ref_losses):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
-    assert weights.keys() == ref_weights.keys()
-    for key, ref in ref_weights.items():
-        err = (weights[key] - ref).norm() / ref.norm().clamp_min(1e-12)
-        assert err <= 1e-5, f"{key}: relative difference {err:.2e}"
+    assert_same_training(losses, weights, ref_losses, ref_weights)

@@ -54,12 +54,8 @@ def run(overrides, world):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    from forge.config import load_config
-    from forge.data import build_data
-    d = str(tmp_path_factory.mktemp("data"))
-    cfg = load_config(None, ["data.seq_len=32", "model.max_seq_len=32", f"data.cache_dir={d}"])
-    build_data(cfg.data, seed=cfg.train.seed, work_dir=d, rank=0, world_size=1)   # build the shards once
-    return d
+    from tests.helpers import built_data
+    return built_data(str(tmp_path_factory.mktemp("data")))       # build the shards once
 
 
 _REFERENCE: dict = {}

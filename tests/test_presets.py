@@ -33,13 +33,35 @@ def test_parameter_count_matches_published(name):
     assert model.num_params() == PUBLISHED[name]
 
 
-def test_llama_versions_differ_where_the_real_ones_do():
-    l1, l2, l3, l32 = (PRESETS[n] for n in ("llama1-7b", "llama2-7b", "llama3-8b", "llama3.2-1b"))
-    assert (l1.max_seq_len, l2.max_seq_len, l3.max_seq_len) == (2048, 4096, 8192)
-    assert (l2.rope_theta, l3.rope_theta) == (10000.0, 500000.0)
-    assert (l2.vocab_size, l3.vocab_size) == (32000, 128256)
-    assert l2.kv_heads == 32 and l3.kv_heads == 8
-    assert l3.rope_scaling == "none" and l32.rope_scaling == "llama3"
+# The architecture fields of the published config.json of each checkpoint (huggyllama/llama-7b,
+# meta-llama/Llama-2-7b-hf, Meta-Llama-3-8B, Llama-3.2-1B); absent keys take transformers' defaults.
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+          "num_attention_heads": 32, "tie_word_embeddings": False}
+PUBLISHED_CONFIGS = {
+    "llama1-7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, max_position_embeddings=2048,
+                      num_hidden_layers=32, rms_norm_eps=1e-06, vocab_size=32000),
+    "llama2-7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, max_position_embeddings=4096,
+                      num_hidden_layers=32, num_key_value_heads=32, rms_norm_eps=1e-05, rope_scaling=None,
+                      vocab_size=32000),
+    "llama3-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, max_position_embeddings=8192,
+                      num_hidden_layers=32, num_key_value_heads=8, rms_norm_eps=1e-05, rope_theta=500000.0,
+                      vocab_size=128256),
+    "llama3.2-1b": dict(_LLAMA, hidden_size=2048, intermediate_size=8192, max_position_embeddings=131072,
+                        num_hidden_layers=16, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-05,
+                        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                        rope_theta=500000.0, tie_word_embeddings=True, vocab_size=128256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_llama_presets_are_their_published_configs(name):
+    """Each Llama preset is what the conversion family reads from that checkpoint's published
+    config.json, field for field (context length, rope theta and scaling, vocabulary, GQA, eps,
+    tying): the versions differ where the real ones do."""
+    from forge.models.hf.families import FAMILIES, canonical
+    read = FAMILIES["LlamaForCausalLM"].config_from_hf(PUBLISHED_CONFIGS[name])
+    assert canonical(PRESETS[name]) == canonical(read)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("tiny-")))

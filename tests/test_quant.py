@@ -197,12 +197,8 @@ def test_tp2_training_run_with_qat_matches_one_process(tmp_path, qat_cache_dir):
 
 @pytest.fixture(scope="module")
 def qat_cache_dir(tmp_path_factory):
-    from forge.config import load_config
-    from forge.data import build_data
-    d = str(tmp_path_factory.mktemp("data"))
-    cfg = load_config(None, ["data.seq_len=32", "model.max_seq_len=32", f"data.cache_dir={d}"])
-    build_data(cfg.data, seed=cfg.train.seed, work_dir=d, rank=0, world_size=1)
-    return d
+    from tests.helpers import built_data
+    return built_data(str(tmp_path_factory.mktemp("data")))
 
 
 def test_convert_to_hf_quantized_and_full_precision(tmp_path, capsys):

@@ -33,7 +33,7 @@ SKIP = {           # command prefix -> why this test does not run it
     "torchrun ": "8 processes (the parallel layouts are tested on 2-4 gloo processes elsewhere)",
     "deepspeed ": "needs GPUs",
     "docker ": "needs Docker",
-    "forge bench": "compiles two 134M models (minutes); tests/test_generate.py runs a tiny bench",
+    "forge bench": "compiles two 134M models (minutes); tests/test_bench.py runs a tiny bench",
 }
 
 TINY_TRAIN = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=2",

@@ -13,11 +13,6 @@ from tests.test_train import tiny
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("forge_data_cache"))
-
-
 def steps(out):
     d = os.path.join(out, "checkpoints")
     return sorted(int(n[5:]) for n in os.listdir(d) if n.startswith("step_"))

@@ -15,7 +15,7 @@ import pytest
 from forge.config import OptimConfig, load_config
 from forge.train.metrics import human, human_duration
 from forge.train.schedule import lr_at, schedule_warnings
-from tests.test_train import data_cache, tiny  # noqa: F401 - data_cache is a fixture
+from tests.test_train import tiny
 
 SUFFIX = {"": 1, "k": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 

@@ -14,6 +14,7 @@ from forge.train.cli import main as cli_main
 from forge.train.runlock import LOCK_FILE, RunLockError, acquire, read_lock
 from forge.train.trainer import train
 from tests.distributed import run_distributed
+from tests.helpers import tiny_run_args
 from tests.test_train import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,15 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("forge_data_cache"))
-
-
 def tiny_args(out, cache, *extra):
-    return ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "data.seq_len=32",
-            f"data.cache_dir={cache}", "train.micro_batch_size=4", "train.max_steps=2", "train.eval_interval=0",
-            f"train.out_dir={out}", "log.progress=false", *extra]
+    return tiny_run_args(out, cache, "train.max_steps=2", "train.eval_interval=0", *extra)
 
 
 def hold_lock_in_subprocess(out):

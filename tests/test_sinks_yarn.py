@@ -15,6 +15,7 @@ from forge.models import build_model
 from forge.models.layers.attention import softmax_attention
 from forge.models.layers.position import Rotary, rope_attention_factor, rope_inv_freq
 from forge.models.layers.scores import Sinks, sink_softmax
+from tests.helpers import assert_cache_decoding_equals_recomputation, assert_causal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,31 +88,12 @@ CASES = {"sinks": SINKS, "sinks-yarn": {**SINKS, **YARN}, "yarn": YARN}
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_causal_changing_token_t_never_changes_logits_before_t(name):
-    model = model_of(**CASES[name])
-    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
-    t = 11
-    other = ids.clone()
-    other[:, t] = (ids[:, t] + 1) % 64
-    with torch.no_grad():
-        a, b = model(ids), model(other)
-    assert torch.equal(a[:, :t], b[:, :t])
-    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4
+    assert_causal(model_of(**CASES[name]), seq_len=20, t=11)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cache_decoding_equals_recomputation(name):
-    from forge.generate import generate
-    model = model_of(**CASES[name])
-    seq = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(seq)
-        cache = model.new_cache()
-        parts = [model(seq[:, :7], cache=cache), model(seq[:, 7:8], cache=cache)]
-        parts += [model(seq[:, t:t + 3], cache=cache) for t in range(8, 19, 3)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
-    prompt = seq[:, :5]
-    assert torch.equal(generate(model, prompt, 8, temperature=0.0, use_cache=True),
-                       generate(model, prompt, 8, temperature=0.0, use_cache=False))
+    assert_cache_decoding_equals_recomputation(model_of(**CASES[name]), new_tokens=8)
 
 
 def test_sinks_change_the_output_and_train():

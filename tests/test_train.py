@@ -19,11 +19,6 @@ from forge.train.trainer import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("forge_data_cache"))
-
-
 def tiny(out_dir, cache, *extra):
     """A seconds-long config: d_model 32, 2 layers, 32-token sequences."""
     return load_config(None, [

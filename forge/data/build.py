@@ -29,9 +29,10 @@ from typing import Optional
 from forge.data.blend import BlendedDataset
 from forge.data.cache import wait_for
 from forge.data.gpt_dataset import GPTDataset, split_ranges
-from forge.data.shards import ShardSet, write_json_atomic
+from forge.data.shards import ShardSet
 from forge.data.sources import Record
 from forge.data.tokenizer import CharTokenizer, Tokenizer, train_bpe
+from forge.fsutil import write_json_atomic
 
 log = logging.getLogger("forge.data")
 CHECK_CACHE = "shard_checks.json"        # forge.data.integrity's cache, beside the sample indices

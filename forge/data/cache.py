@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from forge.data.shards import write_json_atomic
+from forge.fsutil import atomic_file, write_json_atomic
 
 log = logging.getLogger("forge.data")
 
@@ -84,9 +84,8 @@ def cached_arrays(folder: str, key: dict, build: Callable[[], dict], rank: int =
             t0 = time.monotonic()
             arrays = build()
             for name, arr in arrays.items():
-                tmp = os.path.join(folder, f"{digest}-{name}.tmp{os.getpid()}.npy")
-                np.save(tmp, np.ascontiguousarray(arr))
-                os.replace(tmp, os.path.join(folder, f"{digest}-{name}.npy"))
+                with atomic_file(os.path.join(folder, f"{digest}-{name}.npy"), mode=None, suffix=".npy") as tmp:
+                    np.save(tmp, np.ascontiguousarray(arr))
             write_json_atomic(done, {"key": key, "arrays": sorted(arrays)})
             try:
                 os.remove(building)

@@ -32,7 +32,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from forge.data.indexed import FormatError, IndexedDataset
-from forge.data.shards import MANIFEST, ShardSet, repair_hint, write_json_atomic
+from forge.data.shards import MANIFEST, ShardSet, repair_hint
+from forge.fsutil import write_json_atomic
 
 log = logging.getLogger("forge.data")
 BLOCK = 1 << 24

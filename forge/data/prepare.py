@@ -43,9 +43,10 @@ import numpy as np
 
 from forge.data.indexed import IndexedWriter, token_dtype
 from forge.data.integrity import verify_shard_files
-from forge.data.shards import FORMAT, MANIFEST, read_manifest, write_json_atomic
+from forge.data.shards import FORMAT, MANIFEST, read_manifest
 from forge.data.sources import InputError, Record, describe_input, iter_records, resolve_inputs, UNITS
 from forge.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, CharTokenizer, Tokenizer, train_bpe
+from forge.fsutil import write_json_atomic
 
 log = logging.getLogger("forge.data")
 COUNTERS = ("records", "empty", "invalid_utf8", "split_documents")

@@ -27,16 +27,6 @@ MANIFEST = "manifest.json"
 FORMAT = "forge-shards"
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write-then-rename: readers see the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(folder: str) -> Optional[dict]:
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):

@@ -21,8 +21,9 @@ import glob
 import gzip
 import json
 import os
-import socket
 from typing import Iterator, NamedTuple, Optional
+
+from forge.hub import unreachable_reason
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
@@ -80,7 +81,7 @@ def resolve_inputs(inputs: list[str]) -> list[str]:
         elif _suffix(item) or item.startswith(("/", "./", "../", "~")):
             raise InputError(f"input {item} does not exist")
         else:
-            why = hub_reachable()
+            why = unreachable_reason(variables=("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
             if why is not None:
                 raise InputError(f"input {item!r} is not a local file, folder or glob, and the Hugging Face "
                                  f"hub is unreachable ({why}); download the dataset and pass its files")
@@ -209,19 +210,6 @@ def _looks_like_jsonl(path: str) -> bool:
     with _open(path) as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return not head.startswith(b"[")
-
-
-def hub_reachable(timeout: float = 5.0) -> Optional[str]:
-    """None when the hub answers; otherwise why not (offline mode or no connection)."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-        return None
-    except OSError as e:
-        return f"cannot connect to {host}: {e}"
 
 
 def _datasets_records(source: str, key: str) -> Iterator[Record]:

@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from forge.fsutil import JSONFileError, atomic_file, read_json_object
+
 EOD, BOS, PAD = "<|endoftext|>", "<|bos|>", "<|pad|>"
 SPECIALS = (EOD, BOS, PAD)
 TOKENIZER_FILE = "tokenizer.json"
@@ -74,10 +76,8 @@ class Tokenizer:
         os.makedirs(directory, exist_ok=True)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens()}
         for name, text in ((CONFIG_FILE, json.dumps(config, indent=1)), (TOKENIZER_FILE, self.to_json())):
-            tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_file(os.path.join(directory, name), encoding="utf-8") as f:
                 f.write(text)
-            os.replace(tmp, os.path.join(directory, name))
         return os.path.join(directory, TOKENIZER_FILE)
 
     @classmethod
@@ -131,15 +131,11 @@ class TokenizerFileError(ValueError):
 def _read_json_object(file: str) -> dict:
     """The JSON object in `file`, or TokenizerFileError naming it."""
     try:
-        with open(file, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerFileError(f"tokenizer file {file!r} cannot be read ({type(e).__name__}: {e}); it is "
-                                 "truncated or corrupt: copy it again from its source (or re-run forge prepare)") from None
-    if not isinstance(value, dict):
-        raise TokenizerFileError(f"tokenizer file {file!r} holds {type(value).__name__}, not a JSON object; "
-                                 "copy it again from its source")
-    return value
+        return read_json_object(file)
+    except (OSError, JSONFileError) as e:
+        what = str(e) if isinstance(e, JSONFileError) else f"{file!r} cannot be read ({type(e).__name__}: {e})"
+        raise TokenizerFileError(f"tokenizer file {what}; copy it again from its source (or re-run forge prepare)"
+                                 ) from None
 
 
 def _read_backend(file: str):

@@ -1,10 +1,12 @@
 """Where a training run keeps its checkpoints, shared by training, generation and conversion:
 
-    OUT/checkpoints/step_{step:08d}/{model/, COMPLETE, ...}     (forge.train.checkpoint writes them)
+    OUT/checkpoints/step_{step:08d}/{model/, COMPLETE, trainer_state.json, ...}
+                                                                (forge.train.checkpoint writes them)
 A step dir counts once its COMPLETE marker exists; `model/` is its Forge model folder.
 `forge generate`, `forge convert` and `forge.from_pretrained` (and train.init_from, through
-convert's resolver) refuse a step dir without the marker, or its `model/` folder, through
-`complete_model_folder`; training's train.resume checks the same marker (`is_complete`).
+convert's resolver) find a model folder through `find_model_folder`, which refuses a step dir
+without the marker, or its `model/` folder (`complete_model_folder`); training's train.resume
+checks the same marker (`is_complete`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 MODEL_DIR = "model"
+STATE_FILE = "trainer_state.json"
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -79,7 +82,38 @@ def complete_model_folder(path: str) -> Optional[str]:
         require_complete(os.path.dirname(norm))
         return path
     if os.path.isdir(os.path.join(norm, MODEL_DIR)) and (_is_step_dir(norm) or os.path.exists(
-            os.path.join(norm, COMPLETE)) or os.path.exists(os.path.join(norm, "trainer_state.json"))):
+            os.path.join(norm, COMPLETE)) or os.path.exists(os.path.join(norm, STATE_FILE))):
         require_complete(norm)
+        return os.path.join(path, MODEL_DIR)
+    return None
+
+
+def newest_checkpoint_model(run_dir: str) -> str:
+    """`run_dir/checkpoints/step_*/model` of the newest step with a COMPLETE marker and a Forge
+    model folder; FileNotFoundError names the step dirs found when there is none."""
+    from forge.models.io import FOLDER_CONTENTS, is_forge_folder
+    for _, d in reversed(list_checkpoints(run_dir)):
+        if is_forge_folder(os.path.join(d, MODEL_DIR)):
+            return os.path.join(d, MODEL_DIR)
+    found = [os.path.basename(d) for _, d in list_checkpoints(run_dir, complete_only=False)]
+    raise FileNotFoundError(f"{checkpoints_dir(run_dir)!r} holds no complete checkpoint (a step_* folder with a "
+                            f"{COMPLETE} marker and a {MODEL_DIR}/ folder with {FOLDER_CONTENTS}); "
+                            f"found {found[-8:] or 'no step dirs'}")
+
+
+def find_model_folder(path: str) -> Optional[str]:
+    """The Forge model folder that directory `path` names, in this order: the `model/` of a
+    checkpoint step dir (or that `model/` itself; COMPLETE checked), `path` itself, the newest
+    complete checkpoint's of a training run dir (OUT/checkpoints/; FileNotFoundError when it
+    has none), or `path/model`. None when `path` is none of these."""
+    from forge.models.io import is_forge_folder
+    step_model = complete_model_folder(path)
+    if step_model is not None and is_forge_folder(step_model):
+        return step_model
+    if is_forge_folder(path):
+        return path
+    if os.path.isdir(checkpoints_dir(path)):
+        return newest_checkpoint_model(path)
+    if is_forge_folder(os.path.join(path, MODEL_DIR)):
         return os.path.join(path, MODEL_DIR)
     return None

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from forge.config import ModelConfig, model_from_dict
-from forge.fsutil import make_temp_dir, save_safetensors
+from forge import fsutil
+from forge.fsutil import save_safetensors
 from forge.models.sharded import INDEX_FILE
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
@@ -78,6 +79,14 @@ def writing(where: str, under: str | None = None):
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(out: str, force: bool = False):
+    """fsutil.atomic_dir (a temporary sibling renamed into place) with the writes inside turned
+    into WriteError (`writing`; a read of an input outside the folder passes through)."""
+    with fsutil.atomic_dir(out, force) as tmp, writing(out, under=tmp):
+        yield tmp
+
+
 def is_forge_folder(path: str) -> bool:
     """config.yaml with model.safetensors, or with a sharded checkpoint's forge_index.json."""
     from forge.models.sharded import is_sharded_folder
@@ -103,24 +112,14 @@ def save_model_folder(model, cfg_dict: dict, path: str, tokenizer_dir: str | Non
 
 def save_state_folder(state: dict[str, torch.Tensor], cfg_dict: dict, path: str,
                       tokenizer_dir: str | None = None) -> None:
-    """Write a full Forge state dict with its config to `path`, atomically."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = make_temp_dir(parent, prefix=".tmp-")
-    try:
-        with writing(path):
-            save_safetensors({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS_FILE))
-            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-                yaml.safe_dump(cfg_dict, f, sort_keys=False)
-            if tokenizer_dir and os.path.isdir(tokenizer_dir):
-                for name in os.listdir(tokenizer_dir):
-                    shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write a full Forge state dict with its config to `path`, atomically (replacing it)."""
+    with atomic_dir(path, force=True) as tmp:
+        save_safetensors({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS_FILE))
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            yaml.safe_dump(cfg_dict, f, sort_keys=False)
+        if tokenizer_dir and os.path.isdir(tokenizer_dir):
+            for name in os.listdir(tokenizer_dir):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
 
 
 def read_model_config(path: str) -> ModelConfig:

@@ -143,12 +143,10 @@ def _part_numel(p: dict) -> int:
 
 
 def write_index(folder: str, index: dict) -> None:
+    from forge.fsutil import write_json_atomic
     from forge.models.io import writing
-    tmp = os.path.join(folder, INDEX_FILE + ".tmp")
     with writing(os.path.join(folder, INDEX_FILE)):
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(tmp, os.path.join(folder, INDEX_FILE))
+        write_json_atomic(os.path.join(folder, INDEX_FILE), index, durable=False)
 
 
 def is_sharded_folder(path: str) -> bool:

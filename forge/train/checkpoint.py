@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import random
 import shutil
@@ -46,12 +45,13 @@ import numpy as np
 import torch
 
 from forge.config import ConfigError, JobConfig, config_yaml, flatten_dict
+from forge.fsutil import JSONFileError, atomic_file, fsync_dir, read_json_object, write_json_atomic
 from forge.train import distributed as dist
 
-from forge.models.discovery import (CHECKPOINTS, COMPLETE, MODEL_DIR, STEP_RE, checkpoints_dir,  # noqa: F401
-                                    is_complete, latest_checkpoint, list_checkpoints, step_dir)  # noqa: F401
+from forge.models.discovery import (CHECKPOINTS, COMPLETE, MODEL_DIR, STATE_FILE, STEP_RE,  # noqa: F401
+                                    checkpoints_dir, is_complete, latest_checkpoint, list_checkpoints,
+                                    step_dir)  # noqa: F401
 
-STATE_FILE = "trainer_state.json"
 OPTIM_DIR = "optim"
 DS_TAG = "ds"
 LATEST = "latest"
@@ -120,13 +120,12 @@ def read_state(path: str) -> dict:
     CheckpointError naming the file and the checkpoint to resume from instead."""
     file = os.path.join(path, STATE_FILE)
     try:
-        with open(file) as f:
-            state = json.load(f)
+        state = read_json_object(file)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path!r} has no {STATE_FILE}; {resume_hint(path)}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, JSONFileError) as e:
         raise unreadable(path, file, e) from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+    if not isinstance(state.get("step"), int):
         raise unreadable(path, file, ValueError("not an object with an integer 'step'"))
     return state
 
@@ -151,15 +150,13 @@ def set_aside(paths: list[str], out_dir: str) -> list[tuple[str, str]]:
     remaining = list_checkpoints(out_dir)
     if remaining:                           # `latest` names a step dir that is still there
         _write_latest(out_dir, remaining[-1][1])
-    _fsync_dir(checkpoints_dir(out_dir))
+    fsync_dir(checkpoints_dir(out_dir))
     return moved
 
 
 def _write_latest(out_dir: str, path: str) -> None:
-    latest = os.path.join(checkpoints_dir(out_dir), LATEST)
-    with open(latest + ".tmp", "w") as f:
+    with atomic_file(os.path.join(checkpoints_dir(out_dir), LATEST)) as f:
         f.write(os.path.basename(path) + "\n")
-    os.replace(latest + ".tmp", latest)
 
 
 # ---------------------------------------------------------------- compatibility
@@ -253,28 +250,6 @@ def _rng_file(path: str, rank: int) -> str:
 
 
 # ---------------------------------------------------------------- save / load
-def _write_json_durable(file: str, obj: Any) -> None:
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: str) -> None:
     for d, _, files in os.walk(path):
         for name in files:
@@ -283,7 +258,7 @@ def _fsync_tree(path: str) -> None:
                     os.fsync(f.fileno())
             except OSError:
                 pass
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def _write_sharded(folder: str, parts) -> None:
@@ -342,12 +317,12 @@ def save_checkpoint(engine, cfg: JobConfig, out_dir: str, step: int, groups, sta
     if rank == 0:
         with _writing_checkpoint(path):
             full = dict(state, step=step, config=cfg.to_dict(), config_hash=cfg.hash(), time=time.time())
-            _write_json_durable(os.path.join(path, STATE_FILE), full)
+            write_json_atomic(os.path.join(path, STATE_FILE), full, indent=2, default=str)
             _fsync_tree(path)
             with open(os.path.join(path, COMPLETE), "w") as f:
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(path)
+            fsync_dir(path)
             _write_latest(out_dir, path)
     dist.barrier()
     return path
@@ -402,7 +377,7 @@ def prune_checkpoints(out_dir: str, newest_step: int, keep_last: int, keep_every
     for s, path in found:
         if s < newest_step and s not in keep:
             os.remove(os.path.join(path, COMPLETE))
-            _fsync_dir(path)
+            fsync_dir(path)
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted

@@ -31,6 +31,7 @@ import time
 from typing import Any, Optional
 
 from forge.config import ConfigError, JobConfig
+from forge.fsutil import atomic_file
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -77,10 +78,8 @@ def _truncate(path: str, last_step: int) -> None:
                         keep.append(line if line.endswith("\n") else line + "\n")
                 except json.JSONDecodeError:
                     continue                         # a line cut by a crash
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> str:

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from forge.fsutil import atomic_file
 from forge.train.metrics import human, human_duration
 
 SUMMARY_FILE = "summary.json"
@@ -139,8 +140,7 @@ def format_summary(s: dict) -> str:
 def write_summary(out_dir: str, summary: dict) -> str:
     """OUT/summary.json (written then renamed); returns its path."""
     path = os.path.join(out_dir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
+    with atomic_file(path) as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
-    os.replace(path + ".tmp", path)
     return path

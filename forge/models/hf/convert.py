@@ -23,7 +23,6 @@ one rule's inputs and outputs at a time, never the model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -31,20 +30,19 @@ import re
 import shutil
 import struct
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
-from urllib.parse import urlparse
 
 import torch
 import yaml
 
 from forge.config import ModelConfig
-from forge.fsutil import make_temp_dir, save_safetensors
+from forge.dtypes import DTYPES, to_dtype
+from forge.fsutil import JSONFileError, read_json_object, save_safetensors
 from forge.models.hf.families import FAMILIES, FamilySpec, Transform, UnsupportedModelError, representation_errors
 from forge.models.hf.quantized import QuantizedWeights, export_plan
-from forge.models.io import (CONFIG_FILE, FOLDER_CONTENTS, SAFETENSORS_DTYPES, WEIGHTS_FILE, WriteError, writing,
+from forge.models.io import (CONFIG_FILE, FOLDER_CONTENTS, SAFETENSORS_DTYPES, WEIGHTS_FILE, WriteError, atomic_dir,
                              is_forge_folder,
                              load_model_folder, load_state_dict_strict, model_config_dict, read_model_config,
                              unique_state_dict, weight_dtypes)
@@ -54,17 +52,7 @@ HF_SOURCE = "hf_source.json"          # sidecar in a Forge folder converted from
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _dtype(d) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
-    if d not in DTYPES:
-        raise ValueError(f"dtype {d!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[d]
 
 
 # ---------------------------------------------------------------- rules
@@ -234,7 +222,7 @@ def forge_to_hf_stream(spec: FamilySpec, cfg: ModelConfig, weights, dtype=None, 
     tensors the next rule needs, so it holds one rule's inputs and outputs at a time (less the
     outputs already handed out). dtype None keeps each tensor's own dtype. The tied head is
     omitted, as transformers saves it."""
-    dtype = None if dtype is None else _dtype(dtype)
+    dtype = None if dtype is None else to_dtype(dtype)
     names = weights.names()
     rules, shapes, hf, _ = plan(spec, cfg, {k: dtype or weights.dtype(k) for k in names})
     missing, unexpected = sorted(set(shapes) - set(names)), sorted(set(names) - set(shapes))
@@ -268,16 +256,11 @@ def read_json(file: str) -> dict:
     """The JSON object in `file`; a missing, truncated or corrupt file is a ValueError (OSError
     when missing) naming it."""
     try:
-        with open(file) as f:
-            value = json.load(f)
+        return read_json_object(file)
     except FileNotFoundError:
         raise FileNotFoundError(f"{file!r} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file!r} does not parse as JSON ({e}): it is truncated or corrupt; download or "
-                         "copy the folder again") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{file!r} holds {type(value).__name__}, not a JSON object; download or copy it again")
-    return value
+    except JSONFileError as e:
+        raise ValueError(f"{e}; download or copy the folder again") from None
 
 
 def _load_safetensors(file: str) -> dict[str, torch.Tensor]:
@@ -348,7 +331,7 @@ def config_from_hf_folder(path: str) -> tuple[FamilySpec, ModelConfig, dict]:
 def hf_folder_to_forge(path: str, dtype=torch.float32):
     """(ModelConfig, Forge state dict, spec, HF config dict) from an HF folder."""
     spec, cfg, hf_cfg = config_from_hf_folder(path)
-    sd = hf_to_forge_state_dict(spec, cfg, load_hf_state_dict(path), _dtype(dtype), source=path)
+    sd = hf_to_forge_state_dict(spec, cfg, load_hf_state_dict(path), to_dtype(dtype), source=path)
     return cfg, sd, spec, hf_cfg
 
 
@@ -374,64 +357,21 @@ def pick_family(cfg: ModelConfig, prefer: str | None = None, strict: bool = True
 
 
 # ---------------------------------------------------------------- locating inputs
-def newest_checkpoint_model(run_dir: str) -> str:
-    """`run_dir/checkpoints/step_*/model` of the newest step with a COMPLETE marker (the
-    trainer's own checkpoint discovery, forge.models.discovery)."""
-    from forge.models.discovery import MODEL_DIR, checkpoints_dir, list_checkpoints
-    for _, d in reversed(list_checkpoints(run_dir)):
-        if is_forge_folder(os.path.join(d, MODEL_DIR)):
-            return os.path.join(d, MODEL_DIR)
-    found = [os.path.basename(d) for _, d in list_checkpoints(run_dir, complete_only=False)]
-    raise FileNotFoundError(f"{checkpoints_dir(run_dir)!r} holds no complete checkpoint (a step_* folder with a "
-                            f"COMPLETE marker and a model/ folder with {FOLDER_CONTENTS}); "
-                            f"found {found[-8:] or 'no step dirs'}")
-
-
-def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        from huggingface_hub import constants
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:                      # noqa: BLE001
-        return False
-
-
-def _reachable(url: str, timeout: float = 5.0) -> bool:
-    """A TCP connection to `url`'s host within `timeout` seconds (DNS included, in a thread)."""
-    import socket
-    u = urlparse(url)
-    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
-    ok = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-    th = threading.Thread(target=probe, daemon=True)
-    th.start()
-    th.join(timeout)
-    return bool(ok)
-
-
 def download(repo_id: str) -> str:
     """Local snapshot of a hub repo (config, safetensors weights, tokenizer files); a clear error
     at once when offline or the hub is unreachable, never a hang."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
+
+    from forge.hub import endpoint, unreachable_reason
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
     except Exception:                      # noqa: BLE001 - not cached: go on to the network
         pass
-    if _offline():
+    why = unreachable_reason()
+    if why:
         raise ConnectionError(f"{repo_id!r} is not a local folder and is not in the Hugging Face cache, and "
-                              f"HF_HUB_OFFLINE is set; download it elsewhere and pass the folder")
-    endpoint = getattr(constants, "ENDPOINT", "https://huggingface.co")
-    if not _reachable(endpoint):
-        raise ConnectionError(f"{repo_id!r} is not a local folder and {endpoint} cannot be reached; "
-                              f"pass a local Hugging Face folder instead")
+                              f"{endpoint()} cannot be reached ({why}); download it elsewhere and pass the folder")
     return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10)
 
 
@@ -439,18 +379,12 @@ def resolve(path: str) -> tuple[str, str]:
     """("forge" | "hf", folder) for a Forge folder, run dir, checkpoint dir, HF folder or hub id."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        from forge.models.discovery import complete_model_folder
-        step_model = complete_model_folder(path)    # a step dir (or its model/): COMPLETE checked
-        if step_model is not None and is_forge_folder(step_model):
-            return "forge", step_model
-        if is_forge_folder(path):
-            return "forge", path
-        if os.path.isfile(os.path.join(path, HF_CONFIG)):
+        from forge.models.discovery import find_model_folder
+        if os.path.isfile(os.path.join(path, HF_CONFIG)) and not is_forge_folder(path):
             return "hf", path
-        if os.path.isdir(os.path.join(path, "checkpoints")):
-            return "forge", newest_checkpoint_model(path)
-        if is_forge_folder(os.path.join(path, "model")):
-            return "forge", os.path.join(path, "model")
+        folder = find_model_folder(path)             # a step dir (COMPLETE checked), run dir, model folder
+        if folder is not None:
+            return "forge", folder
         raise FileNotFoundError(f"{path!r} is neither a Forge model folder ({FOLDER_CONTENTS}), a checkpoint "
                                 f"step directory (model/), a training run directory (checkpoints/) nor a Hugging "
                                 f"Face folder ({HF_CONFIG})")
@@ -462,7 +396,7 @@ def resolve(path: str) -> tuple[str, str]:
 def from_pretrained(path, dtype=torch.float32):
     """A Forge model (eval mode) from any supported folder or hub repo id."""
     from forge.models.transformer import build_model
-    dtype = _dtype(dtype)
+    dtype = to_dtype(dtype)
     kind, folder = resolve(path)
     if kind == "forge":
         return load_model_folder(folder, dtype)[0]
@@ -477,32 +411,6 @@ def describe_os_error(e: OSError, args) -> str:
     """An OSError outside the writes (a missing or unreadable input), with its file."""
     file = getattr(e, "filename", None)
     return f"{e.strerror}: {file!r}" if file and e.strerror else str(e)
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str, force: bool = False):
-    """Yield a temporary sibling of `out`; on success it replaces `out` (refused when `out` exists
-    and is non-empty, unless force). A failed write (WriteError: ENOSPC says "disk full") leaves
-    `out` as it was."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not force and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"{out!r} exists and is not empty; pass --force to overwrite it")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = make_temp_dir(parent, prefix=f".tmp-{os.path.basename(out)}-")
-    try:
-        with writing(out, under=tmp):
-            yield tmp
-        old = None
-        if os.path.lexists(out):           # move the old output aside, swap the new one in, then delete
-            old = tmp + "-old"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old:
-            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _copy_tokenizer(src: str, dst: str) -> list[str]:
@@ -697,7 +605,7 @@ class HFShardWriter:
             self.current.close()
 
 
-def _main_dtype(layout: list) -> torch.dtype:
+def _mainto_dtype(layout: list) -> torch.dtype:
     """The dtype holding most of the bytes (the config's `dtype` when no single dtype was asked for)."""
     size = Counter()
     for _, shape, dtype in layout:
@@ -723,7 +631,7 @@ def write_hf_folder(out: str, cfg: ModelConfig, weights, dtype=None, arch: str |
     spec = pick_family(cfg, prefer, strict)
     layout, tensors = forge_to_hf_stream(spec, cfg, weights, dtype, source=src_dir or "model")
     with atomic_dir(out, force) as tmp:
-        hf_config_for(spec, cfg, _main_dtype(layout), ids).save_pretrained(tmp)
+        hf_config_for(spec, cfg, _mainto_dtype(layout), ids).save_pretrained(tmp)
         with HFShardWriter(tmp, layout, max_bytes) as shards:
             for name, tensor in tensors:
                 shards.add(name, tensor)
@@ -744,7 +652,7 @@ def _parser() -> argparse.ArgumentParser:
     way.add_argument("--to", choices=["hf"], help="convert a Forge folder / training run to Hugging Face")
     p.add_argument("--input", required=True, help="source folder (or hub repo id with --from hf)")
     p.add_argument("--output", required=True, help="destination folder (written atomically)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights (default: "
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the written weights (default: "
                    "--to hf the dtype the weights are stored in, --from hf fp32)")
     p.add_argument("--max-shard-size", type=_size_arg, help="--to hf: the largest safetensors file to write, "
                    f"e.g. 5GB, 500MB, 100KB (1GB = 10**9 bytes, as transformers) (default {DEFAULT_MAX_SHARD_SIZE}; "
