@@ -942,6 +942,9 @@ def unused_keys(cfg: JobConfig) -> dict[str, str]:
     for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
         if kind not in kinds and getattr(m, key) is not None:
             mark([f"model.{key}"], f"no {kind!r} attention")
+    if "ssm" not in kinds:
+        mark([f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name.startswith("ssm_")],
+             "no 'ssm' layer")
     if m.norm != "layernorm":
         mark(["model.norm_bias"], f"model.norm={m.norm}")
     if m.block != "parallel":
