@@ -22,8 +22,10 @@ SSM = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, ssm
 
 
 def recurrence(x, dt, A, b, c, h0):
-    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t b_t^T, y_t = h_t c_t, token by token, head by head."""
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t b_t^T, y_t = h_t c_t, token by token, head by head
+    (head i reads group i // (H / G) of b, c)."""
     Bsz, T, H, P = x.shape
+    b, c = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (b, c))
     h, ys = h0.clone(), torch.zeros(Bsz, T, H, P, dtype=torch.float64)
     for t in range(T):
         for i in range(H):
@@ -33,9 +35,11 @@ def recurrence(x, dt, A, b, c, h0):
     return ys, h
 
 
-def _inputs(T, H=3, P=4, N=5, seed=0):
+def _inputs(T, H=6, P=4, N=5, G=2, seed=0):
+    """Random scan inputs; b, c (B, T, G, N) shared by the H / G heads of each group."""
     g = torch.Generator().manual_seed(seed)
-    x, b, c = (torch.randn(2, T, H, n, generator=g, dtype=torch.float64) for n in (P, N, N))
+    x = torch.randn(2, T, H, P, generator=g, dtype=torch.float64)
+    b, c = (torch.randn(2, T, G, N, generator=g, dtype=torch.float64) for _ in range(2))
     dt = F.softplus(torch.randn(2, T, H, generator=g, dtype=torch.float64))
     A = -torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.1
     h0 = torch.randn(2, H, P, N, generator=g, dtype=torch.float64)
@@ -44,8 +48,9 @@ def _inputs(T, H=3, P=4, N=5, seed=0):
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 19, 32])
 @pytest.mark.parametrize("initial", [False, True])
-def test_chunked_scan_equals_sequential_recurrence(chunk, initial):
-    x, dt, A, b, c, h0 = _inputs(19)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_chunked_scan_equals_sequential_recurrence(chunk, initial, groups):
+    x, dt, A, b, c, h0 = _inputs(19, G=groups)
     h0 = h0 if initial else torch.zeros_like(h0)
     ref_y, ref_h = recurrence(x, dt, A, b, c, h0)
     y, h = ssd_chunked(x.float(), dt.float(), A.float(), b.float(), c.float(), chunk, h0.float() if initial else None)

@@ -42,39 +42,47 @@ from forge.parallel.mappings import all_reduce_sum, copy_to
 
 
 def ssd_chunked(x, dt, A, b, c, chunk: int, h0=None):
-    """The chunked scan. x (B, T, H, P), dt (B, T, H) (> 0), A (H,) (< 0), b and c (B, T, H, N)
-    (already expanded from groups to heads), h0 (B, H, P, N) or None (zeros)
-    -> y (B, T, H, P) (without the D x skip) and the final state (B, H, P, N). fp32 inside."""
+    """The chunked scan. x (B, T, H, P), dt (B, T, H) (> 0), A (H,) (< 0), b and c (B, T, G, N) with
+    head h reading group h // (H / G), h0 (B, H, P, N) or None (zeros) -> y (B, T, H, P) (without the
+    D x skip) and the final state (B, H, P, N). fp32 inside."""
     Bsz, T, H, P = x.shape
+    G, N = b.shape[2:]
+    k = H // G                                                                 # heads per group
     pad = (-T) % chunk                    # zero dt past the end: no input, no decay, state unchanged
-    x, dt, b, c = (F.pad(t.float(), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, b, c))
+    if pad:
+        x, dt, b, c = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, b, c))
+    x, dt, b, c = x.float(), dt.float(), b.float(), c.float()
     n = (T + pad) // chunk
-    xdt = (x * dt.unsqueeze(-1)).view(Bsz, n, chunk, H, P)                     # (B, n, Q, H, P)
-    b, c = b.view(Bsz, n, chunk, H, -1), c.view(Bsz, n, chunk, H, -1)          # (B, n, Q, H, N)
+    xdt = (x * dt.unsqueeze(-1)).view(Bsz, n, chunk, G, k, P)                # (B, n, Q, G, k, P)
+    b, c = b.view(Bsz, n, chunk, G, N), c.view(Bsz, n, chunk, G, N)            # (B, n, Q, G, N)
     s = (dt * A.float()).view(Bsz, n, chunk, H).permute(0, 3, 1, 2).cumsum(-1)  # (B, H, n, Q) cumulative log decay
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     seg = (s.unsqueeze(-1) - s.unsqueeze(-2)).masked_fill(~causal, float("-inf"))   # (B, H, n, Q_t, Q_u)
-    scores = torch.einsum("bcthn,bcuhn->bhctu", c, b) * seg.exp()             # (B, H, n, Q, Q)
-    y = torch.einsum("bhctu,bcuhp->bcthp", scores, xdt)                       # within each chunk
-    to_end = (s[..., -1:] - s).exp()                                           # (B, H, n, Q) decay u -> chunk end
-    inputs = torch.einsum("bcuhn,bhcu,bcuhp->bchpn", b, to_end, xdt)           # (B, n, H, P, N) each chunk's own
-    h = x.new_zeros(Bsz, H, P, b.shape[-1]) if h0 is None else h0.float()
+    cb = torch.einsum("bctgn,bcugn->bgctu", c, b)                              # (B, G, n, Q, Q), once per group
+    scores = cb.unsqueeze(2) * seg.exp().view(Bsz, G, k, n, chunk, chunk)     # (B, G, k, n, Q, Q)
+    y = torch.einsum("bgkctu,bcugkp->bctgkp", scores, xdt)                    # within each chunk
+    to_end = (s[..., -1:] - s).exp().view(Bsz, G, k, n, chunk)               # decay u -> chunk end
+    inputs = torch.einsum("bcugn,bgkcu,bcugkp->bcgkpn", b, to_end, xdt).reshape(Bsz, n, H, P, N)
+    h = x.new_zeros(Bsz, H, P, N) if h0 is None else h0.float()
     starts = []
     for i in range(n):                                                         # state at each chunk start
         starts.append(h)
         h = s[:, :, i, -1].exp()[..., None, None] * h + inputs[:, i]
-    starts = torch.stack(starts, dim=1)                                        # (B, n, H, P, N)
-    y = y + torch.einsum("bcthn,bchpn->bcthp", c, starts) * s.permute(0, 2, 3, 1).exp().unsqueeze(-1)
+    starts = torch.stack(starts, dim=1).view(Bsz, n, G, k, P, N)
+    decay = s.exp().view(Bsz, G, k, n, chunk).permute(0, 3, 4, 1, 2).unsqueeze(-1)  # (B, n, Q, G, k, 1)
+    y = y + torch.einsum("bctgn,bcgkpn->bctgkp", c, starts) * decay
     return y.reshape(Bsz, n * chunk, H, P)[:, :T], h
 
 
 def ssd_step(x, dt, A, b, c, h):
-    """One token of the recurrence: x (B, H, P), dt (B, H), A (H,), b and c (B, H, N), h (B, H, P, N)
+    """One token of the recurrence: x (B, H, P), dt (B, H), A (H,), b and c (B, G, N), h (B, H, P, N)
     -> y (B, H, P) (without D x), the new state h' = exp(dt A) h + dt x b^T, y = h' c."""
+    k = x.shape[1] // b.shape[1]
+    b, c = b.float().repeat_interleave(k, dim=1), c.float().repeat_interleave(k, dim=1)   # (B, H, N)
     dt = dt.float()
     h = (dt * A.float()).exp()[..., None, None] * h.float() + (dt.unsqueeze(-1) * x.float()).unsqueeze(-1) * \
-        b.float().unsqueeze(-2)                                                  # (B, H, P, N)
-    return (h @ c.float().unsqueeze(-1)).squeeze(-1), h
+        b.unsqueeze(-2)                                                        # (B, H, P, N)
+    return (h @ c.unsqueeze(-1)).squeeze(-1), h
 
 
 class CausalConv(nn.Module):
@@ -178,11 +186,9 @@ class Mamba2Mixer(nn.Module):
         dt = torch.exp(lo + frac * (hi - lo))
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))        # softplus(dt_bias) = dt
 
-    def _heads_bc(self, t):  # (B, T, G_local * N) -> (B, T, H/tp, N): each head its group's vector
+    def _groups_bc(self, t):  # (B, T, G_local * N) -> (B, T, groups of this rank's heads, N)
         t = t.unflatten(-1, (self.G, self.N))
-        if self.bc_replicated:
-            return t[:, :, self.group_select].unsqueeze(2).expand(-1, -1, self.H, -1)
-        return t.repeat_interleave(self.H // self.G, dim=2)
+        return t[:, :, self.group_select].unsqueeze(2) if self.bc_replicated else t
 
     def forward(self, u, pos, cache=None):
         """u (B, T, D) (or (B, T/tp, D) under sequence parallelism), pos (T,) unused -> (B, T, D)."""
@@ -203,7 +209,7 @@ class Mamba2Mixer(nn.Module):
         dt = dt.clamp(lo, hi) if hi is not None else (dt.clamp_min(lo) if lo > 0 else dt)
         A = -torch.exp(self.A_log.float())
         xh = x.view(Bsz, T, self.H, self.P)                            # (B, T, H/tp, P)
-        bh, ch = self._heads_bc(b), self._heads_bc(c)                  # (B, T, H/tp, N)
+        bh, ch = self._groups_bc(b), self._groups_bc(c)                # (B, T, G/tp or 1, N)
         if cache is not None and T == 1 and h0 is not None:
             y, h = ssd_step(xh[:, 0], dt[:, 0], A, bh[:, 0], ch[:, 0], h0)
             y = y.unsqueeze(1)                                         # (B, 1, H/tp, P)
