@@ -226,3 +226,17 @@ def _train_both(rank, world):
 def test_tensor_parallel_training_equals_one_process():
     from tests.distributed import run_distributed
     run_distributed(_train_both, 2)
+
+
+def test_quantisation_reaches_the_ssm_projections():
+    """model.quant's weight fake-quantisation applies to the mixer's projections: y = x q(W)^T."""
+    from forge.parallel.quant import weight_quant
+    cfg = load_config(None, ["model.preset=tiny-mamba2", "model.quant.weight_method=ternary"]).model
+    mixer = build_model(cfg, seed=0).layers["0"].attn
+    x = torch.randn(1, 5, cfg.d_model)
+    for name in ("in_z", "in_x", "in_b", "in_c", "in_dt"):
+        lin = getattr(mixer, name)
+        q = weight_quant(cfg.quant)(lin.weight)
+        assert not torch.equal(q, lin.weight)
+        torch.testing.assert_close(lin(x), x @ q.t())
+    assert mixer.wo.weight_quant is not None

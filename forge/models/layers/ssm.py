@@ -23,6 +23,8 @@ W_out row-parallel. B and C are split by group when tp divides G; when G < tp (t
 every rank computes all groups' B, C (replicated weights, gradients summed over tp) and keeps its
 heads' group. The gated norm's statistic is local when a rank holds whole groups; when a group
 spans tp / G ranks its sum of squares is all-reduced over tp (each rank adding into its group's slot).
+Quantisation-aware training (model.quant): the projections' weights are fake-quantised (or BitNet
+linears) as attention's are; the activation points (qkv_in, o_in, scores, probs) are attention's only.
 Initialisation (layout independent): A_log = log(1..H), D = 1, dt_bias = softplus^-1 of dt spaced
 geometrically from model.ssm_dt_min to ssm_dt_max over the H heads (each rank its heads' part),
 conv weights N(0, 1 / sqrt(3 K)) (the variance of PyTorch's default conv init), linears as others.
@@ -155,7 +157,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_range = (cfg.ssm_dt_min, cfg.ssm_dt_max)
         self.dt_clamp = (cfg.ssm_dt_clamp_min, cfg.ssm_dt_clamp_max)
         self.tp_group, self.sequence_parallel = group, ctx.sp
-        sp = dict(group=group, sequence_parallel=ctx.sp, input_ready=True)
+        sp = dict(group=group, sequence_parallel=ctx.sp, input_ready=True, quant=cfg.quant)
         bias = cfg.ssm_proj_bias
         self.in_z = ColumnParallelLinear(cfg.d_model, I, bias, **sp)
         self.in_x = ColumnParallelLinear(cfg.d_model, I, bias, **sp)
@@ -174,7 +176,7 @@ class Mamba2Mixer(nn.Module):
             _mark(p, 0, group)
         self.norm = GatedRMSNorm(I // tp, I // G, cfg.norm_eps, rank * (I // tp), G, group)
         self.wo = RowParallelLinear(I, cfg.d_model, bias, group=group, sequence_parallel=ctx.sp,
-                                    residual_output=True)
+                                    residual_output=True, quant=cfg.quant)
 
     def init_constants(self):
         """A_log = log(1..H), D = 1, dt_bias = softplus^-1(dt), dt geometric in [dt_min, dt_max] (this rank's heads)."""
