@@ -504,7 +504,7 @@ class ModelConfig:
             raise ConfigError(f"model.kan_degree={self.kan_degree} must be >= 1")
         q = self.quant
         if {"scores", "probs"} & set(q.act_points):
-            scoreless = sorted({k for k in self.attention_pattern or [self.attention] if k in ("linear", "identity")})
+            scoreless = sorted({k for k in self.attention_pattern or [self.attention] if k in ("linear", "identity", "ssm")})
             if scoreless:
                 raise ConfigError(f"model.quant.act_points={q.act_points} quantises attention scores, but "
                                   f"model.attention {scoreless} computes none (only the softmax kinds have scores)")

@@ -169,6 +169,7 @@ def test_hybrid_has_no_hugging_face_family():
     (["model.ssm_dt_min=0.5", "model.ssm_dt_max=0.1"], "model.ssm_dt_min=0.5"),
     (["model.ssm_state_size=0"], "model.ssm_state_size"),
     (["model.ssm_dt_clamp_max=0.0"], "model.ssm_dt_clamp_max"),
+    (["model.quant.act_method=symmetric", "model.quant.act_points=[scores]"], "computes none"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
