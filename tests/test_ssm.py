@@ -59,6 +59,15 @@ def test_chunked_scan_equals_sequential_recurrence(chunk, initial, groups):
     torch.testing.assert_close(h.double(), ref_h, atol=2e-5, rtol=2e-5)
 
 
+def test_scan_stays_fp32_under_autocast():
+    x, dt, A, b, c, h0 = (t.float() for t in _inputs(19))
+    ref, _ = ssd_chunked(x, dt, A, b, c, 8, h0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = ssd_chunked(x, dt, A, b, c, 8, h0)
+    assert y.dtype == h.dtype == torch.float32
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+
+
 def test_recurrent_step_equals_recurrence():
     x, dt, A, b, c, h0 = _inputs(5, seed=1)
     ref_y, _ = recurrence(x, dt, A, b, c, h0)

@@ -43,6 +43,17 @@ from forge.parallel.layers import (ColumnParallelLinear, ReplicatedLinear, RowPa
 from forge.parallel.mappings import all_reduce_sum, copy_to
 
 
+def fp32(fn):
+    """Run `fn` in fp32 with autocast off (mixed precision would run its einsums in 16 bits)."""
+    def wrapped(*args, **kw):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kw)
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@fp32
 def ssd_chunked(x, dt, A, b, c, chunk: int, h0=None):
     """The chunked scan. x (B, T, H, P), dt (B, T, H) (> 0), A (H,) (< 0), b and c (B, T, G, N) with
     head h reading group h // (H / G), h0 (B, H, P, N) or None (zeros) -> y (B, T, H, P) (without the
@@ -76,6 +87,7 @@ def ssd_chunked(x, dt, A, b, c, chunk: int, h0=None):
     return y.reshape(Bsz, n * chunk, H, P)[:, :T], h
 
 
+@fp32
 def ssd_step(x, dt, A, b, c, h):
     """One token of the recurrence: x (B, H, P), dt (B, H), A (H,), b and c (B, G, N), h (B, H, P, N)
     -> y (B, H, P) (without D x), the new state h' = exp(dt A) h + dt x b^T, y = h' c."""
