@@ -274,6 +274,20 @@ class ModelConfig:
     # stream after block steering_layer's output, x_L <- x_L + v (Forge name layers.{L}.steering)
     steering_layer: Optional[int] = None    # block index L (0-based) after which v is added; null = none
     steering_freeze_model: bool = False     # train only the steering vector: every other parameter frozen
+    # selective state-space layers (attention kind "ssm": Mamba-2, forge/models/layers/ssm.py); inner width
+    # I = ssm_expand * d_model split into I / ssm_head_dim heads
+    ssm_state_size: int = 16                # N: state channels per head (Mamba2 state_size)
+    ssm_n_groups: int = 1                   # G: groups of heads sharing B and C (divides the heads)
+    ssm_head_dim: int = 16                  # P: channels per ssm head
+    ssm_expand: int = 2                     # inner width I = ssm_expand * d_model
+    ssm_conv_kernel: int = 4                # K: causal depthwise convolution width over x, B, C
+    ssm_conv_bias: bool = True              # bias on that convolution
+    ssm_proj_bias: bool = False             # bias on the input and output projections (Mamba2 use_bias)
+    ssm_chunk_size: int = 64                # Q: tokens per chunk of the chunked scan (O(T Q) work; exact)
+    ssm_dt_min: float = 0.001               # initial time steps dt spaced geometrically from this ...
+    ssm_dt_max: float = 0.1                 # ... to this over the heads (dt_bias = softplus^-1(dt))
+    ssm_dt_clamp_min: float = 0.0           # dt = softplus(.) clamped to >= this (Mamba2 time_step_limit[0])
+    ssm_dt_clamp_max: Optional[float] = None   # ... and <= this; null = no upper limit (time_step_limit[1] = inf)
 
     # ---- derived sizes ----
     @property
@@ -312,6 +326,31 @@ class ModelConfig:
             return 1.0
         base, temperature = OUTPUT_SOFTMAX[self.output_softmax](self)
         return math.log(base) / temperature
+
+    @property
+    def ssm_inner(self) -> int:
+        """I, the inner width of an ssm layer."""
+        return self.ssm_expand * self.d_model
+
+    def _validate_ssm(self) -> None:
+        """The ssm_* sizes (read only when a layer is of kind "ssm")."""
+        for k in ("ssm_state_size", "ssm_n_groups", "ssm_head_dim", "ssm_expand", "ssm_conv_kernel", "ssm_chunk_size"):
+            check_range(f"model.{k}", getattr(self, k), low=1)
+        for k in ("ssm_dt_min", "ssm_dt_max"):
+            check_range(f"model.{k}", getattr(self, k), low=0, low_open=True)
+        if self.ssm_dt_min > self.ssm_dt_max:
+            raise ConfigError(f"model.ssm_dt_min={self.ssm_dt_min} must be <= model.ssm_dt_max={self.ssm_dt_max}")
+        check_range("model.ssm_dt_clamp_min", self.ssm_dt_clamp_min, low=0)
+        if self.ssm_dt_clamp_max is not None and self.ssm_dt_clamp_max <= self.ssm_dt_clamp_min:
+            raise ConfigError(f"model.ssm_dt_clamp_max={self.ssm_dt_clamp_max} must exceed model.ssm_dt_clamp_min="
+                              f"{self.ssm_dt_clamp_min} (or be null)")
+        if self.ssm_inner % self.ssm_head_dim:
+            raise ConfigError(f"model.ssm_head_dim={self.ssm_head_dim} does not divide the ssm inner width "
+                              f"model.ssm_expand * model.d_model = {self.ssm_inner}")
+        if (self.ssm_inner // self.ssm_head_dim) % self.ssm_n_groups:
+            raise ConfigError(f"model.ssm_n_groups={self.ssm_n_groups} does not divide the ssm heads "
+                              f"{self.ssm_inner // self.ssm_head_dim} (model.ssm_expand * model.d_model / "
+                              f"model.ssm_head_dim)")
 
     @property
     def qk_hd(self) -> int:
@@ -437,6 +476,8 @@ class ModelConfig:
                                   f"= {self.rotary_dim} must be even and positive")
         if self.qkv_clip is not None and self.qkv_clip <= 0:
             raise ConfigError(f"model.qkv_clip={self.qkv_clip} must be positive or null")
+        if "ssm" in set(self.attention_pattern or [self.attention]):
+            self._validate_ssm()
         self._validate_attention_variants()
         kinds = set(self.attention_pattern or [self.attention])
         for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
@@ -473,7 +514,7 @@ class ModelConfig:
             raise ConfigError(f"model.kan_degree={self.kan_degree} must be >= 1")
         q = self.quant
         if {"scores", "probs"} & set(q.act_points):
-            scoreless = sorted({k for k in self.attention_pattern or [self.attention] if k in ("linear", "identity")})
+            scoreless = sorted({k for k in self.attention_pattern or [self.attention] if k in ("linear", "identity", "ssm")})
             if scoreless:
                 raise ConfigError(f"model.quant.act_points={q.act_points} quantises attention scores, but "
                                   f"model.attention {scoreless} computes none (only the softmax kinds have scores)")
@@ -956,6 +997,9 @@ def unused_keys(cfg: JobConfig) -> dict[str, str]:
     for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
         if kind not in kinds and getattr(m, key) is not None:
             mark([f"model.{key}"], f"no {kind!r} attention")
+    if "ssm" not in kinds:
+        mark([f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name.startswith("ssm_")],
+             "no 'ssm' layer")
     if m.norm != "layernorm":
         mark(["model.norm_bias"], f"model.norm={m.norm}")
     if m.block != "parallel":

@@ -83,7 +83,8 @@ a time): fp32 bytes of the rank's parameters (its 1 / dp partition under ZeRO 3)
 full tensor it holds (all tp shards and experts), fp32. Total = weights + grads + optimizer +
 activations + module buffers; a rank fits when its total and its build peak are <= --gpu-mem.
 
-Not modelled: DeepSpeed's communication buckets (reduce_bucket_size, allgather_bucket_size), ZeRO
+Not modelled: the activations of ssm (Mamba-2) layers, which the same per-layer formula stands in for
+(their parameters and shards are counted like any layer's); DeepSpeed's communication buckets (reduce_bucket_size, allgather_bucket_size), ZeRO
 3's gathered and prefetched parameters during forward and backward, the CUDA context, caching
 allocator fragmentation, NCCL / cuBLAS workspaces.
 """

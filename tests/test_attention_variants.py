@@ -322,45 +322,20 @@ TP_CASES = {  # name -> (model overrides, sequence parallel); every kind of issu
 
 def _train_both(rank, world):
     """For each case: one process's model and its tp=2 shards from the same weights, 3 AdamW steps
-    each on the same batches; losses within 1e-5 relative at every step, final weights within 1e-5."""
-    from forge.models.io import load_state_dict_strict, unique_state_dict
+    each on the same batches; losses within 1e-5 relative at every step, final weights within 1e-5
+    (tests.distributed.tp_training_matches); per-head parameters split with the heads."""
     from forge.parallel.groups import build_groups
-    from forge.parallel.sharding import gather_tensors, shard_state_dict
-
+    from tests.distributed import tp_training_matches
     groups = build_groups(tp=world)
     for name, (kw, sp) in TP_CASES.items():
         cfg = ModelConfig(**{**BASE, "vocab_size": 63, **kw})                  # padded to 64 under tp=2
-        full = build_model(cfg, seed=5)
-        model = build_model(cfg, groups.context(sp), seed=5)
-        # the rank-local build starts from the one process's weights (layout-independent init)
-        for n, t in shard_state_dict(unique_state_dict(full), model, groups.tp_group).items():
-            assert torch.equal(dict(model.named_parameters())[n], t), f"{name}: initial {n}"
-        with torch.no_grad():                                           # per-head parameters that differ
-            for n, p in full.named_parameters():
-                if p.dim() == 1:
-                    p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-        load_state_dict_strict(model, shard_state_dict(unique_state_dict(full), model, groups.tp_group), name)
+        model = tp_training_matches(name, cfg, sp, groups)
         if kw.get("attention_softmax") == "consmax" and kw.get("consmax_per_head", True):
             beta = model.layers["0"].attn.score.beta
             assert beta.shape == (cfg.n_heads // world,) and beta.partition_dim == 0
         if kw.get("attention_sinks"):
             sinks = model.layers["0"].attn.sinks.weight
             assert sinks.shape == (cfg.n_heads // world,) and sinks.partition_dim == 0
-        opts = [torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0, eps=1e-6) for m in (full, model)]
-        for step in range(3):
-            ids = torch.randint(0, 63, (2, 17), generator=torch.Generator().manual_seed(step))
-            losses = []
-            for m, opt in zip((full, model), opts):
-                opt.zero_grad()
-                loss = m.loss(m(ids[:, :-1]), ids[:, 1:])
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            assert abs(losses[1] - losses[0]) <= 1e-5 * abs(losses[0]), (name, step, losses)
-        gathered = gather_tensors({n: p.detach() for n, p in model.named_parameters()}, model, groups.tp_group, 63)
-        for n, p in full.named_parameters():
-            err = (gathered[n] - p.detach()).norm() / p.detach().norm().clamp_min(1e-12)
-            assert err <= 1e-5, f"{name}: {n} differs by {err:.2e}"
 
 
 @pytest.mark.slow

@@ -26,6 +26,9 @@ V, T, B = 160, 24, 2
 LLAMA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 
+MAMBA2 = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16, expand=2,
+              conv_kernel=4)
+
 # (case id, model_type, architecture, config kwargs): family features on, GQA where supported,
 # sliding windows smaller than T, partial rotary, biases, qk norms, tied and untied heads.
 CASES = [
@@ -78,6 +81,13 @@ CASES = [
     ("granite-multipliers-tied", "granite", "GraniteForCausalLM",
      dict(LLAMA, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.0625,
           logits_scaling=5.0, tie_word_embeddings=True, attention_bias=True)),
+    # Mamba-2 (attention kind ssm, no MLP): one group, biases, a chunk that does not divide T; two groups,
+    # tied, no conv bias, a clamped time step
+    ("mamba2-groups1-bias-chunk10", "mamba2", "Mamba2ForCausalLM",
+     dict(MAMBA2, n_groups=1, chunk_size=10, use_bias=True)),
+    ("mamba2-groups2-tied-clamped", "mamba2", "Mamba2ForCausalLM",
+     dict(MAMBA2, n_groups=2, chunk_size=8, use_conv_bias=False, tie_word_embeddings=True,
+          time_step_limit=(0.01, 0.5))),
 ]
 
 DIFFS: dict[str, float] = {}

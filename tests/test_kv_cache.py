@@ -26,6 +26,9 @@ CASES = {
     "sliding-alibi": dict(attention="sliding", sliding_window=4, position="alibi"),
     "local": dict(attention="local", local_window=4),
     "linear": dict(attention="linear"),
+    # Mamba-2 layers (their conv inputs and scan state cached) mixed with attention; chunk < prompt
+    "ssm-hybrid": dict(attention_pattern=["ssm", "causal"], ssm_head_dim=8, ssm_state_size=8, ssm_chunk_size=4,
+                       ssm_n_groups=2),
     "gqa": dict(n_heads=4, n_kv_heads=2),
     "mqa": dict(n_heads=4, n_kv_heads=1),
     "pattern-sliding-causal": dict(attention_pattern=["sliding", "causal"], sliding_window=3),

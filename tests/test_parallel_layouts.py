@@ -97,6 +97,9 @@ LAYOUTS = [  # (preset, world, dp, parallel settings)
     ("tiny-mixtral", 4, 2, dict(tp=2, ep=2, zero_stage=2)),
     ("tiny-mixtral", 4, 2, dict(ep=2, pp=2, zero_stage=1)),
     ("tiny-granite", 2, 1, dict(pp=2)),       # residual multiplier in BlockPipe, scalars on a tied head across stages
+    # Mamba-2 (ssm layers): n_groups 1 < tp, so B/C replicated and the gated norm reduced over tp; a tied head
+    ("tiny-mamba2", 2, 1, dict(tp=2)),
+    ("tiny-mamba2", 2, 1, dict(pp=2)),
 ]
 
 

@@ -23,6 +23,8 @@ PUBLISHED = {
     "granite-3.0-2b": 2_533_531_648, "granite-3.0-8b": 8_170_848_256,
     # transformers' GptOssForCausalLM on the meta device with the published configs ("21B", "117B")
     "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672,
+    # transformers' Mamba2ForCausalLM on the meta device with state-spaces/mamba2-130m's config (tied)
+    "mamba2-130m": 128_989_632,
 }
 
 

@@ -42,6 +42,8 @@ KINDS = {  # name -> model overrides (each against "softmax", the default)
     "qk_norm=l2_scale": dict(qk_norm="l2_scale"),
     "qk/v widths 8/32": dict(qk_head_dim=8, v_head_dim=32),
     "identity": dict(attention="identity"),
+    # Mamba-2 layers in place of attention (inner width 2 d_model, heads of 16, state 16, chunks of 64)
+    "ssm": dict(attention="ssm", ssm_head_dim=16, ssm_state_size=16, ssm_chunk_size=64),
 }
 
 

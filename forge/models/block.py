@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from forge.models.layers.attention import Attention
+from forge.models.layers.attention import build_attention
 from forge.models.layers.mlp import MLP_REGISTRY
 from forge.models.layers.norm import build_norm
 from forge.parallel.context import SINGLE, ParallelContext
@@ -88,7 +88,7 @@ class Block(nn.Module):
             # under sequence parallelism a norm sees T/tp tokens: its gradients are summed over tp
             norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None, kind=cfg.norm_at(location))
             setattr(self, name, norm if name in norms and not shared else None)
-        self.attn = Attention(cfg, layer_idx, ctx)
+        self.attn = build_attention(cfg, layer_idx, ctx)   # Attention, or a MIXER class (ssm)
         self.mlp = build_mlp(cfg, layer_idx, ctx)
         self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
         self.residual_multiplier = cfg.residual_multiplier

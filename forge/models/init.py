@@ -9,6 +9,7 @@ fills each parameter with a value that depends on (seed, Forge name) alone:
                                 deterministic / structured table (see the functions below)
     W ~ N(0, std / sqrt(2 L))   outputs of a residual branch: the layers built with
                                 residual_output=True (attention wo, MLP / expert w_out)
+    W ~ N(0, module.weight_std) the weights of a module that sets weight_std (the ssm convolutions)
     b = 0                       biases
     norm gains, scalars         their module's constants (`init_constants`: ones, 1 - offset, DyT's
                                 alpha, the sphere radius, the PReLU slope, ...)
@@ -123,6 +124,7 @@ class WeightInit:
             self._embed_table(p, name)
         elif p.dim() >= 2:
             std = self.std / math.sqrt(2 * self.n_layers) if getattr(module, "residual_output", False) else self.std
+            std = getattr(module, "weight_std", None) or std      # a module's own std (ssm convolutions)
             self._normal(p, name, std)
         elif not hasattr(module, "init_constants"):
             raise ValueError(f"no initialisation rule for parameter {name!r} of shape {tuple(p.shape)} "

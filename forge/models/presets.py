@@ -171,5 +171,16 @@ PRESETS["tiny-gpt-oss"] = dataclasses.replace(PRESETS["gpt-oss-20b"], **{
     **_TINY, "n_kv_heads": 2, "head_dim": 16, "sliding_window": 16, "rope_original_max_seq_len": 32,
     "rope_scaling_factor": 4.0}, moe=MoEConfig(**{**_GPT_OSS_MOE, **_TINY_MOE}))
 
+# Mamba-2 (state-spaces/mamba2-130m as transformers' Mamba2ForCausalLM holds it): every layer a Mamba-2
+# mixer after one RMSNorm, no MLP, no positions, tied head; vocabulary padded to a multiple of 16.
+# n_heads / head_dim repeat the ssm heads (no attention layer reads them; the tp checks do).
+_MAMBA2 = dict(attention="ssm", position="none", mlp="identity", norm="rmsnorm", norm_mlp="identity", norm_eps=1e-5,
+               tie_embeddings=True, max_seq_len=2048, ssm_state_size=128, ssm_n_groups=1, ssm_head_dim=64,
+               ssm_expand=2, ssm_conv_kernel=4, ssm_chunk_size=256)
+PRESETS["mamba2-130m"] = _p(**_MAMBA2, vocab_size=50288, d_model=768, n_layers=24, n_heads=24, head_dim=64)
+PRESETS["tiny-mamba2"] = dataclasses.replace(PRESETS["mamba2-130m"], **{
+    **_TINY, "d_ff": None, "n_heads": 8, "head_dim": 16, "ssm_state_size": 16, "ssm_head_dim": 16,
+    "ssm_chunk_size": 16})
+
 for _name, _cfg in PRESETS.items():
     _cfg.validate()

@@ -139,7 +139,8 @@ def hf_config_object(d: dict, model_type: str):
     """The transformers config class instance for `d` (applies class defaults and legacy keys)."""
     from transformers import CONFIG_MAPPING
     d = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
-    return CONFIG_MAPPING[model_type].from_dict(d)
+    cls = CONFIG_MAPPING[model_type]
+    return cls.from_dict(cls._decode_special_floats(d))     # config.json spells inf {"__float__": "Infinity"}
 
 
 def _get(c, name, default=None):
@@ -969,6 +970,11 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
+from forge.models.hf.mamba2 import MAMBA2  # noqa: E402  (its own module, built on the helpers above)
+
+FAMILIES[MAMBA2.architecture] = MAMBA2
+
+
 # ---------------------------------------------------------------- representability
 def canonical(cfg: ModelConfig) -> dict:
     """The fields of `cfg` that determine the function the model computes (and the max context),
@@ -1035,7 +1041,34 @@ def canonical(cfg: ModelConfig) -> dict:
         d.pop("kan_degree")
     if cfg.block != "parallel":
         d.pop("parallel_shared_norm")
+    _ssm_canonical(cfg, d)
     return d
+
+
+# keys that only attention layers read (an all-ssm model computes the same function whatever they hold)
+_ATTENTION_ONLY = ("n_heads", "n_kv_heads", "head_dim", "qk_head_dim", "v_head_dim", "attn_scale", "qkv_bias",
+                   "attn_out_bias", "qk_norm", "qk_norm_scale", "qkv_clip", "attn_softcap", "attention_softmax",
+                   "attention_chunk", "attention_divisor", "attention_sinks", "layer_positions")
+
+
+def _ssm_canonical(cfg: ModelConfig, d: dict) -> None:
+    """ssm_* keys count only with an ssm layer; attention keys only with an attention layer; the
+    MLP's keys not with model.mlp=identity."""
+    kinds = set(d["layer_kinds"])
+    if "ssm" not in kinds:
+        for k in [k for k in d if k.startswith("ssm_")]:
+            d.pop(k)
+    else:
+        d.pop("ssm_chunk_size")               # the chunked scan is exact at any chunk size
+    if kinds <= {"ssm", "identity"}:
+        for k in _ATTENTION_ONLY:
+            d.pop(k, None)
+        for k in [k for k in d if k.startswith(("rope_", "consmax_", "polymax_", "strongermax_", "squareplus_"))]:
+            d.pop(k)
+        d.pop("rotary_pct", None)
+    if cfg.mlp == "identity" and not cfg.moe.n_experts:
+        for k in ("d_ff", "activation", "mlp_up_bias", "mlp_down_bias", "glu_limit", "glu_up_offset"):
+            d.pop(k, None)
 
 
 def _moe_canonical(cfg: ModelConfig) -> dict:
