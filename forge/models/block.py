@@ -63,6 +63,14 @@ BLOCK = {
 }
 
 
+def build_attention(cfg, layer_idx, ctx: ParallelContext = SINGLE):
+    """Layer layer_idx's attention: an MLAttention for kind "mla" (latent kv), else an Attention."""
+    if cfg.layer_attention(layer_idx) == "mla":
+        from forge.models.layers.mla import MLAttention
+        return MLAttention(cfg, layer_idx, ctx)
+    return Attention(cfg, layer_idx, ctx)
+
+
 def build_mlp(cfg, layer_idx, ctx: ParallelContext = SINGLE):
     from forge.models.layers.moe import MoE, is_moe_layer
     if is_moe_layer(cfg, layer_idx):
@@ -88,7 +96,7 @@ class Block(nn.Module):
             # under sequence parallelism a norm sees T/tp tokens: its gradients are summed over tp
             norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None, kind=cfg.norm_at(location))
             setattr(self, name, norm if name in norms and not shared else None)
-        self.attn = Attention(cfg, layer_idx, ctx)
+        self.attn = build_attention(cfg, layer_idx, ctx)
         self.mlp = build_mlp(cfg, layer_idx, ctx)
         self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
         self.residual_multiplier = cfg.residual_multiplier

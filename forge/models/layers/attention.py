@@ -9,6 +9,8 @@ softmax when scores are soft-capped: s -> cap * tanh(s / cap) (Gemma 2).
     linear:  o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i),  S_i = sum_{j<=i} phi(k_j) v_j^T,
              z_i = sum_{j<=i} phi(k_j),  phi = elu + 1   (Katharopoulos et al., 2020), O(T).
     identity: the attention path contributes 0 (ablations); the layer has no attention weights.
+    mla:     multi-head latent attention (DeepSeek-V2/V3): its own module, forge.models.layers.mla,
+             whose causal softmax runs through softmax_attention; the KV cache holds its latent.
 Score functions (model.attention_softmax, forge.models.layers.scores): softmax runs through SDPA as
 above; any other p(s) is computed explicitly, over chunks of model.attention_chunk queries, each
 recomputed in backward (checkpointed), so a head holds O(T * chunk) scores, never T x T.
@@ -51,7 +53,8 @@ from forge.parallel.random import tp_stream
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (B, Hkv, S, qk_hd) and (B, Hkv, S, v_hd);
+    """Keys and values of the tokens seen so far, per layer: (B, Hkv, S, qk_hd) and (B, Hkv, S, v_hd)
+    (an mla layer: its latent (B, 1, S, kv_lora_rank) and rotary key (B, 1, S, qk_rope_head_dim));
     `seen[i]`: tokens layer i has passed (identity layers store no keys but count them)."""
 
     def __init__(self, n_layers: int):
@@ -182,12 +185,18 @@ def linear_attention(kind, q, k, v, qpos, kpos, attn, chunk: int = 64):
     return torch.cat(out, dim=2).to(v.dtype)
 
 
+def mla_attention(kind, q, k, v, qpos, kpos, attn):
+    """Never called: an mla layer is an MLAttention (forge.models.layers.mla), not an Attention."""
+    raise RuntimeError("mla attention is computed by forge.models.layers.mla.MLAttention")
+
+
 ATTENTION = {
     "causal": softmax_attention,
     "sliding": softmax_attention,
     "local": softmax_attention,
     "linear": linear_attention,
     "identity": identity_attention,
+    "mla": mla_attention,
 }
 
 # ReaLLM-Forge kinds that are not causal as defined there, with the reason (ConfigError on use)
