@@ -100,6 +100,11 @@ LAYOUTS = [  # (preset, world, dp, parallel settings)
     ("tiny-mixtral", 4, 2, dict(tp=2, ep=2)),
     ("tiny-mixtral", 4, 2, dict(tp=2, ep=2, zero_stage=2)),
     ("tiny-mixtral", 4, 2, dict(ep=2, pp=2, zero_stage=1)),
+    # multi-head latent attention: heads split over tp, the down-projections and latent norms replicated
+    # (their gradients summed over tp); group-limited sigmoid routing with a routed scale under pp and ep
+    ("tiny-deepseek-v3", 2, 1, dict(tp=2)),
+    ("tiny-deepseek-v3", 2, 1, dict(pp=2)),
+    ("tiny-deepseek-v3", 2, 2, dict(ep=2)),
     ("tiny-granite", 2, 1, dict(pp=2)),       # residual multiplier in BlockPipe, scalars on a tied head across stages
 ]
 
