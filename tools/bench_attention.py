@@ -11,6 +11,8 @@ changed; each runs in a fresh process so its peak resident memory (ru_maxrss) is
     saved MiB   bytes the forward leaves for backward (saved tensors, one count per storage):
                 the activation memory the kind costs; softmax through SDPA keeps no T x T scores,
                 explicit scores keep only each chunk's inputs (chunks are recomputed in backward)
+    cache B/tok bytes the KV cache holds per token (all layers, fp32) after a cached 16-token prefix:
+                keys and values, or an mla layer's latent and rotary key, or nothing (linear, identity)
     peak MiB    growth of the process's peak RSS over what it held after building the model
                 (T in increasing order, so each peak is that length's); the children run with
                 MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed tensors to the system
@@ -42,6 +44,8 @@ KINDS = {  # name -> model overrides (each against "softmax", the default)
     "qk_norm=l2_scale": dict(qk_norm="l2_scale"),
     "qk/v widths 8/32": dict(qk_head_dim=8, v_head_dim=32),
     "identity": dict(attention="identity"),
+    # multi-head latent attention (DeepSeek): latent 32 + shared rotary key 8 cached per token and layer
+    "mla": dict(attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8),
 }
 
 
@@ -86,6 +90,11 @@ def child(args) -> None:
             ref_times.append(_step(ref, ids))
         out[T] = dict(tokens_per_s=args.batch * T / statistics.median(times), saved_mib=sum(saved.values()) / 2 ** 20,
                       peak_mib=peak, vs_softmax=statistics.median(ref_times) / statistics.median(times))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.eval()(torch.randint(0, 256, (args.batch, 16)), cache=cache)
+    held = sum(t.numel() * t.element_size() for t in cache.k + cache.v if t is not None)
+    out["cache_bytes_per_token"] = held / (args.batch * 16)
     print(json.dumps(out))
 
 
@@ -116,14 +125,17 @@ def main(argv=None) -> int:
         if r.returncode:
             print(f"{kind}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
             return 1
-        results[kind] = {int(t): v for t, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        cache_bytes = res.pop("cache_bytes_per_token")
+        results[kind] = {int(t): v for t, v in res.items()}
+        results[kind]["cache"] = cache_bytes
     print(f"d_model {args.d_model}, {args.n_heads} heads, {args.layers} layers, batch {args.batch}, "
           f"chunk {args.chunk}, {args.threads} thread(s), forward + backward")
-    head = f"{'kind':<18}" + "".join(f"| T={T:<5} tok/s  x softmax  saved MiB  peak MiB " for T in args.seq_lens)
+    head = f"{'kind':<18}| cache B/tok " + "".join(f"| T={T:<5} tok/s  x softmax  saved MiB  peak MiB " for T in args.seq_lens)
     print(head)
     print("-" * len(head))
     for kind, r in results.items():
-        row = f"{kind:<18}"
+        row = f"{kind:<18}| {r['cache']:>11.0f} "
         for T in args.seq_lens:
             row += (f"| {r[T]['tokens_per_s']:>11.0f}  {r[T]['vs_softmax']:>9.2f}  {r[T]['saved_mib']:>9.1f}  "
                     f"{r[T]['peak_mib']:>8.1f} ")

@@ -12,7 +12,8 @@ c = model.kv_lora_rank, r_q = model.q_lora_rank:
 scale = model.attn_scale, default (n + r)^-0.5. model.qkv_bias puts biases on the down-projections
 W_qa and W_kva only (DeepSeek's attention_bias); W_q, W_qb and W_kvb have none. RoPE rotates all r channels (pairs per
 model.rope_interleaved; DeepSeek's checkpoints pair (2i, 2i+1)), with model.rope_scaling (YaRN).
-The core runs through attention.softmax_attention (SDPA; its explicit path for model.attn_softcap).
+The core runs through attention.softmax_attention (SDPA; its explicit path for model.attn_softcap),
+with v (or q and k) zero-padded to a common width so that SDPA can take its fused kernels.
 
 KV cache (attention.KVCache): per token and layer only c_kv (B, 1, S, c) and the rotated k^rope
 (B, 1, S, r), i.e. c + r numbers whatever H (`mla_cache_numbers`); keys and values are expanded
@@ -31,6 +32,7 @@ import dataclasses
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from forge.models.layers.attention import KVCache, softmax_attention
 from forge.models.layers.norm import build_norm
@@ -99,7 +101,14 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.n, self.vd], dim=-1)                        # (B, H, S, n), (B, H, S, d_v)
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)   # (B, H, S, n+r)
         q = torch.cat([q_nope, q_rope], dim=-1)                                # (B, H, T, n+r)
+        # equal widths let SDPA use its fused kernels (else it materialises T x S scores): zero channels
+        # added to v give outputs that are dropped, added to q and k they add 0 to every score
+        pad = self.n + self.r - self.vd
+        if pad > 0:
+            v = F.pad(v, (0, pad))                                             # (B, H, S, n+r)
+        elif pad < 0:
+            q, k = F.pad(q, (0, -pad)), F.pad(k, (0, -pad))                    # (B, H, *, d_v)
         with tp_stream.fork(x.device) if self.training and self.attn_dropout else contextlib.nullcontext():
-            o = softmax_attention("causal", q, k, v, pos, kpos, self)          # (B, H, T, d_v)
+            o = softmax_attention("causal", q, k, v, pos, kpos, self)[..., :self.vd]   # (B, H, T, d_v)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.vd)           # (B, T, H*d_v), heads split over tp
         return self.wo(self.o_quant(o) if self.o_quant is not None else o)
