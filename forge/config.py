@@ -90,9 +90,12 @@ class MoEConfig:
         for k in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             check_range(f"{prefix}.{k}", getattr(self, k), low=0)
         check_range(f"{prefix}.n_group", self.n_group, low=1)
-        check_range(f"{prefix}.topk_group", self.topk_group, low=1, high=self.n_group)
+        check_range(f"{prefix}.topk_group", self.topk_group, low=1)
         check_range(f"{prefix}.routed_scaling_factor", self.routed_scaling_factor, low=0, low_open=True)
-        if self.n_experts and self.n_experts % self.n_group:
+        if not self.n_experts:             # dense: the routing keys are unused
+            return self
+        check_range(f"{prefix}.topk_group", self.topk_group, high=self.n_group, what=f"<= {prefix}.n_group")
+        if self.n_experts % self.n_group:
             raise ConfigError(f"{prefix}.n_group={self.n_group} must divide {prefix}.n_experts={self.n_experts}")
         if self.n_group > 1:
             if self.n_experts // self.n_group < 2:

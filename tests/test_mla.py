@@ -56,9 +56,9 @@ def test_mla_parity_and_round_trip(case, ids, tmp_path):
     _parity_and_round_trip(case, ids, tmp_path)
 
 
-def _tiny(**kw):
+def _tiny():
     torch.manual_seed(0)
-    model = build_model(PRESETS["tiny-deepseek-v3"] if not kw else ModelConfig(**kw)).eval()
+    model = build_model(PRESETS["tiny-deepseek-v3"]).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
