@@ -4,7 +4,8 @@ sigmoid routing with a perturbed selection bias and routed scaling; with q_lora_
 V2-Lite style, with YaRN + mscale) and the bit-exact round trips of tests/test_hf_parity.py;
 causality; a KV cache that holds only the latent and the rotary key; group-limited top-k against a
 brute-force enumeration; the full-size presets' parameter counts against transformers' (meta device);
-config errors. Decoding with the cache equals recomputation in tests/test_kv_cache.py (mla cases),
+config errors; decoding with the cache equals recomputation (tiny-deepseek-v3 here, dense mla cases in
+tests/test_kv_cache.py),
 tp / pp / ep training equality in tests/test_parallel_layouts.py (tiny-deepseek-v3, slow)."""
 from __future__ import annotations
 
@@ -92,6 +93,22 @@ def test_cache_holds_latent_and_rotary_key_only():
     # bf16, 61 layers: (512 + 64) * 2 bytes * 61 = 70,272 bytes per token; GQA 8 x 128 keys + values: 249,856
     assert mla_cache_numbers(v3) * 2 * v3.n_layers == 70_272
     assert 2 * 8 * 128 * 2 * v3.n_layers == 249_856
+
+
+def test_tiny_deepseek_v3_decoding_with_cache_equals_recomputation():
+    """The whole family (MoE layers included): logits fed one token at a time after a cached prompt
+    equal the full sequence's, and greedy decoding with the cache gives the same tokens."""
+    from forge.generate import generate
+    model = _tiny()
+    seq = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(seq)
+        cache = model.new_cache()
+        parts = [model(seq[:, :7], cache=cache)] + [model(seq[:, t:t + 1], cache=cache) for t in range(7, 24)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    prompt = seq[:, :7]
+    assert torch.equal(generate(model, prompt, 16, temperature=0.0, use_cache=True),
+                       generate(model, prompt, 16, temperature=0.0, use_cache=False))
 
 
 def test_group_limited_top_k_matches_enumeration():
