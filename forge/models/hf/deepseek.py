@@ -92,7 +92,8 @@ def deepseek_v3_to_hf(cfg: ModelConfig) -> dict:
     m = cfg.moe
     d = _llama_like_to_hf(cfg)                # attention_bias = model.qkv_bias (compared with attn_out_bias)
     d.pop("head_dim")                         # transformers sets it to qk_rope_head_dim
-    d.update(num_key_value_heads=cfg.n_heads, rope_parameters=_mla_rope_to_hf(cfg), rope_interleave=cfg.rope_interleaved,
+    d.update(num_key_value_heads=cfg.n_heads, rope_parameters=_mla_rope_to_hf(cfg),
+             rope_interleave=cfg.rope_interleaved,
              q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
              qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_hd, n_routed_experts=m.n_experts,
              num_experts_per_tok=m.top_k, moe_intermediate_size=m.d_ff or cfg.ff_dim,

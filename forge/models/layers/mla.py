@@ -59,7 +59,7 @@ class MLAttention(nn.Module):
         self.vd, self.n_heads = cfg.v_hd, cfg.n_heads // tp                       # local heads
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else (self.n + self.r) ** -0.5
         self.softcap, self.attn_dropout = cfg.attn_softcap, cfg.attn_dropout
-        self.score = self.sinks = None                    # softmax_attention's SDPA path (its explicit one with softcap)
+        self.score = self.sinks = None       # softmax_attention's SDPA path (its explicit one with softcap)
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         sp = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True, quant=cfg.quant)
         H, qk = cfg.n_heads, self.n + self.r
