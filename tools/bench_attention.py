@@ -12,7 +12,7 @@ changed; each runs in a fresh process so its peak resident memory (ru_maxrss) is
                 the activation memory the kind costs; softmax through SDPA keeps no T x T scores,
                 explicit scores keep only each chunk's inputs (chunks are recomputed in backward)
     cache B/tok bytes the KV cache holds per token (all layers, fp32) after a cached 16-token prefix:
-                keys and values, or an mla layer's latent and rotary key, or nothing (linear, identity)
+                keys and values, an mla layer's latent and rotary key, nothing for identity
     peak MiB    growth of the process's peak RSS over what it held after building the model
                 (T in increasing order, so each peak is that length's); the children run with
                 MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed tensors to the system

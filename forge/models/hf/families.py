@@ -1048,7 +1048,8 @@ def _mla_canonical(cfg: ModelConfig, d: dict, kinds: set) -> None:
         for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim"):
             d.pop(k)
     elif kinds == {"mla"}:
-        d.pop("head_dim"), d.pop("qk_head_dim")
+        for k in ("head_dim", "qk_head_dim"):
+            d.pop(k)
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         d.update(v_head_dim=cfg.v_hd, attn_scale=cfg.attn_scale if cfg.attn_scale is not None else qk ** -0.5)
 
