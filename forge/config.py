@@ -89,6 +89,11 @@ class MoEConfig:
     z_loss_coef: float = 0.0        # weight of the router z-loss (mean squared logsumexp of the router logits)
     bias_update_rate: float = 0.0   # aux-loss-free balancing (DeepSeek-V3); 0 = off
     router_bias: bool = False       # a learned bias on the router logits (gpt-oss)
+    # group-limited routing and scaled routed output (DeepSeek-V3)
+    n_group: int = 1                # experts split into this many equal groups (1 = no grouping) ...
+    topk_group: int = 1             # ... and top-k picked among the experts of the best topk_group groups
+                                    # (a group's score: the sum of its 2 best selection scores)
+    routed_scaling_factor: float = 1.0   # the routed experts' weights multiplied by this (after renormalize)
 
     def validate(self, prefix: str = "model.moe") -> "MoEConfig":
         """Every count is >= 0 (sizes >= 1 where set), the coefficients finite and >= 0."""
@@ -102,6 +107,21 @@ class MoEConfig:
         check_range(f"{prefix}.capacity_factor", self.capacity_factor, low=0, low_open=True, optional=True)
         for k in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             check_range(f"{prefix}.{k}", getattr(self, k), low=0)
+        check_range(f"{prefix}.n_group", self.n_group, low=1)
+        check_range(f"{prefix}.topk_group", self.topk_group, low=1)
+        check_range(f"{prefix}.routed_scaling_factor", self.routed_scaling_factor, low=0, low_open=True)
+        if not self.n_experts:             # dense: the routing keys are unused
+            return self
+        check_range(f"{prefix}.topk_group", self.topk_group, high=self.n_group, what=f"<= {prefix}.n_group")
+        if self.n_experts % self.n_group:
+            raise ConfigError(f"{prefix}.n_group={self.n_group} must divide {prefix}.n_experts={self.n_experts}")
+        if self.n_group > 1:
+            if self.n_experts // self.n_group < 2:
+                raise ConfigError(f"{prefix}.n_group={self.n_group} leaves fewer than 2 experts per group "
+                                  f"({prefix}.n_experts={self.n_experts}); a group's score sums its best 2")
+            if self.top_k > self.topk_group * (self.n_experts // self.n_group):
+                raise ConfigError(f"{prefix}.top_k={self.top_k} exceeds the experts of {prefix}.topk_group="
+                                  f"{self.topk_group} groups ({self.topk_group * (self.n_experts // self.n_group)})")
         return self
 
 
@@ -197,6 +217,15 @@ class ModelConfig:
     qk_norm_scale: Optional[float] = None   # l2_scale: initial g; None = log2(L^2 - L), L = max_seq_len
     qk_head_dim: Optional[int] = None       # query/key width per head (None = head_dim)
     v_head_dim: Optional[int] = None        # value width per head (None = head_dim); wo reads n_heads * v_head_dim
+    # multi-head latent attention (attention kind "mla", forge.models.layers.mla; DeepSeek-V2/V3): queries and
+    # keys have qk_nope_head_dim + qk_rope_head_dim channels per head, values v_head_dim (None = head_dim)
+    q_lora_rank: Optional[int] = None       # mla: queries through a rank-r bottleneck D -> r, RMS-normed, -> heads;
+                                            # null = one D -> heads projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 32                  # mla: width of the compressed kv latent (cached, RMS-normed) that
+                                            # every head's key (no-rope part) and value are expanded from
+    qk_nope_head_dim: int = 16              # mla: per-head query/key channels without position (from the latent)
+    qk_rope_head_dim: int = 8               # mla: rotary channels per head; the key's are one rotated key shared
+                                            # by all heads (cached beside the latent)
     output_softmax: str = "softmax"         # next-token distribution: softmax | softermax (2^z) | strongermax
     # positions
     position: str = "rope"                  # POSITION registry key
@@ -532,7 +561,37 @@ class ModelConfig:
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
         self._validate_embeddings()
+        self._validate_mla()
         return self
+
+    def _validate_mla(self) -> None:
+        """Multi-head latent attention (kind "mla"): positive ranks and widths, an even rotary width,
+        one key/value head per query head, and none of the options its attention path does not take."""
+        if "mla" not in set(self.attention_pattern or [self.attention]):
+            return
+        check_range("model.q_lora_rank", self.q_lora_rank, low=1, optional=True)
+        for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim"):
+            check_range(f"model.{k}", getattr(self, k), low=1)
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary pairs)")
+        if self.kv_heads != self.n_heads:
+            raise ConfigError(f"model.attention='mla' expands its latent to one key/value per query head: "
+                              f"model.n_kv_heads={self.n_kv_heads} must be null or model.n_heads={self.n_heads}")
+        if self.qk_head_dim is not None and self.qk_head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim:
+            raise ConfigError(f"model.qk_head_dim={self.qk_head_dim} must be null with model.attention='mla' (its "
+                              f"query/key width is model.qk_nope_head_dim + model.qk_rope_head_dim)")
+        bad = [f"{k}={getattr(self, k)!r}" for k, off in (("qk_norm", "none"), ("attention_softmax", "softmax"),
+                                                           ("attention_sinks", False), ("rotary_pct", 1.0))
+               if getattr(self, k) != off]
+        if {"scores", "probs"} & set(self.quant.act_points):
+            bad.append(f"quant.act_points={self.quant.act_points}")
+        if bad:
+            raise ConfigError(f"model.attention='mla' takes a plain softmax over its latent keys and rotates all "
+                              f"qk_rope_head_dim channels; unsupported with it: model.{', model.'.join(bad)}")
+        positions = {self.layer_position(i) for i in range(self.n_layers) if self.layer_attention(i) == "mla"}
+        if positions - {"rope", "none"}:
+            raise ConfigError(f"model.attention='mla' layers take position 'rope' or 'none' (its decoupled "
+                              f"rotary key), got {sorted(positions - {'rope', 'none'})}")
 
     @property
     def embed_dim(self) -> int:
@@ -1000,6 +1059,9 @@ def unused_keys(cfg: JobConfig) -> dict[str, str]:
     if "ssm" not in kinds:
         mark([f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name.startswith("ssm_")],
              "no 'ssm' layer")
+    if "mla" not in kinds:
+        mark([f"model.{k}" for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")],
+             "no 'mla' attention")
     if m.norm != "layernorm":
         mark(["model.norm_bias"], f"model.norm={m.norm}")
     if m.block != "parallel":

@@ -103,6 +103,9 @@ def make_hf_model(model_type: str, arch: str, kwargs: dict, seed: int = 0):
                 p.normal_(0.0, 0.1)
             else:
                 p.add_(0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():     # DeepSeek-V3's selection bias: a buffer, 0 at init
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.2 * torch.randn_like(b))
     return model
 
 
@@ -118,8 +121,9 @@ def ids():
 
 
 def test_every_family_has_a_case():
+    from tests.test_mla import MLA_CASES         # DeepSeek-V3 (latent attention) is covered there
     from tests.test_moe_hf import MOE_CASES      # the mixture-of-experts families are covered there
-    assert {arch for _, _, arch, _ in CASES + MOE_CASES} == set(FAMILIES)
+    assert {arch for _, _, arch, _ in CASES + MOE_CASES + MLA_CASES} == set(FAMILIES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

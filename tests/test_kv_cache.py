@@ -36,6 +36,12 @@ CASES = {
     "qk-norm": dict(qk_norm="head"),
     "parallel-block": dict(block="parallel", norm="layernorm"),
     "nope-pattern": dict(position_pattern=["rope", "none"]),
+    # latent attention: the cache holds the latent and the rotary key; keys/values re-expanded each step
+    "mla": dict(attention="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                v_head_dim=12, rope_interleaved=True),
+    "mla-noqlora-yarn-mixed": dict(attention_pattern=["mla", "causal"], kv_lora_rank=16, qk_nope_head_dim=8,
+                                   qk_rope_head_dim=4, rope_scaling="yarn", rope_scaling_factor=4.0,
+                                   rope_original_max_seq_len=16),
     "rope-theta-local": dict(attention_pattern=["sliding", "causal"], sliding_window=4, rope_theta_local=100.0,
                              rope_scaling="linear", rope_scaling_factor=4.0),
 }

@@ -11,6 +11,8 @@ changed; each runs in a fresh process so its peak resident memory (ru_maxrss) is
     saved MiB   bytes the forward leaves for backward (saved tensors, one count per storage):
                 the activation memory the kind costs; softmax through SDPA keeps no T x T scores,
                 explicit scores keep only each chunk's inputs (chunks are recomputed in backward)
+    cache B/tok bytes the KV cache holds per token (all layers, fp32) after a cached 16-token prefix:
+                keys and values, an mla layer's latent and rotary key, nothing for identity
     peak MiB    growth of the process's peak RSS over what it held after building the model
                 (T in increasing order, so each peak is that length's); the children run with
                 MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed tensors to the system
@@ -44,6 +46,8 @@ KINDS = {  # name -> model overrides (each against "softmax", the default)
     "identity": dict(attention="identity"),
     # Mamba-2 layers in place of attention (inner width 2 d_model, heads of 16, state 16, chunks of 64)
     "ssm": dict(attention="ssm", ssm_head_dim=16, ssm_state_size=16, ssm_chunk_size=64),
+    # multi-head latent attention (DeepSeek): latent 32 + shared rotary key 8 cached per token and layer
+    "mla": dict(attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8),
 }
 
 
@@ -88,6 +92,11 @@ def child(args) -> None:
             ref_times.append(_step(ref, ids))
         out[T] = dict(tokens_per_s=args.batch * T / statistics.median(times), saved_mib=sum(saved.values()) / 2 ** 20,
                       peak_mib=peak, vs_softmax=statistics.median(ref_times) / statistics.median(times))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.eval()(torch.randint(0, 256, (args.batch, 16)), cache=cache)
+    held = sum(t.numel() * t.element_size() for t in cache.k + cache.v if t is not None)
+    out["cache_bytes_per_token"] = held / (args.batch * 16)
     print(json.dumps(out))
 
 
@@ -118,14 +127,17 @@ def main(argv=None) -> int:
         if r.returncode:
             print(f"{kind}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
             return 1
-        results[kind] = {int(t): v for t, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        cache_bytes = res.pop("cache_bytes_per_token")
+        results[kind] = {int(t): v for t, v in res.items()}
+        results[kind]["cache"] = cache_bytes
     print(f"d_model {args.d_model}, {args.n_heads} heads, {args.layers} layers, batch {args.batch}, "
           f"chunk {args.chunk}, {args.threads} thread(s), forward + backward")
-    head = f"{'kind':<18}" + "".join(f"| T={T:<5} tok/s  x softmax  saved MiB  peak MiB " for T in args.seq_lens)
+    head = f"{'kind':<18}| cache B/tok " + "".join(f"| T={T:<5} tok/s  x softmax  saved MiB  peak MiB " for T in args.seq_lens)
     print(head)
     print("-" * len(head))
     for kind, r in results.items():
-        row = f"{kind:<18}"
+        row = f"{kind:<18}| {r['cache']:>11.0f} "
         for T in args.seq_lens:
             row += (f"| {r[T]['tokens_per_s']:>11.0f}  {r[T]['vs_softmax']:>9.2f}  {r[T]['saved_mib']:>9.1f}  "
                     f"{r[T]['peak_mib']:>8.1f} ")

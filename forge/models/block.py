@@ -20,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from forge.models.layers.attention import build_attention
+from forge.models.layers.attention import Attention
+from forge.models.layers.mla import MLAttention
 from forge.models.layers.mlp import MLP_REGISTRY
 from forge.models.layers.norm import build_norm
+from forge.models.layers.ssm import Mamba2Mixer
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.mappings import copy_to
 from forge.parallel.random import tp_stream
@@ -63,6 +65,16 @@ BLOCK = {
 }
 
 
+# attention kinds whose whole attention-path module is its own class (own weights, forward and cache);
+# every other kind is an Attention (q, k, v projections and a score function from ATTENTION)
+MIXER = {"mla": MLAttention, "ssm": Mamba2Mixer}
+
+
+def build_attention(cfg, layer_idx, ctx: ParallelContext = SINGLE):
+    """The attention-path module of layer `layer_idx`: a MIXER class for its kind, else Attention."""
+    return MIXER.get(cfg.layer_attention(layer_idx), Attention)(cfg, layer_idx, ctx)
+
+
 def build_mlp(cfg, layer_idx, ctx: ParallelContext = SINGLE):
     from forge.models.layers.moe import MoE, is_moe_layer
     if is_moe_layer(cfg, layer_idx):
@@ -88,7 +100,7 @@ class Block(nn.Module):
             # under sequence parallelism a norm sees T/tp tokens: its gradients are summed over tp
             norm = build_norm(cfg, grad_group=tp_group if sequence_parallel else None, kind=cfg.norm_at(location))
             setattr(self, name, norm if name in norms and not shared else None)
-        self.attn = build_attention(cfg, layer_idx, ctx)   # Attention, or a MIXER class (ssm)
+        self.attn = build_attention(cfg, layer_idx, ctx)   # Attention, or a MIXER class (mla, ssm)
         self.mlp = build_mlp(cfg, layer_idx, ctx)
         self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
         self.residual_multiplier = cfg.residual_multiplier

@@ -181,6 +181,36 @@ PRESETS["mamba2-130m"] = _p(**_MAMBA2, vocab_size=50288, d_model=768, n_layers=2
 PRESETS["tiny-mamba2"] = dataclasses.replace(PRESETS["mamba2-130m"], **{
     **_TINY, "d_ff": None, "n_heads": 8, "head_dim": 16, "ssm_state_size": 16, "ssm_head_dim": 16,
     "ssm_chunk_size": 16})
+# DeepSeek-V3 / V2-Lite: multi-head latent attention (kv latent 512 + shared rotary key 64, interleaved rope
+# pairs), YaRN x40 from 4096 with DeepSeek's mscale (softmax scale (128 + 64)^-0.5 m^2, m = 0.1 a ln 40 + 1 with
+# a = mscale_all_dim; cos/sin factor m(mscale) / m(mscale_all_dim) = 1), shared experts and dense first layers.
+# V3: sigmoid router, 8 groups of 32 experts (top-8 within the best 4 groups), aux-loss-free bias, weights x 2.5.
+# V2-Lite: softmax router, no groups, no renormalisation, an auxiliary loss; q without a low-rank bottleneck.
+_DEEPSEEK = dict(_LLAMA, attention="mla", kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                 head_dim=128, v_head_dim=128, rope_interleaved=True, rope_theta=10000.0, rope_scaling="yarn",
+                 rope_scaling_factor=40.0, rope_original_max_seq_len=4096, rope_attention_factor=1.0,
+                 max_seq_len=163840, norm_eps=1e-6)
+
+
+def _deepseek_scale(qk: int, factor: float, mscale_all_dim: float) -> float:
+    return qk ** -0.5 * (0.1 * mscale_all_dim * math.log(factor) + 1.0) ** 2
+
+
+PRESETS["deepseek-v3"] = _p(**_DEEPSEEK, vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432,
+                            q_lora_rank=1536, attn_scale=_deepseek_scale(192, 40.0, 1.0),
+                            moe=MoEConfig(n_experts=256, top_k=8, router="sigmoid", renormalize=True, d_ff=2048,
+                                          n_shared_experts=1, first_dense=3, bias_update_rate=0.001, n_group=8,
+                                          topk_group=4, routed_scaling_factor=2.5))
+PRESETS["deepseek-v2-lite"] = _p(**_DEEPSEEK, vocab_size=102400, d_model=2048, n_layers=27, n_heads=16, d_ff=10944,
+                                 attn_scale=_deepseek_scale(192, 40.0, 0.707),
+                                 moe=MoEConfig(n_experts=64, top_k=6, router="softmax", renormalize=False, d_ff=1408,
+                                               n_shared_experts=2, first_dense=1, aux_loss_coef=0.001))
+PRESETS["tiny-deepseek-v3"] = dataclasses.replace(PRESETS["deepseek-v3"], **{
+    **_TINY, "n_layers": 3, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+    "head_dim": 16, "v_head_dim": 16, "rope_original_max_seq_len": 32, "rope_scaling_factor": 4.0,
+    "attn_scale": _deepseek_scale(24, 4.0, 1.0)}, moe=MoEConfig(
+        n_experts=8, top_k=2, router="sigmoid", renormalize=True, d_ff=32, n_shared_experts=1, first_dense=1,
+        bias_update_rate=0.001, n_group=4, topk_group=2, routed_scaling_factor=2.5))
 
 for _name, _cfg in PRESETS.items():
     _cfg.validate()

@@ -968,6 +968,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "Phi3ForCausalLM": _spec("Phi3ForCausalLM", "phi3", phi3_from_hf, phi3_to_hf, *phi3_rules()),
     "GraniteForCausalLM": _spec("GraniteForCausalLM", "granite", granite_from_hf, granite_to_hf, llama_map()),
 }
+from forge.models.hf.deepseek import DEEPSEEK_V3  # noqa: E402  (its own module; it uses the helpers above)
+FAMILIES[DEEPSEEK_V3.architecture] = DEEPSEEK_V3
 
 
 from forge.models.hf.mamba2 import MAMBA2  # noqa: E402  (its own module, built on the helpers above)
@@ -989,6 +991,7 @@ def canonical(cfg: ModelConfig) -> dict:
     if cfg.moe.n_experts:
         d.update(_moe_canonical(cfg))
     kinds = set(d["layer_kinds"])
+    _mla_canonical(cfg, d, kinds)
     if "sliding" not in kinds:
         d.pop("sliding_window")
     if "local" not in kinds:
@@ -1071,6 +1074,19 @@ def _ssm_canonical(cfg: ModelConfig, d: dict) -> None:
             d.pop(k, None)
 
 
+def _mla_canonical(cfg: ModelConfig, d: dict, kinds: set) -> None:
+    """Latent-attention keys only where an mla layer reads them; an all-mla model's query/key width is
+    qk_nope_head_dim + qk_rope_head_dim (head_dim / qk_head_dim unused), its default scale that^-0.5."""
+    if "mla" not in kinds:
+        for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim"):
+            d.pop(k)
+    elif kinds == {"mla"}:
+        for k in ("head_dim", "qk_head_dim"):
+            d.pop(k)
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        d.update(v_head_dim=cfg.v_hd, attn_scale=cfg.attn_scale if cfg.attn_scale is not None else qk ** -0.5)
+
+
 def _moe_canonical(cfg: ModelConfig) -> dict:
     """The MoE settings that change the function (capacity factor, loss coefficients and the bias
     update rate are training-time settings: eval is dropless; a bias buffer itself does count)."""
@@ -1081,7 +1097,10 @@ def _moe_canonical(cfg: ModelConfig) -> dict:
     d = {"moe_layers": layers, "moe_top_k": m.top_k, "moe_router": m.router, "moe_expert_ff": expert_ff,
          "moe_renormalize": m.renormalize,
          "moe_shared_ff": shared, "moe_shared_gate": bool(shared and m.shared_gate),
-         "moe_router_bias": m.bias_update_rate > 0, "moe_router_logit_bias": m.router_bias}
+         "moe_router_bias": m.bias_update_rate > 0, "moe_router_logit_bias": m.router_bias,
+         # group-limited top-k restricts nothing when every group is kept
+         "moe_groups": (m.n_group, m.topk_group) if m.topk_group < m.n_group else None,
+         "moe_routed_scale": m.routed_scaling_factor}
     if len(layers) == cfg.n_layers:
         d["d_ff"] = None                        # no dense layer: the dense hidden size is unused
     return d

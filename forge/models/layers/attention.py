@@ -9,8 +9,10 @@ softmax when scores are soft-capped: s -> cap * tanh(s / cap) (Gemma 2).
     linear:  o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i),  S_i = sum_{j<=i} phi(k_j) v_j^T,
              z_i = sum_{j<=i} phi(k_j),  phi = elu + 1   (Katharopoulos et al., 2020), O(T).
     identity: the attention path contributes 0 (ablations); the layer has no attention weights.
-    ssm:     a selective state-space layer (Mamba-2) in place of attention: MIXER maps the kind to
-             forge.models.layers.ssm.Mamba2Mixer, which build_attention returns for such a layer.
+    ssm:     a selective state-space layer (Mamba-2) in place of attention: its own module,
+             forge.models.layers.ssm.Mamba2Mixer (forge.models.block.MIXER picks it per layer).
+    mla:     multi-head latent attention (DeepSeek-V2/V3): its own module, forge.models.layers.mla,
+             whose causal softmax runs through softmax_attention; the KV cache holds its latent.
 Score functions (model.attention_softmax, forge.models.layers.scores): softmax runs through SDPA as
 above; any other p(s) is computed explicitly, over chunks of model.attention_chunk queries, each
 recomputed in backward (checkpointed), so a head holds O(T * chunk) scores, never T x T.
@@ -45,7 +47,6 @@ from torch.utils.checkpoint import checkpoint
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import POSITION, Rotary
 from forge.models.layers.scores import SCORE, Sinks, sink_softmax
-from forge.models.layers.ssm import Mamba2Mixer
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, enter_tp_region
 from forge.parallel.mappings import copy_to, group_rank, group_size
@@ -54,7 +55,8 @@ from forge.parallel.random import tp_stream
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (B, Hkv, S, qk_hd) and (B, Hkv, S, v_hd);
+    """Keys and values of the tokens seen so far, per layer: (B, Hkv, S, qk_hd) and (B, Hkv, S, v_hd)
+    (an mla layer: its latent (B, 1, S, kv_lora_rank) and rotary key (B, 1, S, qk_rope_head_dim));
     `seen[i]`: tokens layer i has passed (identity layers store no keys but count them);
     `state[i]`: a recurrent layer's state instead of keys (ssm: its conv inputs and scan state)."""
 
@@ -163,7 +165,7 @@ def identity_attention(kind, q, k, v, qpos, kpos, attn):
 
 
 def ssm_attention(kind, q, k, v, qpos, kpos, attn):
-    """Never called: an ssm layer is a Mamba2Mixer (MIXER), which has no queries or keys."""
+    """Never called: an ssm layer is a Mamba2Mixer (forge.models.block.MIXER), which has no queries or keys."""
     raise RuntimeError("ssm layers are computed by forge.models.layers.ssm.Mamba2Mixer")
 
 
@@ -192,6 +194,11 @@ def linear_attention(kind, q, k, v, qpos, kpos, attn, chunk: int = 64):
     return torch.cat(out, dim=2).to(v.dtype)
 
 
+def mla_attention(kind, q, k, v, qpos, kpos, attn):
+    """Never called: an mla layer is an MLAttention (forge.models.layers.mla), not an Attention."""
+    raise RuntimeError("mla attention is computed by forge.models.layers.mla.MLAttention")
+
+
 ATTENTION = {
     "causal": softmax_attention,
     "sliding": softmax_attention,
@@ -199,15 +206,8 @@ ATTENTION = {
     "linear": linear_attention,
     "identity": identity_attention,
     "ssm": ssm_attention,
+    "mla": mla_attention,
 }
-
-# kinds whose whole attention-path module is another class (its own weights and forward)
-MIXER = {"ssm": Mamba2Mixer}
-
-
-def build_attention(cfg, layer_idx: int, ctx: ParallelContext = SINGLE) -> nn.Module:
-    """The attention-path module of layer `layer_idx`: a MIXER class for its kind, else Attention."""
-    return MIXER.get(cfg.layer_attention(layer_idx), Attention)(cfg, layer_idx, ctx)
 
 # ReaLLM-Forge kinds that are not causal as defined there, with the reason (ConfigError on use)
 REFUSED_ATTENTION = {

@@ -3,7 +3,12 @@
     logits = x W_r^T (+ b_r with moe.router_bias)     (N, E), x cast to fp32
     scores = softmax(logits)  |  sigmoid(logits)      (router = softmax | sigmoid)
     chosen = top-k(scores + b)                        b: aux-loss-free bias (DeepSeek-V3), selection only
-    weights = scores[chosen]  (/ their sum when renormalize)
+             group-limited (moe.n_group > 1, DeepSeek-V3): the E experts form n_group equal groups of
+             consecutive ids, a group scores the sum of its 2 best (scores + b), and the top-k is taken
+             among the experts of the best moe.topk_group groups only
+    weights = scores[chosen]  (/ their sum when renormalize) * moe.routed_scaling_factor
+The router is replicated and sees all E experts on every rank, so the routing (groups included)
+is the same whatever the expert-parallel layout.
 
 Auxiliary losses (values are recorded without their coefficients; the coefficients scale the
 gradient that `attach_aux_loss` injects):
@@ -77,6 +82,7 @@ class Router(nn.Module):
         moe = cfg.moe
         self.n_experts, self.top_k, self.kind, self.renormalize = moe.n_experts, moe.top_k, moe.router, moe.renormalize
         self.rate = moe.bias_update_rate
+        self.n_group, self.topk_group, self.routed_scale = moe.n_group, moe.topk_group, moe.routed_scaling_factor
         self.grad_group = grad_group        # sequence parallel: each tp rank routes its own tokens
         self.weight = nn.Parameter(torch.empty(moe.n_experts, cfg.d_model))
         self.bias = nn.Parameter(torch.zeros(moe.n_experts)) if moe.router_bias else None
@@ -107,11 +113,24 @@ class Router(nn.Module):
         logits = F.linear(x.float(), w.float(), b)
         scores = logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
         select = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        if self.n_group > 1:
+            select = self._group_limited(select)
         idx = torch.topk(select, self.top_k, dim=-1).indices
         weights = scores.gather(-1, idx)
         if self.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if self.kind == "sigmoid" else 0.0))
+        if self.routed_scale != 1.0:
+            weights = weights * self.routed_scale
         return logits, scores, idx, weights
+
+    def _group_limited(self, select):
+        """(N, E) selection scores -> the same with -inf outside each token's best topk_group groups."""
+        N = select.shape[0]
+        grouped = select.view(N, self.n_group, -1)                              # (N, G, E/G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)                   # (N, G)
+        best = group_scores.topk(self.topk_group, dim=-1).indices               # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, -1)
 
     def probs_for_aux(self, scores):
         """Per-token probabilities over experts used by the load-balancing loss."""
