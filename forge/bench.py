@@ -43,6 +43,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -259,27 +260,14 @@ def _build_hf(cfg, forge_model, device, dtype, attn_impl):
     return hf, loss_fn
 
 
-def run(args) -> dict:
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from forge import kernels
-    linear_backend = kernels.set_linear_backend(args.linear)
-    cfg = bench_config(args)
-    g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
-    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-    tokens = args.batch * args.seq_len
-
-    # memory of a model = what building it adds + the peak of its warmup steps above their start
-    mem, warm_s, parity = {}, {}, {}
+def _build_runners(args, cfg, device, dtype, x, y) -> tuple[list, dict, dict, Optional[str]]:
+    """Forge's model and (unless --no-hf, or no family represents it) its Hugging Face counterpart
+    at the same weights: (runners, build memory per model, loss at init per model, why HF is absent)."""
+    mem, parity, hf_error = {}, {}, None
     with PeakMemory(device) as pm:
         fmodel, floss = _build_forge(cfg, device, dtype, args.compile, args.seed)
     mem["forge"] = pm.peak
-    fr = Runner("forge" + (" (compiled)" if args.compile else ""), fmodel, floss, device)
-    runners = [fr]
-    hf_error = None
+    runners = [Runner("forge" + (" (compiled)" if args.compile else ""), fmodel, floss, device)]
     if not args.no_hf:
         try:
             with PeakMemory(device) as pm:
@@ -291,8 +279,15 @@ def run(args) -> dict:
                 parity["hf"] = float(hloss(x, y))
         except ValueError as e:
             hf_error = str(e)
+    return runners, mem, parity, hf_error
+
+
+def _time_runners(runners, args, x, y, mem: dict) -> dict:
+    """Warm each model up (its peak above the start is added to `mem`), then time args.steps steps,
+    alternating the models so both see the same machine load. Returns the warmup seconds per model."""
+    warm_s = {}
     for r, key in zip(runners, ("forge", "hf")):
-        with PeakMemory(device) as pm:
+        with PeakMemory(r.device) as pm:
             t0 = time.perf_counter()
             for _ in range(args.warmup):
                 r.step(x, y, timed=False)
@@ -302,7 +297,27 @@ def run(args) -> dict:
     for _ in range(args.steps):
         for r in runners:
             r.step(x, y, timed=True)
+    return warm_s
 
+
+def run(args) -> dict:
+    """Time `forge` (and HF) training steps on random tokens; memory of a model = what building it
+    adds + the peak of its warmup steps above their start; MFU = tokens/s * FLOPs per token / peak."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from forge import kernels
+    linear_backend = kernels.set_linear_backend(args.linear)
+    cfg = bench_config(args)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    tokens = args.batch * args.seq_len
+    runners, mem, parity, hf_error = _build_runners(args, cfg, device, dtype, x, y)
+    warm_s = _time_runners(runners, args, x, y, mem)
+
+    fmodel = runners[0].model
     dev_name, peak = peak_flops(device, args.dtype)
     fpt = flops_per_token(fmodel, cfg, args.seq_len)
     rows = []
