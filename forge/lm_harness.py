@@ -25,15 +25,16 @@ makes a position's logits independent of the padding after it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from forge.dtypes import DTYPES
-import torch.nn.functional as F
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'forge[eval]' (or pip install lm_eval==0.4.9)"
 
@@ -80,140 +81,135 @@ def make_forge_lm(model, tokenizer, batch_size: int = 8, seed: int = 0):
     return forge_lm_class()(model, tokenizer, batch_size, seed)
 
 
-_CLASS = None
+class _ForgeLMMethods:
+    """The methods of ForgeLM, lm_eval's LM over a Forge model and tokenizer (module doc: the math of
+    each request); a plain class so that this module imports without lm_eval."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, seed: int = 0):
+        super().__init__()
+        self.model, self.tok = model.eval(), tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(model.cfg.max_seq_len)
+        self.device = next(model.parameters()).device
+        self.seed = seed
+
+    # ---- tokens
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eod_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "forge-" + self.tok.sha256()[:12]
+
+    def tok_encode(self, text: str) -> list[int]:
+        return self.tok.encode(text) if text else []
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens) as lm_eval splits them: trailing spaces of
+        the context go to the continuation; the continuation is what enc(context +
+        continuation) adds after enc(context); an empty context is the end-of-document token."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        cont = whole[len(ctx):]
+        return (ctx or [self.eot_token_id]), cont
+
+    # ---- scoring
+    @torch.no_grad()
+    def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities of the continuation tokens, all greedy) for each
+        (context, continuation) token pair; see the module doc."""
+        C = self.max_length
+        out: list[Optional[tuple[float, bool]]] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            rows, conts = [], []
+            for i in idx:
+                ctx, cont = pairs[i]
+                if not cont:
+                    raise ValueError("an empty continuation has no log-likelihood")
+                if len(cont) > C:
+                    raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's "
+                                     f"context of {C} tokens")
+                rows.append((ctx + cont)[-(C + 1):][:-1])           # the model's input, <= C tokens
+                conts.append(cont)
+            T = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), T, dtype=torch.long)
+            for r, row in enumerate(rows):
+                ids[r, :len(row)] = torch.tensor(row)
+            logits = self.model(ids.to(self.device))                                  # (B, T, V)
+            for r, (i, row, cont) in enumerate(zip(idx, rows, conts)):
+                n = len(cont)
+                # float64 over the scored positions only: sums of many terms stay exact to ~1e-12
+                lp = F.log_softmax(logits[r, len(row) - n:len(row)].double(), dim=-1)  # (n, V)
+                target = torch.tensor(cont, device=lp.device)
+                total = float(lp.gather(-1, target[:, None]).sum())
+                out[i] = (total, bool((lp.argmax(-1) == target).all()))
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self.encode_pair(*req.args) for req in requests]
+        res = self.score_tokens(pairs)
+        for req, r in zip(requests, res):
+            self.cache_hook.add_partial("loglikelihood", req.args, r)
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        out = []
+        for req in requests:
+            (text,) = req.args[:1]
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                self.tok_encode(text), self.eot_token_id, self.max_length, context_len=1)]
+            total = sum(lp for lp, _ in self.score_tokens(windows)) if windows else 0.0
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from forge.generate import generate
+        out = []
+        for req in requests:
+            context, kw = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            n = int(kw.pop("max_gen_toks", 256))
+            temperature = float(kw.pop("temperature", 0.0) or 0.0)
+            if not kw.pop("do_sample", temperature > 0):
+                temperature = 0.0
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-self.max_length:]
+            new: list[int] = []
+
+            def on_token(nxt, new=new, until=until):
+                new.append(int(nxt[0]))
+                if until and any(u in self.tok.decode(new) for u in until):
+                    raise _Stop
+            g = torch.Generator(device=self.device).manual_seed(self.seed)
+            try:
+                generate(self.model, torch.tensor([ids]), n, temperature=temperature,
+                         top_k=kw.pop("top_k", None), top_p=kw.pop("top_p", None), generator=g,
+                         eos_id=self.eot_token_id, on_token=on_token)
+            except _Stop:
+                pass
+            if self.eot_token_id in new:
+                new = new[:new.index(self.eot_token_id)]
+            text = self.tok.decode(new)
+            for u in until:
+                text = text.split(u)[0]
+            self.cache_hook.add_partial("generate_until", (context, req.args[1] if len(req.args) > 1 else {}),
+                                        text)
+            out.append(text)
+        return out
 
 
+@functools.lru_cache(maxsize=None)
 def forge_lm_class():
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
-    LM = _base()
-
-    class ForgeLM(LM):
-        """lm_eval's LM over a Forge model and tokenizer (module doc: the math of each request)."""
-
-        def __init__(self, model, tokenizer, batch_size: int = 8, seed: int = 0):
-            super().__init__()
-            self.model, self.tok = model.eval(), tokenizer
-            self.batch_size = int(batch_size)
-            self.max_length = int(model.cfg.max_seq_len)
-            self.device = next(model.parameters()).device
-            self.seed = seed
-
-        # ---- tokens
-        @property
-        def eot_token_id(self) -> int:
-            return self.tok.eod_id
-
-        @property
-        def tokenizer_name(self) -> str:
-            return "forge-" + self.tok.sha256()[:12]
-
-        def tok_encode(self, text: str) -> list[int]:
-            return self.tok.encode(text) if text else []
-
-        def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-            """(context tokens, continuation tokens) as lm_eval splits them: trailing spaces of
-            the context go to the continuation; the continuation is what enc(context +
-            continuation) adds after enc(context); an empty context is the end-of-document token."""
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces:
-                continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-            whole = self.tok_encode(context + continuation)
-            ctx = self.tok_encode(context)
-            cont = whole[len(ctx):]
-            return (ctx or [self.eot_token_id]), cont
-
-        # ---- scoring
-        @torch.no_grad()
-        def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-            """(sum of log-probabilities of the continuation tokens, all greedy) for each
-            (context, continuation) token pair; see the module doc."""
-            C = self.max_length
-            out: list[Optional[tuple[float, bool]]] = [None] * len(pairs)
-            order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b:b + self.batch_size]
-                rows, conts = [], []
-                for i in idx:
-                    ctx, cont = pairs[i]
-                    if not cont:
-                        raise ValueError("an empty continuation has no log-likelihood")
-                    if len(cont) > C:
-                        raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's "
-                                         f"context of {C} tokens")
-                    rows.append((ctx + cont)[-(C + 1):][:-1])           # the model's input, <= C tokens
-                    conts.append(cont)
-                T = max(len(r) for r in rows)
-                ids = torch.zeros(len(rows), T, dtype=torch.long)
-                for r, row in enumerate(rows):
-                    ids[r, :len(row)] = torch.tensor(row)
-                logits = self.model(ids.to(self.device))                                  # (B, T, V)
-                for r, (i, row, cont) in enumerate(zip(idx, rows, conts)):
-                    n = len(cont)
-                    # float64 over the scored positions only: sums of many terms stay exact to ~1e-12
-                    lp = F.log_softmax(logits[r, len(row) - n:len(row)].double(), dim=-1)  # (n, V)
-                    target = torch.tensor(cont, device=lp.device)
-                    total = float(lp.gather(-1, target[:, None]).sum())
-                    out[i] = (total, bool((lp.argmax(-1) == target).all()))
-            return out
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            pairs = [self.encode_pair(*req.args) for req in requests]
-            res = self.score_tokens(pairs)
-            for req, r in zip(requests, res):
-                self.cache_hook.add_partial("loglikelihood", req.args, r)
-            return res
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-            out = []
-            for req in requests:
-                (text,) = req.args[:1]
-                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                    self.tok_encode(text), self.eot_token_id, self.max_length, context_len=1)]
-                total = sum(lp for lp, _ in self.score_tokens(windows)) if windows else 0.0
-                self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-                out.append(total)
-            return out
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            from forge.generate import generate
-            out = []
-            for req in requests:
-                context, kw = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
-                until = kw.pop("until", None) or []
-                until = [until] if isinstance(until, str) else list(until)
-                n = int(kw.pop("max_gen_toks", 256))
-                temperature = float(kw.pop("temperature", 0.0) or 0.0)
-                if not kw.pop("do_sample", temperature > 0):
-                    temperature = 0.0
-                ids = (self.tok_encode(context) or [self.eot_token_id])[-self.max_length:]
-                new: list[int] = []
-
-                def on_token(nxt, new=new, until=until):
-                    new.append(int(nxt[0]))
-                    if until and any(u in self.tok.decode(new) for u in until):
-                        raise _Stop
-                g = torch.Generator(device=self.device).manual_seed(self.seed)
-                try:
-                    generate(self.model, torch.tensor([ids]), n, temperature=temperature,
-                             top_k=kw.pop("top_k", None), top_p=kw.pop("top_p", None), generator=g,
-                             eos_id=self.eot_token_id, on_token=on_token)
-                except _Stop:
-                    pass
-                if self.eot_token_id in new:
-                    new = new[:new.index(self.eot_token_id)]
-                text = self.tok.decode(new)
-                for u in until:
-                    text = text.split(u)[0]
-                self.cache_hook.add_partial("generate_until", (context, req.args[1] if len(req.args) > 1 else {}),
-                                            text)
-                out.append(text)
-            return out
-
-    _CLASS = ForgeLM
-    return ForgeLM
+    """ForgeLM: _ForgeLMMethods on lm_eval's LM base class (imported here, on first use)."""
+    return type("ForgeLM", (_ForgeLMMethods, _base()), {})
 
 
 def run_tasks(lm, tasks: list[str], include_paths: list[str] = (), num_fewshot: Optional[int] = None,
