@@ -260,6 +260,16 @@ class ModelConfig:
     # stream after block steering_layer's output, x_L <- x_L + v (Forge name layers.{L}.steering)
     steering_layer: Optional[int] = None    # block index L (0-based) after which v is added; null = none
     steering_freeze_model: bool = False     # train only the steering vector: every other parameter frozen
+    steering_datasets: int = 0              # n > 0: one learned vector per dataset of the blend, V (n, D) at
+                                            # layers.{L}.steering; a sample of data.paths[d] gets V[d] (the
+                                            # trainer passes each sample's d; forge generate --steer-dataset);
+                                            # n must equal len(data.paths); 0 = one vector for all samples
+    # sub-norms inside the branches (BitNet b1.58's attn_sub_norm / ffn_sub_norm): each a norm over a width
+    # that tp splits (heads, hidden features): its mean square all-reduced, its weight sharded with them
+    attn_sub_norm: Optional[str] = None     # NORM key of a norm on the heads' output (n_heads * v_head_dim) before
+                                            # wo; null = none
+    mlp_sub_norm: Optional[str] = None      # NORM key of a norm on the MLP hidden (d_ff) before the down
+                                            # projection (mlp, glu); null = none
 
     # ---- derived sizes ----
     @property
@@ -374,6 +384,9 @@ class ModelConfig:
                               f"{self.n_layers}) or null")
         if self.steering_freeze_model and self.steering_layer is None:
             raise ConfigError("model.steering_freeze_model=true needs model.steering_layer (a steering vector to train)")
+        check_range("model.steering_datasets", self.steering_datasets, low=0)
+        if self.steering_datasets and self.steering_layer is None:
+            raise ConfigError("model.steering_datasets > 0 needs model.steering_layer (where the vectors are added)")
         self.quant.validate()
 
     def layer_position(self, i: int) -> str:
@@ -481,7 +494,13 @@ class ModelConfig:
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
         self._validate_embeddings()
+        self._validate_sub_norms()
         return self
+
+    def _validate_sub_norms(self) -> None:
+        if self.mlp_sub_norm is not None and (self.mlp not in ("mlp", "glu") or self.moe.n_experts):
+            raise ConfigError(f"model.mlp_sub_norm={self.mlp_sub_norm!r} needs a dense model.mlp in ['glu', 'mlp'] "
+                              f"(got model.mlp={self.mlp!r}, model.moe.n_experts={self.moe.n_experts})")
 
     @property
     def embed_dim(self) -> int:
@@ -694,6 +713,7 @@ class JobConfig:
         if self.model.steering_freeze_model and self.parallel.pp > 1:
             raise ConfigError("model.steering_freeze_model=true with parallel.pp > 1 is not supported: the stages "
                               "without the steering vector would have nothing to train")
+        self._validate_steering_datasets()
         moe, ep = self.model.moe, self.parallel.ep
         if moe.n_experts and self.parallel.zero_stage == 3:
             raise ConfigError("parallel.zero_stage=3 with a mixture-of-experts model (model.moe.n_experts > 0) is not "
@@ -709,9 +729,26 @@ class JobConfig:
             check_range("data.seq_len (= model.max_seq_len)", self.data.seq_len, low=2)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        for key in ("attn_sub_norm", "mlp_sub_norm"):
+            kind = getattr(self.model, key)
+            if self.parallel.tp > 1 and kind not in (None, "rmsnorm", "identity"):
+                raise ConfigError(f"model.{key}={kind!r} with parallel.tp={self.parallel.tp}: a sub-norm spans "
+                                  f"features split over tp; only 'rmsnorm' (mean square all-reduced) or 'identity' can")
         if self.data.blend is not None and len(self.data.blend) != len(self.data.paths):
             raise ConfigError(f"data.blend has {len(self.data.blend)} weights for {len(self.data.paths)} data.paths")
         return self
+
+    def _validate_steering_datasets(self) -> None:
+        n = self.model.steering_datasets
+        if not n:
+            return
+        if self.parallel.pp > 1:
+            raise ConfigError(f"model.steering_datasets={n} with parallel.pp={self.parallel.pp} is not supported: "
+                              "the samples' dataset indices do not travel through the pipeline stages")
+        datasets = len(self.data.paths) if self.data.dataset == "indexed" else 1
+        if n != datasets:
+            raise ConfigError(f"model.steering_datasets={n} must equal the number of datasets the samples come "
+                              f"from: {datasets} (data.dataset={self.data.dataset!r}, data.paths={self.data.paths})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -78,6 +78,9 @@ CASES = [
     ("granite-multipliers-tied", "granite", "GraniteForCausalLM",
      dict(LLAMA, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.0625,
           logits_scaling=5.0, tie_word_embeddings=True, attention_bias=True)),
+    # relu2 GLU, RMSNorm sub-norms before o_proj and down_proj (plain weights: no quantization_config)
+    ("bitnet-subnorms-bias", "bitnet", "BitNetForCausalLM",
+     dict(LLAMA, hidden_act="relu2", attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 ]
 
 DIFFS: dict[str, float] = {}

@@ -23,6 +23,8 @@ PUBLISHED = {
     "granite-3.0-2b": 2_533_531_648, "granite-3.0-8b": 8_170_848_256,
     # transformers' GptOssForCausalLM on the meta device with the published configs ("21B", "117B")
     "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672,
+    # transformers' BitNetForCausalLM on the meta device with microsoft/bitnet-b1.58-2B-4T's config (tied, "2.4B")
+    "bitnet-b1.58-2b": 2_412_820_480,
 }
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from forge.config import ModelConfig, MoEConfig
+from forge.config import ModelConfig, MoEConfig, QuantConfig
 from forge.models.layers.position import POSITION
 
 
@@ -865,6 +865,52 @@ def granite_to_hf(cfg):
     return d
 
 
+# ---------------------------------------------------------------- BitNet b1.58
+# quantization_config of a BitNet checkpoint whose linears hold full-precision weights that transformers
+# quantises in every forward (AutoBitLinear, online): what model.quant.linear='bitlinear_1p58' computes
+BITNET_ONLINE = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+
+
+def _bitnet_quant_from_hf(q) -> QuantConfig:
+    """No quantization_config: plain linears. AutoBitLinear in online mode (no extra RMSNorm in the
+    linears, the head left unquantised): model.quant.linear='bitlinear_1p58'. Anything else
+    (packed offline weights, BitLinear, use_rms_norm) refused."""
+    if not q:
+        return QuantConfig()
+    q = q if isinstance(q, dict) else q.to_dict()
+    got = {k: q.get(k) for k in BITNET_ONLINE}
+    if got != BITNET_ONLINE or q.get("use_rms_norm") or q.get("modules_to_not_convert") not in (None, ["lm_head"]):
+        raise UnsupportedModelError(
+            f"BitNet quantization_config {q} is not supported: Forge reads full-precision weights quantised in the "
+            f"forward, {BITNET_ONLINE} (use_rms_norm false, only lm_head unconverted), as model.quant.linear="
+            f"'bitlinear_1p58'; packed offline checkpoints (the published microsoft/bitnet-b1.58-2B-4T) hold only "
+            f"the ternary codes: convert the master weights (microsoft/bitnet-b1.58-2B-4T-bf16) instead")
+    return QuantConfig(linear="bitlinear_1p58")
+
+
+def bitnet_from_hf(d):
+    """Llama wiring with a relu2 GLU and two sub-norms, RMSNorms over the heads' output before
+    o_proj (attn_sub_norm) and over the GLU hidden before down_proj (ffn_sub_norm); its
+    quantization_config (online AutoBitLinear) -> model.quant.linear."""
+    c = hf_config_object(d, "bitnet")
+    return _llama_like_from_hf(c, attn_sub_norm="rmsnorm", mlp_sub_norm="rmsnorm",
+                               quant=_bitnet_quant_from_hf(d.get("quantization_config")))
+
+
+def bitnet_to_hf(cfg):
+    d = _llama_like_to_hf(cfg)
+    d.pop("head_dim")                      # BitNet's heads are hidden_size / num_attention_heads wide
+    if cfg.quant.linear == "bitlinear_1p58":
+        d["quantization_config"] = dict(BITNET_ONLINE)
+    return d
+
+
+def bitnet_map():
+    L, F = "model.layers.{i}.", "layers.{i}."
+    return {**llama_map(), L + "self_attn.attn_sub_norm.weight": F + "attn.sub_norm.weight",
+            L + "mlp.ffn_sub_norm.weight": F + "mlp.sub_norm.weight"}
+
+
 # ---------------------------------------------------------------- the registry
 def _spec(arch, model_type, from_hf, to_hf, key_map, transforms=(), ignore=LLAMA_IGNORE, base_prefix="model.",
           tied_hf_keys=("lm_head.weight",), aliases=None):
@@ -966,6 +1012,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "Gemma3ForCausalLM": _spec("Gemma3ForCausalLM", "gemma3_text", gemma3_from_hf, gemma3_to_hf, gemma2_map()),
     "Phi3ForCausalLM": _spec("Phi3ForCausalLM", "phi3", phi3_from_hf, phi3_to_hf, *phi3_rules()),
     "GraniteForCausalLM": _spec("GraniteForCausalLM", "granite", granite_from_hf, granite_to_hf, llama_map()),
+    "BitNetForCausalLM": _spec("BitNetForCausalLM", "bitnet", bitnet_from_hf, bitnet_to_hf, bitnet_map()),
 }
 
 
@@ -1016,6 +1063,7 @@ def canonical(cfg: ModelConfig) -> dict:
     d.update({f"norm_{loc}": cfg.norm_at(loc) for loc in locations})
     norms = {cfg.norm, *(cfg.norm_at(loc) for loc in locations)}
     d.update(mlp_up_bias=cfg.up_bias, mlp_down_bias=cfg.down_bias)
+    d["quant"].pop("warmup_steps")            # a training schedule, not part of the function
     d.pop("mlp_bias")                         # what it sets is in mlp_up_bias / mlp_down_bias
     d.pop("dyt_alpha_init")                   # an initial value only
     for k in ("embed_init", "embed_init_mean", "embed_init_scale"):   # initial values only

@@ -10,6 +10,11 @@ Hugging Face's dense families hold floating-point weights and no fake-quantisati
     with a note; with tied embeddings and model.quant.embed_method the HF head reads q(E) where
     Forge's head read E, also noted.
 A model without model.quant refuses --quantized (there is nothing quantised to write).
+Where a family's format holds model.quant itself (BitNet: model.quant.linear='bitlinear_1p58' is its
+quantization_config with AutoBitLinear in online mode), the export without --quantized keeps it: the
+full-precision weights, which transformers quantises in each forward as Forge does. HF's packed
+"offline" BitNet format (2-bit codes + weight_scale) is neither written nor read: --quantized writes
+q(W) dequantised as plain weights, without the int8 activation quantisation (a note says so).
 """
 from __future__ import annotations
 
@@ -59,6 +64,13 @@ class QuantizedWeights:
         return quantize(w, method, bits, granularity)[0]
 
 
+def family_holds_quant(cfg: ModelConfig) -> bool:
+    """Whether some Hugging Face family represents `cfg` with its model.quant exactly (BitNet's online
+    quantization_config holds model.quant.linear='bitlinear_1p58')."""
+    from forge.models.hf.families import FAMILIES, representation_errors
+    return any(not representation_errors(spec, cfg) for spec in FAMILIES.values())
+
+
 def export_plan(cfg: ModelConfig, quantized: bool) -> tuple[ModelConfig, list[str]]:
     """(the config to export, the notes to print); ValueError for --quantized without model.quant."""
     q = cfg.quant
@@ -68,6 +80,9 @@ def export_plan(cfg: ModelConfig, quantized: bool) -> tuple[ModelConfig, list[st
                              "there are no quantised weights to write")
         return cfg, []
     plain = dataclasses.replace(cfg, quant=QuantConfig())
+    if not quantized and family_holds_quant(cfg):
+        return cfg, ["model.quant is part of this family's format (BitNet: quantization_config with AutoBitLinear "
+                     "in online mode): wrote the full-precision weights, which transformers quantises in the forward"]
     if not quantized:
         return plain, ["model.quant is not part of the Hugging Face format: wrote the full-precision weights "
                        "(pass --quantized to write the fake-quantised q(W) instead)"]
