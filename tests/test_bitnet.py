@@ -108,20 +108,64 @@ def test_bitlinear_model_matches_transformers_online_bitnet(tmp_path, capsys):
         assert (back(ids) - ref).abs().max() <= 1e-4
 
 
-def test_unsupported_bitnet_quantization_configs(tmp_path):
-    """Packed offline weights, BitLinear and an RMSNorm inside the linears are refused by name."""
+def test_unsupported_bitnet_quantization_configs():
+    """BitLinear online (no such mode), an RMSNorm inside the linears and a converted head are refused."""
     pytest.importorskip("transformers")
     from forge.models.hf import UnsupportedModelError
     from forge.models.hf.families import bitnet_from_hf, bitnet_to_hf
     cfg, _ = _bitnet()
     d = {"model_type": "bitnet", **bitnet_to_hf(cfg)}
-    for q in ({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"},
-              {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "online"},
-              {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online",
-               "use_rms_norm": True}):
-        with pytest.raises(UnsupportedModelError, match="bitnet-b1.58-2B-4T-bf16"):
+    online = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+    for q in ({**online, "linear_class": "bitlinear"}, {**online, "use_rms_norm": True},
+              {**online, "modules_to_not_convert": []}):
+        with pytest.raises(UnsupportedModelError, match="is not supported"):
             bitnet_from_hf({**d, "quantization_config": q})
     assert bitnet_from_hf(d).quant.linear == "bitlinear_1p58"
+
+
+@pytest.mark.parametrize("linear_class", ["autobitlinear", "bitlinear"])
+def test_packed_offline_checkpoint_reads_with_transformers_logits(tmp_path, linear_class):
+    """A packed BitNet folder (2-bit codes, 4 rows a byte, by transformers' own pack_weights, and
+    weight_scale: s for AutoBitLinear offline, 1 / s for BitLinear, as the published checkpoint) loads
+    into Forge with transformers' logits within 1e-4; Forge's weights quantise back to the codes."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitnet import pack_weights
+
+    from forge.models.hf.convert import from_pretrained
+    from forge.parallel.quant import quantize
+    from tests.test_hf_parity import LLAMA, make_hf_model
+    hf = make_hf_model("bitnet", "BitNetForCausalLM", dict(LLAMA, hidden_act="relu2", pad_token_id=0,
+                                                             bos_token_id=1, eos_token_id=2))
+    folder = str(tmp_path / "packed")
+    hf.save_pretrained(folder)
+    sd, packed, codes = load_file(os.path.join(folder, "model.safetensors")), {}, {}
+    for k, w in sd.items():
+        if k.endswith("_proj.weight"):
+            s = w.abs().mean().clamp(min=1e-5)
+            codes[k] = (w / s).round().clamp(-1, 1)
+            packed[k] = pack_weights(codes[k].clone())
+            packed[k[:-len("weight")] + "weight_scale"] = (1 / s if linear_class == "bitlinear" else s).reshape(1)
+        else:
+            packed[k] = w
+    save_file(packed, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    conf = json.load(open(os.path.join(folder, "config.json")))
+    conf["quantization_config"] = {"quant_method": "bitnet", "linear_class": linear_class,
+                                   "quantization_mode": "offline"}
+    json.dump(conf, open(os.path.join(folder, "config.json"), "w"))
+    ref_model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = from_pretrained(folder)
+    assert model.cfg.quant.linear == "bitlinear_1p58"
+    w = model.layers["1"].mlp.w_up.weight.detach()
+    s = codes["model.layers.1.mlp.up_proj.weight"]
+    assert torch.equal(quantize(w, "ternary", 2)[0].div(w.abs().mean()).round(), s)
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 20),
+                        generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (model(ids) - ref_model(ids).logits).abs().max().item()
+    print(f"\npacked {linear_class}: max |forge - transformers| = {diff:.2e}")
+    assert diff <= 1e-4, diff
 
 
 # A short `forge train` (tests/test_parallel_layouts.py's job) of tiny-bitnet's sub-norms under tp=2, with and

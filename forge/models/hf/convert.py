@@ -347,8 +347,10 @@ def config_from_hf_folder(path: str) -> tuple[FamilySpec, ModelConfig, dict]:
 
 def hf_folder_to_forge(path: str, dtype=torch.float32):
     """(ModelConfig, Forge state dict, spec, HF config dict) from an HF folder."""
+    from forge.models.hf.quantized import bitnet_offline_to_master
     spec, cfg, hf_cfg = config_from_hf_folder(path)
-    sd = hf_to_forge_state_dict(spec, cfg, load_hf_state_dict(path), _dtype(dtype), source=path)
+    hf_sd = bitnet_offline_to_master(hf_cfg, load_hf_state_dict(path))     # packed BitNet: unpacked
+    sd = hf_to_forge_state_dict(spec, cfg, hf_sd, _dtype(dtype), source=path)
     return cfg, sd, spec, hf_cfg
 
 

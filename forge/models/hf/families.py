@@ -872,19 +872,21 @@ BITNET_ONLINE = {"quant_method": "bitnet", "linear_class": "autobitlinear", "qua
 
 
 def _bitnet_quant_from_hf(q) -> QuantConfig:
-    """No quantization_config: plain linears. AutoBitLinear in online mode (no extra RMSNorm in the
-    linears, the head left unquantised): model.quant.linear='bitlinear_1p58'. Anything else
-    (packed offline weights, BitLinear, use_rms_norm) refused."""
+    """No quantization_config: plain linears. AutoBitLinear online (full-precision weights quantised
+    in the forward), or packed offline codes (AutoBitLinear offline, BitLinear; unpacked by
+    forge.models.hf.quantized.bitnet_offline_to_master into weights that quantise back to them):
+    model.quant.linear='bitlinear_1p58'. An RMSNorm inside the linears, or converted heads, refused."""
     if not q:
         return QuantConfig()
     q = q if isinstance(q, dict) else q.to_dict()
-    got = {k: q.get(k) for k in BITNET_ONLINE}
-    if got != BITNET_ONLINE or q.get("use_rms_norm") or q.get("modules_to_not_convert") not in (None, ["lm_head"]):
+    known = q.get("quant_method") == "bitnet" and q.get("linear_class", "bitlinear") in ("bitlinear", "autobitlinear")
+    online = q.get("quantization_mode", "offline") == "online"
+    if (not known or q.get("use_rms_norm") or q.get("modules_to_not_convert") not in (None, ["lm_head"])
+            or (online and q.get("linear_class", "bitlinear") != "autobitlinear")):
         raise UnsupportedModelError(
-            f"BitNet quantization_config {q} is not supported: Forge reads full-precision weights quantised in the "
-            f"forward, {BITNET_ONLINE} (use_rms_norm false, only lm_head unconverted), as model.quant.linear="
-            f"'bitlinear_1p58'; packed offline checkpoints (the published microsoft/bitnet-b1.58-2B-4T) hold only "
-            f"the ternary codes: convert the master weights (microsoft/bitnet-b1.58-2B-4T-bf16) instead")
+            f"BitNet quantization_config {q} is not supported: Forge reads {BITNET_ONLINE} (full-precision "
+            f"weights) and packed offline codes (linear_class bitlinear / autobitlinear), with use_rms_norm "
+            f"false and only lm_head unconverted, as model.quant.linear='bitlinear_1p58'")
     return QuantConfig(linear="bitlinear_1p58")
 
 

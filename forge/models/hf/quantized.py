@@ -12,9 +12,10 @@ Hugging Face's dense families hold floating-point weights and no fake-quantisati
 A model without model.quant refuses --quantized (there is nothing quantised to write).
 Where a family's format holds model.quant itself (BitNet: model.quant.linear='bitlinear_1p58' is its
 quantization_config with AutoBitLinear in online mode), the export without --quantized keeps it: the
-full-precision weights, which transformers quantises in each forward as Forge does. HF's packed
-"offline" BitNet format (2-bit codes + weight_scale) is neither written nor read: --quantized writes
-q(W) dequantised as plain weights, without the int8 activation quantisation (a note says so).
+full-precision weights, which transformers quantises in each forward as Forge does; --quantized
+there writes q(W) dequantised as plain weights, without the int8 activation quantisation (a note
+says so). HF's packed "offline" BitNet checkpoints (2-bit codes + weight_scale, e.g. the published
+microsoft/bitnet-b1.58-2B-4T) are read (`bitnet_offline_to_master`), not written.
 """
 from __future__ import annotations
 
@@ -99,3 +100,43 @@ def export_plan(cfg: ModelConfig, quantized: bool) -> tuple[ModelConfig, list[st
     if q.embed_method and cfg.tie_embeddings:
         notes.append("tied embeddings: the Hugging Face head reads the quantised table q(E) (Forge's head read E)")
     return plain, notes
+
+
+# ---------------------------------------------------------------- reading packed BitNet checkpoints
+VALUES_PER_BYTE = 4        # ternary codes + 1 in {0, 1, 2}, 2 bits each
+
+
+def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """(R, in) uint8 -> (4 R, in) codes in {-1, 0, 1} (float32), transformers' pack_weights layout:
+    code row i R + r sits in bits 2i..2i+1 of byte row r."""
+    rows = [((packed >> (2 * i)) & 3) for i in range(VALUES_PER_BYTE)]
+    return torch.cat(rows, dim=0).float() - 1.0
+
+
+def bitnet_offline_to_master(hf_cfg: dict, sd: dict) -> dict:
+    """A packed ("offline") BitNet state dict -> one whose weights model.quant.linear='bitlinear_1p58'
+    quantises back to what transformers computes; any other checkpoint: `sd` unchanged.
+    Each packed linear holds codes c in {-1, 0, 1} (uint8, 4 rows a byte) and `weight_scale`;
+    transformers computes y = q8(x) (c s)^T with s = weight_scale (AutoBitLinear, offline) or
+    1 / weight_scale (BitLinear). Forge re-quantises its weight in every forward, q(W) = round(W / m) m
+    with m = mean|W|; W = c s / f, f the fraction of nonzero codes, has m = s and W / m = c / f, which
+    rounds (and clamps) to c because 1 / f >= 1: q(W) = c s, up to float rounding of m."""
+    q = hf_cfg.get("quantization_config") or {}
+    if q.get("quant_method") != "bitnet" or q.get("quantization_mode", "offline") != "offline":
+        return sd
+    reciprocal = q.get("linear_class", "bitlinear") == "bitlinear"
+    out = {}
+    for name, t in sd.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale = sd.get(name[:-len("weight")] + "weight_scale") if name.endswith(".weight") else None
+        if scale is None:
+            out[name] = t
+            continue
+        if name[:-len("weight")] + "bias" in sd:
+            raise ValueError(f"{name}: a packed BitNet linear with a bias is not supported")
+        codes = unpack_ternary(t) if t.dtype == torch.uint8 else t.float()    # (out, in)
+        s = 1.0 / scale.float() if reciprocal else scale.float()
+        nonzero = codes.abs().mean().clamp_min(torch.finfo(torch.float32).tiny)
+        out[name] = codes * (s.reshape(()) / nonzero)
+    return out
