@@ -168,6 +168,42 @@ def test_packed_offline_checkpoint_reads_with_transformers_logits(tmp_path, line
     assert diff <= 1e-4, diff
 
 
+def test_convert_quantized_writes_packed_codes(tmp_path, capsys):
+    """`forge convert --to hf --quantized` of a bitlinear_1p58 BitNet: uint8 codes (out / 4, in) and
+    weight_scale per projection, AutoBitLinear offline; transformers loads it with Forge's logits
+    within 1e-4, Forge reads it back to the same codes; a model with biases refuses (HF scales them)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from forge.models.hf.convert import from_pretrained, main
+    from forge.models.hf.quantized import ternary_codes, unpack_ternary
+    cfg, model = _bitnet()
+    src, out = _forge_folder(cfg, model, str(tmp_path / "forge")), str(tmp_path / "hf")
+    assert main(["--to", "hf", "--input", src, "--output", out, "--dtype", "fp32", "--quantized"]) == 0
+    assert "packed ternary codes" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"] == {
+        "quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    w = model.layers["0"].attn.wq.weight.detach()
+    codes, s = ternary_codes(w)
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert sd["model.layers.0.self_attn.q_proj.weight"].shape == (w.shape[0] // 4, w.shape[1])
+    assert torch.equal(unpack_ternary(sd["model.layers.0.self_attn.q_proj.weight"]), codes)
+    assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight_scale"], s.reshape(1))
+    assert sd["model.embed_tokens.weight"].dtype == torch.float32          # the table is not quantised
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model(ids) - ref).abs().max() <= 1e-4
+        assert (from_pretrained(out)(ids) - ref).abs().max() <= 1e-4
+    biased = dataclasses.replace(cfg, qkv_bias=True, attn_out_bias=True)
+    src2 = _forge_folder(biased, build_model(biased, seed=1), str(tmp_path / "biased"))
+    assert main(["--to", "hf", "--input", src2, "--output", str(tmp_path / "x"), "--quantized"]) == 2
+    assert "scale their bias" in capsys.readouterr().err
+
+
 # A short `forge train` (tests/test_parallel_layouts.py's job) of tiny-bitnet's sub-norms under tp=2, with and
 # without sequence parallelism, gives one process's losses and weights within 1e-5 relative. Full precision
 # linears: with bitlinear_1p58 the last-bit differences of tp's reduction order flip some int8 / ternary
