@@ -1,7 +1,8 @@
 """Per-dataset learned steering vectors (model.steering_datasets): each sample's residual gets exactly
 its dataset's row (hand check), zero rows change nothing, training on a blend of two datasets learns
 two different vectors (and leaves a dataset with no samples at zero), the data order is unchanged,
-generation picks a row with --steer-dataset, and the layouts it cannot run are refused."""
+generation picks a row with --steer-dataset, tp=2 (and sequence parallelism) trains like one process
+(slow), and the layouts it cannot run (pp) are refused."""
 from __future__ import annotations
 
 import json
@@ -153,3 +154,31 @@ def test_refused_configs(two_sets):
         load_config(None, ["model.steering_datasets=1"])
     with pytest.raises(ConfigError, match="model.steering_datasets"):
         load_config(None, ["model.steering_layer=0", "model.steering_datasets=-1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]],
+                         ids=["tp2", "tp2-sp"])
+def test_per_dataset_vectors_train_under_tp2_like_one_process(two_sets, tmp_path, parallel):
+    """4 steps of `forge train` (every weight and the table trained) under tp=2, with and without
+    sequence parallelism, give one process's losses and weights within 1e-5 relative."""
+    from tests.test_parallel_layouts import STEPS, run
+    paths, _ = two_sets
+
+    def job(out):
+        return ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=16",
+                "data.seq_len=16", "data.dataset=indexed", f"data.paths={json.dumps(paths)}",
+                "data.split=[1.0,0.0,0.0]", "data.blend=[0.5,0.5]", f"data.cache_dir={tmp_path / 'cache'}",
+                "model.steering_layer=1", "model.steering_datasets=2", "train.micro_batch_size=4",
+                f"train.max_steps={STEPS}", "optim.lr=1e-2", "optim.warmup_steps=1", "optim.eps=1e-6",
+                "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0", f"train.out_dir={out}",
+                "log.progress=false", "train.precision=fp32"]
+    ref_losses, ref_w, _ = run(job(tmp_path / "ref"), 1)
+    losses, w, _ = run(job(tmp_path / "tp") + parallel, 2)
+    assert len(losses) == STEPS and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, ref_losses)), \
+        (losses, ref_losses)
+    assert w.keys() == ref_w.keys() and ref_w["layers.1.steering"].shape == (2, 32)
+    assert (ref_w["layers.1.steering"].norm(dim=1) > 1e-3).all()          # both rows trained
+    for key, ref in ref_w.items():
+        err = (w[key] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err <= 1e-5, f"{key}: relative difference {err:.2e}"
