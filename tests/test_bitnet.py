@@ -204,6 +204,39 @@ def test_convert_quantized_writes_packed_codes(tmp_path, capsys):
     assert "scale their bias" in capsys.readouterr().err
 
 
+def _tp_check(rank, world):
+    """tiny-bitnet (sub-norms and bitlinear_1p58) under tp=2, with and without sequence parallelism:
+    one process's logits and every gradient, within the 1e-4 tests/test_quant.py allows quantised
+    layouts (int8 / ternary roundings may flip on last-bit differences of the reductions)."""
+    from forge.models.io import load_state_dict_strict, unique_state_dict
+    from forge.parallel.groups import build_groups
+    from forge.parallel.mappings import gather_from
+    from forge.parallel.sharding import gather_tensors, shard_state_dict
+    groups = build_groups(tp=world)
+    cfg = dataclasses.replace(PRESETS["tiny-bitnet"], vocab_size=V)
+    for sp in (False, True):
+        _, full = _bitnet()
+        model = build_model(cfg, groups.context(sp), seed=1)
+        load_state_dict_strict(model, shard_state_dict(unique_state_dict(full), model, groups.tp_group), "bitnet")
+        full.train(), model.train()
+        ids = torch.randint(0, V, (2, 17), generator=torch.Generator().manual_seed(1))
+        ref = full(ids[:, :-1])
+        full.loss(ref, ids[:, 1:]).backward()
+        logits = model(ids[:, :-1])
+        model.loss(logits, ids[:, 1:]).backward()
+        torch.testing.assert_close(gather_from(logits, -1, groups.tp_group)[..., :V], ref, atol=1e-4, rtol=1e-4)
+        grads = gather_tensors({n: p.grad for n, p in model.named_parameters()}, model, groups.tp_group, V)
+        assert any(".sub_norm." in n for n in grads)
+        for n, p in full.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-3, msg=f"sp={sp}: grad of {n}")
+
+
+@pytest.mark.slow
+def test_bitnet_tensor_parallel_forward_and_gradients_match_one_process():
+    from tests.distributed import run_distributed
+    run_distributed(_tp_check, 2)
+
+
 # A short `forge train` (tests/test_parallel_layouts.py's job) of tiny-bitnet's sub-norms under tp=2, with and
 # without sequence parallelism, gives one process's losses and weights within 1e-5 relative. Full precision
 # linears: with bitlinear_1p58 the last-bit differences of tp's reduction order flip some int8 / ternary

@@ -40,11 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from forge.models.layers.norm import build_split_norm
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
-from forge.parallel.mappings import copy_to
-from forge.models.layers.norm import build_split_norm
-from forge.parallel.mappings import group_size
+from forge.parallel.mappings import copy_to, group_size
 from forge.parallel.quant import act_quant
 
 
