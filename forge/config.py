@@ -317,6 +317,16 @@ class ModelConfig:
     ssm_dt_max: float = 0.1                 # ... to this over the heads (dt_bias = softplus^-1(dt))
     ssm_dt_clamp_min: float = 0.0           # dt = softplus(.) clamped to >= this (Mamba2 time_step_limit[0])
     ssm_dt_clamp_max: Optional[float] = None   # ... and <= this; null = no upper limit (time_step_limit[1] = inf)
+    steering_datasets: int = 0              # n > 0: one learned vector per dataset of the blend, V (n, D) at
+                                            # layers.{L}.steering; a sample of data.paths[d] gets V[d] (the
+                                            # trainer passes each sample's d; forge generate --steer-dataset);
+                                            # n must equal len(data.paths); 0 = one vector for all samples
+    # sub-norms inside the branches (BitNet b1.58's attn_sub_norm / ffn_sub_norm): each a norm over a width
+    # that tp splits (heads, hidden features): its mean square all-reduced, its weight sharded with them
+    attn_sub_norm: Optional[str] = None     # NORM key of a norm on the heads' output (n_heads * v_head_dim) before
+                                            # wo; null = none
+    mlp_sub_norm: Optional[str] = None      # NORM key of a norm on the MLP hidden (d_ff) before the down
+                                            # projection (mlp, glu); null = none
 
     # ---- derived sizes ----
     @property
@@ -456,6 +466,9 @@ class ModelConfig:
                               f"{self.n_layers}) or null")
         if self.steering_freeze_model and self.steering_layer is None:
             raise ConfigError("model.steering_freeze_model=true needs model.steering_layer (a steering vector to train)")
+        check_range("model.steering_datasets", self.steering_datasets, low=0)
+        if self.steering_datasets and self.steering_layer is None:
+            raise ConfigError("model.steering_datasets > 0 needs model.steering_layer (where the vectors are added)")
         self.quant.validate()
 
     def layer_position(self, i: int) -> str:
@@ -562,6 +575,7 @@ class ModelConfig:
             raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
         self._validate_embeddings()
         self._validate_mla()
+        self._validate_sub_norms()
         return self
 
     def _validate_mla(self) -> None:
@@ -592,6 +606,11 @@ class ModelConfig:
         if positions - {"rope", "none"}:
             raise ConfigError(f"model.attention='mla' layers take position 'rope' or 'none' (its decoupled "
                               f"rotary key), got {sorted(positions - {'rope', 'none'})}")
+
+    def _validate_sub_norms(self) -> None:
+        if self.mlp_sub_norm is not None and (self.mlp not in ("mlp", "glu") or self.moe.n_experts):
+            raise ConfigError(f"model.mlp_sub_norm={self.mlp_sub_norm!r} needs a dense model.mlp in ['glu', 'mlp'] "
+                              f"(got model.mlp={self.mlp!r}, model.moe.n_experts={self.moe.n_experts})")
 
     @property
     def embed_dim(self) -> int:
@@ -796,6 +815,7 @@ class JobConfig:
         if self.model.steering_freeze_model and self.parallel.pp > 1:
             raise ConfigError("model.steering_freeze_model=true with parallel.pp > 1 is not supported: the stages "
                               "without the steering vector would have nothing to train")
+        self._validate_steering_datasets()
         moe, ep = self.model.moe, self.parallel.ep
         if moe.n_experts and self.parallel.zero_stage == 3:
             raise ConfigError("parallel.zero_stage=3 with a mixture-of-experts model (model.moe.n_experts > 0) is not "
@@ -836,6 +856,10 @@ class JobConfig:
                               "(embedding, model.n_layers blocks, norm, head)")
         if p.tp == 1:
             return
+        for key in ("attn_sub_norm", "mlp_sub_norm"):
+            if getattr(m, key) not in (None, "rmsnorm", "identity"):
+                raise ConfigError(f"model.{key}={getattr(m, key)!r} with parallel.tp={p.tp}: a sub-norm spans features "
+                                  "split over tp; only 'rmsnorm' (mean square all-reduced) or 'identity' can")
         kinds = set(m.attention_pattern or [m.attention]) - {"identity"}
         if kinds and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
             raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}, and divide or be a "
@@ -862,6 +886,17 @@ class JobConfig:
         if dp % p.ep:
             raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (= world {world} / "
                               f"(parallel.tp * parallel.pp))")
+    def _validate_steering_datasets(self) -> None:
+        n = self.model.steering_datasets
+        if not n:
+            return
+        if self.parallel.pp > 1:
+            raise ConfigError(f"model.steering_datasets={n} with parallel.pp={self.parallel.pp} is not supported: "
+                              "the samples' dataset indices do not travel through the pipeline stages")
+        datasets = len(self.data.paths) if self.data.dataset == "indexed" else 1
+        if n != datasets:
+            raise ConfigError(f"model.steering_datasets={n} must equal the number of datasets the samples come "
+                              f"from: {datasets} (data.dataset={self.data.dataset!r}, data.paths={self.data.paths})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steer", default=None,
                    help="steering vector file (forge steer extract): added to the residual stream at its layer")
     p.add_argument("--steer-scale", type=float, default=1.0, help="multiplier of the --steer vector")
+    p.add_argument("--steer-dataset", type=int, default=None, metavar="I",
+                   help="a model trained with model.steering_datasets: add the learned vector of dataset I "
+                        "(0-based, in data.paths order) to every sample (default: none of them)")
     return p
 
 
@@ -450,6 +453,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             from forge.steer import load_vector, set_steering
             vector, layer = load_vector(args.steer)
             set_steering(model, vector, layer, args.steer_scale)
+        if args.steer_dataset is not None:
+            from forge.steer import set_steering_dataset
+            set_steering_dataset(model, args.steer_dataset)
     except (FileNotFoundError, ValueError) as e:
         print(f"forge generate: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,9 @@ to L are unchanged, and so is every cached key/value of layers <= L (the KV cach
 
 The file is safetensors with one tensor "vector" (D,) (float32) and metadata
 {"format": "forge-steering", "layer": "L"}.
+
+Learned per-dataset vectors (model.steering_datasets): `forge generate --steer-dataset I` adds the
+vector the model learned for dataset I (set_steering_dataset); without it none is added.
 """
 from __future__ import annotations
 
@@ -42,6 +45,17 @@ def set_steering(model, vector: Optional[torch.Tensor], layer: int = 0, scale: f
         raise ValueError(f"the steering vector has shape {tuple(vector.shape)}, the model's residual stream ({d},)")
     device = next(model.parameters()).device
     model.steering = (layer, (vector.float() * scale).to(device))
+
+
+def set_steering_dataset(model, index: Optional[int]) -> None:
+    """Every sample of `model` (trained with model.steering_datasets = n) gets the learned vector
+    V[index] of dataset `index` from now on; None: no learned vector (the default)."""
+    n = model.cfg.steering_datasets
+    if index is not None and not n:
+        raise ValueError("--steer-dataset: the model has no per-dataset steering vectors (model.steering_datasets=0)")
+    if index is not None and not 0 <= index < n:
+        raise ValueError(f"--steer-dataset {index} is outside the model's datasets 0..{n - 1}")
+    model.steering_dataset = index
 
 
 @torch.no_grad()

@@ -88,6 +88,9 @@ CASES = [
     ("mamba2-groups2-tied-clamped", "mamba2", "Mamba2ForCausalLM",
      dict(MAMBA2, n_groups=2, chunk_size=8, use_conv_bias=False, tie_word_embeddings=True,
           time_step_limit=(0.01, 0.5))),
+    # relu2 GLU, RMSNorm sub-norms before o_proj and down_proj (plain weights: no quantization_config)
+    ("bitnet-subnorms-bias", "bitnet", "BitNetForCausalLM",
+     dict(LLAMA, hidden_act="relu2", attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 ]
 
 DIFFS: dict[str, float] = {}

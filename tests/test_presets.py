@@ -25,6 +25,8 @@ PUBLISHED = {
     "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672,
     # transformers' Mamba2ForCausalLM on the meta device with state-spaces/mamba2-130m's config (tied)
     "mamba2-130m": 128_989_632,
+    # transformers' BitNetForCausalLM on the meta device with microsoft/bitnet-b1.58-2B-4T's config (tied, "2.4B")
+    "bitnet-b1.58-2b": 2_412_820_480,
 }
 
 

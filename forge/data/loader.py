@@ -30,10 +30,21 @@ def batch_indices(n: int, seed: int, micro_batch_size: int, dp_rank: int = 0, dp
         s += micro_batch_size * dp_size
 
 
+def dataset_indices(ds, idx) -> np.ndarray:
+    """(len(idx),) int64: the dataset each of `ds`'s items idx comes from, its index in the list
+    blended (data.paths order): a BlendedDataset's dataset_idx, 0 for a single dataset."""
+    table = getattr(ds, "dataset_idx", None)
+    idx = np.asarray(idx, dtype=np.int64)
+    return np.zeros(len(idx), dtype=np.int64) if table is None else np.asarray(table[idx], dtype=np.int64)
+
+
 def batch_iterator(ds, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                   consumed_samples: int = 0):
-    """Endless torch.LongTensor batches (micro_batch_size, seq_len + 1) for rank `dp_rank`."""
+                   consumed_samples: int = 0, with_dataset: bool = False):
+    """Endless torch.LongTensor batches (micro_batch_size, seq_len + 1) for rank `dp_rank`; with
+    `with_dataset` pairs (batch, dataset (micro_batch_size,)), each sample's dataset index
+    (model.steering_datasets). The samples drawn are the same either way."""
     import torch
     for idx in batch_indices(len(ds), getattr(ds, "seed", 0), micro_batch_size, dp_rank, dp_size,
                              consumed_samples):
-        yield torch.from_numpy(np.stack([ds[int(i)] for i in idx]))
+        batch = torch.from_numpy(np.stack([ds[int(i)] for i in idx]))
+        yield (batch, torch.from_numpy(dataset_indices(ds, idx))) if with_dataset else batch

@@ -11,7 +11,9 @@ With A = attention, M = MLP, N* = norms, D(z) = dropout(m z) with m = model.resi
 N_a is of kind model.norm_attn, N_m model.norm_mlp, N_pa and N_pm model.norm_post (each None: model.norm).
 Block model.steering_layer also owns the learned steering vector v (D,), zero at init: its output is
 y + v (so a pipeline stage holding the block holds v; replicated over tp, its gradient summed over
-tp under sequence parallelism, where each rank adds it to its own tokens).
+tp under sequence parallelism, where each rank adds it to its own tokens). With
+model.steering_datasets = n it owns a table V (n, D) instead, and sample b's output is y_b + V[d_b],
+d_b the index of the dataset (of data.paths) that sample came from, passed as `dataset` (B,).
 """
 from __future__ import annotations
 
@@ -105,7 +107,9 @@ class Block(nn.Module):
         self.dropout, self.sequence_parallel = cfg.dropout, sequence_parallel
         self.residual_multiplier = cfg.residual_multiplier
         self.checkpoint_attention = False   # selective activation checkpointing (attention only)
-        self.steering = nn.Parameter(torch.empty(cfg.d_model)) if cfg.steering_layer == layer_idx else None
+        # model.steering_datasets = n > 0: one vector per dataset, V (n, D); else one v (D,)
+        shape = (cfg.steering_datasets, cfg.d_model) if cfg.steering_datasets else (cfg.d_model,)
+        self.steering = nn.Parameter(torch.empty(shape)) if cfg.steering_layer == layer_idx else None
         self.tp_group = tp_group
 
     def init_constants(self):
@@ -127,9 +131,13 @@ class Block(nn.Module):
             return checkpoint(self.attn, x, pos, None, use_reentrant=False)
         return self.attn(x, pos, cache)
 
-    def forward(self, x, pos, cache=None):  # (B, T, D) -> (B, T, D)
+    def forward(self, x, pos, cache=None, dataset=None):  # (B, T, D) -> (B, T, D)
+        """dataset (B,): each sample's dataset index, which picks its row of a per-dataset steering
+        table V (n, D); None adds no row (a table's block then steers nothing)."""
         y = self._wiring(self, x, pos, cache)
-        if self.steering is None:
+        if self.steering is None or (self.steering.dim() == 2 and dataset is None):
             return y
         v = copy_to(self.steering, self.tp_group) if self.sequence_parallel else self.steering
+        if v.dim() == 2:
+            v = v[dataset].unsqueeze(1)                                      # (n, D) -> (B, 1, D)
         return y + v.to(y.dtype)

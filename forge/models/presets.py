@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from forge.config import ModelConfig, MoEConfig
+from forge.config import ModelConfig, MoEConfig, QuantConfig
 
 _GPT2 = dict(vocab_size=50257, max_seq_len=1024, position="learned", norm="layernorm", mlp="mlp",
              activation="gelu_tanh", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
@@ -80,6 +80,11 @@ PRESETS: dict[str, ModelConfig] = {
                          attn_scale=1 / 64, logit_divisor=8.0),
     "granite-3.0-8b": _p(**_GRANITE, d_model=4096, n_layers=40, n_heads=32, n_kv_heads=8, d_ff=12800,
                          attn_scale=1 / 128, logit_divisor=16.0),
+    # BitNet b1.58 2B4T: Llama wiring, relu2 GLU, sub-norms, ternary weights and int8 inputs in every projection
+    "bitnet-b1.58-2b": _p(**_with(_LLAMA, activation="relu2"), vocab_size=128256, d_model=2560, n_layers=30,
+                          n_heads=20, n_kv_heads=5, d_ff=6912, max_seq_len=4096, rope_theta=500000.0, norm_eps=1e-5,
+                          tie_embeddings=True, attn_sub_norm="rmsnorm", mlp_sub_norm="rmsnorm",
+                          quant=QuantConfig(linear="bitlinear_1p58")),
 }
 
 # test-size versions: the family's wiring, tiny widths
@@ -104,6 +109,7 @@ _TINY_OF = {
     "olmo2": ("olmo2-1b", {}),
     "palm": ("palm-style", dict(n_kv_heads=1, head_dim=16)),
     "granite": ("granite-3.0-2b", dict(n_kv_heads=2, attn_scale=1 / 16)),
+    "bitnet": ("bitnet-b1.58-2b", dict(n_kv_heads=2)),
 }
 for _family, (_base, _kw) in _TINY_OF.items():
     _fields = {**_TINY, **_kw}

@@ -19,6 +19,8 @@ REGISTRIES = {
     "norm_mlp": NORM,
     "norm_post": NORM,
     "norm_final": NORM,
+    "attn_sub_norm": NORM,
+    "mlp_sub_norm": NORM,
     "mlp": MLP_REGISTRY,
     "activation": ACTIVATION,
     "block": BLOCK,

@@ -164,6 +164,9 @@ class Transformer(nn.Module):
         # residual stream after block l's output, x_l <- x_l + v; None: no steering. Not a
         # parameter: it is not saved with the model.
         self.steering: tuple[int, torch.Tensor] | None = None
+        # model.steering_datasets: the dataset index whose learned vector every sample gets when forward
+        # is given none (forge generate --steer-dataset); None: no learned vector then
+        self.steering_dataset: int | None = None
 
     def set_activation_checkpointing(self, mode: str) -> None:
         if mode not in ("none", "full", "attention"):
@@ -171,10 +174,13 @@ class Transformer(nn.Module):
         self.activation_checkpointing = mode
         set_attention_checkpointing(self, mode == "attention")
 
-    def forward(self, ids, cache: KVCache | None = None, pos_offset: int | None = None):
+    def forward(self, ids, cache: KVCache | None = None, pos_offset: int | None = None, dataset=None):
         """ids (B, T) -> logits (B, T, V) (vocab-parallel shard under tp). With a KVCache the
-        tokens continue the cached sequence (positions start at the cache length)."""
+        tokens continue the cached sequence (positions start at the cache length). dataset (B,):
+        each sample's dataset index for model.steering_datasets (default: self.steering_dataset)."""
         start = cache.length if cache is not None else (pos_offset or 0)
+        if dataset is None and self.steering_dataset is not None:
+            dataset = torch.full((ids.shape[0],), self.steering_dataset, dtype=torch.long, device=ids.device)
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)
         x = self.embed(ids, pos)                                               # (B, T, D)
         if self.sequence_parallel:
@@ -184,9 +190,9 @@ class Transformer(nn.Module):
             x = scatter_to(x, 1, self.tp_group)                                # (B, T/tp, D)
         for i, layer in enumerate(self.layers.values()):
             if self.activation_checkpointing == "full" and self.training and cache is None:
-                x = checkpoint(layer, x, pos, None, use_reentrant=False)
+                x = checkpoint(layer, x, pos, None, dataset, use_reentrant=False)
             else:
-                x = layer(x, pos, cache)
+                x = layer(x, pos, cache, dataset)
             if self.steering is not None and self.steering[0] == i:
                 x = x + self.steering[1].to(x.dtype)                           # (B, T, D) + (D,)
         up = self.embed.up.weight if self.cfg.tie_embed_proj else None

@@ -225,18 +225,21 @@ def _head_ids(model) -> set:
 
 
 def param_groups(model: torch.nn.Module, optim) -> list[dict]:
-    """Weight-decay groups ("decay": matrices; "no_decay": vectors, and embeddings where
+    """Weight-decay groups ("decay": matrices; "no_decay": vectors (a steering table too), and embeddings where
     optim.decay_embeddings=false); for muon each is split again into its Muon matrices (2-D, not
     an embedding or the head) and its AdamW tensors (use_muon)."""
     embeds = _embedding_ids(model)
     heads = _head_ids(model) if optim.name == "muon" else set()
     buckets: dict[tuple, list] = {}
-    for _, prm in model.named_parameters():     # tied parameters appear once
+    for name, prm in model.named_parameters():     # tied parameters appear once
         if not prm.requires_grad:
             continue
         shape = getattr(prm, "ds_shape", prm.shape)      # a ZeRO 3 partition keeps its full shape there
-        decay = len(shape) >= 2 and (optim.decay_embeddings or id(prm) not in embeds)
-        muon = optim.name == "muon" and len(shape) == 2 and id(prm) not in embeds and id(prm) not in heads
+        # a per-dataset steering table (n, D) is n vectors, not a matrix: no decay, no Muon
+        vectors = len(shape) < 2 or name.rsplit(".", 1)[-1] == "steering"
+        decay = not vectors and (optim.decay_embeddings or id(prm) not in embeds)
+        muon = (optim.name == "muon" and not vectors and len(shape) == 2 and id(prm) not in embeds
+                and id(prm) not in heads)
         buckets.setdefault((decay, muon), []).append(prm)
     groups = []
     for (decay, muon) in sorted(buckets, key=lambda k: (not k[0], k[1])):

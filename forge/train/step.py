@@ -30,9 +30,14 @@ def preserved_rng():
         ckpt.set_rng_state(state)
 
 
-def micro_loss(engine, batch: torch.Tensor) -> torch.Tensor:
+def micro_loss(engine, batch) -> torch.Tensor:
+    """batch: tokens (B, T + 1), or (tokens, dataset (B,)) for model.steering_datasets."""
+    kw = {}
+    if isinstance(batch, (tuple, list)):
+        batch, dataset = batch
+        kw["dataset"] = dataset.to(engine.device, non_blocking=True)
     batch = batch.to(engine.device, non_blocking=True)
-    logits = engine(batch[:, :-1])
+    logits = engine(batch[:, :-1], **kw)
     return engine.module.loss(logits, batch[:, 1:])
 
 
@@ -106,7 +111,8 @@ def evaluate(engine, valid, cfg: JobConfig, dp_rank: int, dp_size: int) -> Optio
     was_training = engine.training
     with preserved_rng(), torch.no_grad():
         engine.eval()
-        it = batch_iterator(valid, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=0)
+        it = batch_iterator(valid, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=0,
+                            with_dataset=cfg.model.steering_datasets > 0)
         per = cfg.train.grad_accum if hasattr(engine, "eval_batch") else n
         mean = sum(batch_loss(engine, it, per, train=False) for _ in range(n // per)) / (n // per)
         engine.train(was_training)

@@ -365,7 +365,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
         seed_everything(cfg.train.seed + groups.dp_rank)     # equal across tp/pp ranks: replicated dropout
         tp_stream.seed(cfg.train.seed + 2718 + groups.tp_rank if groups.tp > 1 else None)
     it = batch_iterator(bundle.train, micro_batch_size=B, dp_rank=dp_rank, dp_size=dp_size,
-                        consumed_samples=consumed)
+                        consumed_samples=consumed, with_dataset=cfg.model.steering_datasets > 0)
     clip_params = [p for p in engine.module.parameters() if p.requires_grad] if manual_clipping(cfg) else None
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 

@@ -330,8 +330,10 @@ def config_from_hf_folder(path: str) -> tuple[FamilySpec, ModelConfig, dict]:
 
 def hf_folder_to_forge(path: str, dtype=torch.float32):
     """(ModelConfig, Forge state dict, spec, HF config dict) from an HF folder."""
+    from forge.models.hf.quantized import bitnet_offline_to_master
     spec, cfg, hf_cfg = config_from_hf_folder(path)
-    sd = hf_to_forge_state_dict(spec, cfg, load_hf_state_dict(path), to_dtype(dtype), source=path)
+    hf_sd = bitnet_offline_to_master(hf_cfg, load_hf_state_dict(path))     # packed BitNet: unpacked
+    sd = hf_to_forge_state_dict(spec, cfg, hf_sd, to_dtype(dtype), source=path)
     return cfg, sd, spec, hf_cfg
 
 
@@ -605,7 +607,7 @@ class HFShardWriter:
             self.current.close()
 
 
-def _mainto_dtype(layout: list) -> torch.dtype:
+def _main_dtype(layout: list) -> torch.dtype:
     """The dtype holding most of the bytes (the config's `dtype` when no single dtype was asked for)."""
     size = Counter()
     for _, shape, dtype in layout:
@@ -615,11 +617,12 @@ def _mainto_dtype(layout: list) -> torch.dtype:
 
 def write_hf_folder(out: str, cfg: ModelConfig, weights, dtype=None, arch: str | None = None,
                     src_dir: str | None = None, force: bool = False,
-                    max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> FamilySpec:
+                    max_shard_size=DEFAULT_MAX_SHARD_SIZE, packed: bool = False) -> FamilySpec:
     """Write Forge weights (a state dict, or FolderWeights to stream a folder) as an HF folder
     loadable by AutoModelForCausalLM.from_pretrained: safetensors shards of at most
     max_shard_size, each HF tensor written as soon as it is made (see forge_to_hf_stream).
-    dtype None keeps the dtype each tensor is stored in."""
+    dtype None keeps the dtype each tensor is stored in. packed: BitNet's packed ternary codes and
+    weight_scale (forge.models.hf.quantized.pack_bitnet_stream) in place of the projection weights."""
     from transformers import GenerationConfig
     weights = StateDictWeights(weights) if isinstance(weights, Mapping) else weights
     max_bytes = parse_size(max_shard_size)
@@ -630,8 +633,13 @@ def write_hf_folder(out: str, cfg: ModelConfig, weights, dtype=None, arch: str |
             prefer, strict = read_json(os.path.join(src_dir, HF_SOURCE)).get("architecture"), False
     spec = pick_family(cfg, prefer, strict)
     layout, tensors = forge_to_hf_stream(spec, cfg, weights, dtype, source=src_dir or "model")
+    conf = hf_config_for(spec, cfg, _main_dtype(layout), ids)
+    if packed:
+        from forge.models.hf.quantized import BITNET_OFFLINE, pack_bitnet_stream
+        layout, tensors = pack_bitnet_stream(layout, tensors, _main_dtype(layout))
+        conf.quantization_config = dict(BITNET_OFFLINE)
     with atomic_dir(out, force) as tmp:
-        hf_config_for(spec, cfg, _mainto_dtype(layout), ids).save_pretrained(tmp)
+        conf.save_pretrained(tmp)
         with HFShardWriter(tmp, layout, max_bytes) as shards:
             for name, tensor in tensors:
                 shards.add(name, tensor)
@@ -708,12 +716,12 @@ def main(argv: list[str] | None = None) -> int:
             if kind != "forge":
                 raise ValueError(f"{args.input!r} is a Hugging Face folder, not a Forge one (use --from hf)")
             cfg = read_model_config(folder)
-            export_cfg, notes = export_plan(cfg, args.quantized)
+            export_cfg, notes, packed = export_plan(cfg, args.quantized)
             check_tokenizer_files(folder)          # before any work: a broken tokenizer is never copied
             with FolderWeights(folder) as weights:
-                source = QuantizedWeights(weights, cfg) if args.quantized else weights
+                source = QuantizedWeights(weights, cfg) if args.quantized and not packed else weights
                 spec = write_hf_folder(args.output, export_cfg, source, args.dtype and DTYPES[args.dtype], args.arch,
-                                       folder, args.force, args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+                                       folder, args.force, args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, packed)
             for note in notes:
                 print(f"forge convert: note: {note}")
             files = sorted(n for n in os.listdir(args.output) if n.endswith(".safetensors"))

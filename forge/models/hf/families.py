@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from forge.config import ModelConfig, MoEConfig
+from forge.config import ModelConfig, MoEConfig, QuantConfig
 from forge.models.layers.position import POSITION
 
 
@@ -866,6 +866,54 @@ def granite_to_hf(cfg):
     return d
 
 
+# ---------------------------------------------------------------- BitNet b1.58
+# quantization_config of a BitNet checkpoint whose linears hold full-precision weights that transformers
+# quantises in every forward (AutoBitLinear, online): what model.quant.linear='bitlinear_1p58' computes
+BITNET_ONLINE = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+
+
+def _bitnet_quant_from_hf(q) -> QuantConfig:
+    """No quantization_config: plain linears. AutoBitLinear online (full-precision weights quantised
+    in the forward), or packed offline codes (AutoBitLinear offline, BitLinear; unpacked by
+    forge.models.hf.quantized.bitnet_offline_to_master into weights that quantise back to them):
+    model.quant.linear='bitlinear_1p58'. An RMSNorm inside the linears, or converted heads, refused."""
+    if not q:
+        return QuantConfig()
+    q = q if isinstance(q, dict) else q.to_dict()
+    known = q.get("quant_method") == "bitnet" and q.get("linear_class", "bitlinear") in ("bitlinear", "autobitlinear")
+    online = q.get("quantization_mode", "offline") == "online"
+    if (not known or q.get("use_rms_norm") or q.get("modules_to_not_convert") not in (None, ["lm_head"])
+            or (online and q.get("linear_class", "bitlinear") != "autobitlinear")):
+        raise UnsupportedModelError(
+            f"BitNet quantization_config {q} is not supported: Forge reads {BITNET_ONLINE} (full-precision "
+            f"weights) and packed offline codes (linear_class bitlinear / autobitlinear), with use_rms_norm "
+            f"false and only lm_head unconverted, as model.quant.linear='bitlinear_1p58'")
+    return QuantConfig(linear="bitlinear_1p58")
+
+
+def bitnet_from_hf(d):
+    """Llama wiring with a relu2 GLU and two sub-norms, RMSNorms over the heads' output before
+    o_proj (attn_sub_norm) and over the GLU hidden before down_proj (ffn_sub_norm); its
+    quantization_config (online AutoBitLinear) -> model.quant.linear."""
+    c = hf_config_object(d, "bitnet")
+    return _llama_like_from_hf(c, attn_sub_norm="rmsnorm", mlp_sub_norm="rmsnorm",
+                               quant=_bitnet_quant_from_hf(d.get("quantization_config")))
+
+
+def bitnet_to_hf(cfg):
+    d = _llama_like_to_hf(cfg)
+    d.pop("head_dim")                      # BitNet's heads are hidden_size / num_attention_heads wide
+    if cfg.quant.linear == "bitlinear_1p58":
+        d["quantization_config"] = dict(BITNET_ONLINE)
+    return d
+
+
+def bitnet_map():
+    L, F = "model.layers.{i}.", "layers.{i}."
+    return {**llama_map(), L + "self_attn.attn_sub_norm.weight": F + "attn.sub_norm.weight",
+            L + "mlp.ffn_sub_norm.weight": F + "mlp.sub_norm.weight"}
+
+
 # ---------------------------------------------------------------- the registry
 def _spec(arch, model_type, from_hf, to_hf, key_map, transforms=(), ignore=LLAMA_IGNORE, base_prefix="model.",
           tied_hf_keys=("lm_head.weight",), aliases=None):
@@ -967,6 +1015,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "Gemma3ForCausalLM": _spec("Gemma3ForCausalLM", "gemma3_text", gemma3_from_hf, gemma3_to_hf, gemma2_map()),
     "Phi3ForCausalLM": _spec("Phi3ForCausalLM", "phi3", phi3_from_hf, phi3_to_hf, *phi3_rules()),
     "GraniteForCausalLM": _spec("GraniteForCausalLM", "granite", granite_from_hf, granite_to_hf, llama_map()),
+    "BitNetForCausalLM": _spec("BitNetForCausalLM", "bitnet", bitnet_from_hf, bitnet_to_hf, bitnet_map()),
 }
 from forge.models.hf.deepseek import DEEPSEEK_V3  # noqa: E402  (its own module; it uses the helpers above)
 FAMILIES[DEEPSEEK_V3.architecture] = DEEPSEEK_V3
@@ -1025,6 +1074,7 @@ def canonical(cfg: ModelConfig) -> dict:
     d.update({f"norm_{loc}": cfg.norm_at(loc) for loc in locations})
     norms = {cfg.norm, *(cfg.norm_at(loc) for loc in locations)}
     d.update(mlp_up_bias=cfg.up_bias, mlp_down_bias=cfg.down_bias)
+    d["quant"].pop("warmup_steps")            # a training schedule, not part of the function
     d.pop("mlp_bias")                         # what it sets is in mlp_up_bias / mlp_down_bias
     d.pop("dyt_alpha_init")                   # an initial value only
     for k in ("embed_init", "embed_init_mean", "embed_init_scale"):   # initial values only

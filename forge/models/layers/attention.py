@@ -32,6 +32,8 @@ fake-quantised inside the parallel linears; the activation points are the input 
 scores s (masked entries set to 0 first) and weights p (scores, probs) of the explicit path, one
 scale per query row, before p(s) and before p v. Quantised scores with attention_softmax=softmax
 take the explicit path with an explicit softmax instead of SDPA; linear attention has no scores.
+Sub-norm (model.attn_sub_norm, BitNet b1.58): o -> N(o) over the heads' concatenated output
+(B, T, H * vd) before wo (and before o_in's quantisation); under tp its mean square is all-reduced.
 """
 from __future__ import annotations
 
@@ -44,12 +46,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from forge.models.layers.norm import build_norm
+from forge.models.layers.norm import build_norm, build_split_norm
 from forge.models.layers.position import POSITION, Rotary
 from forge.models.layers.scores import SCORE, Sinks, sink_softmax
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, enter_tp_region
-from forge.parallel.mappings import copy_to, group_rank, group_size
+from forge.parallel.mappings import copy_to, group_rank
 from forge.parallel.quant import act_quant
 from forge.parallel.random import tp_stream
 
@@ -293,6 +295,9 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(cfg.n_heads * vd, cfg.d_model, cfg.attn_out_bias, **sp, residual_output=True,
                                     quant=qc)
         self.in_quant, self.o_quant = act_quant(qc, "qkv_in"), act_quant(qc, "o_in", tp_group)
+        # model.attn_sub_norm (BitNet): a norm over all heads' output, statistics and weight split over tp
+        self.sub_norm = (build_split_norm(cfg, self.n_heads * vd, tp_group, cfg.attn_sub_norm, "model.attn_sub_norm")
+                         if cfg.attn_sub_norm else None)
         self.score_quant, self.prob_quant = act_quant(qc, "scores"), act_quant(qc, "probs")
         self.qkv_clip = cfg.qkv_clip
         self.qk_norm = cfg.qk_norm
@@ -315,13 +320,7 @@ class Attention(nn.Module):
 
     @staticmethod
     def _full_norm(cfg, local_heads, tp_group):
-        norm = build_norm(cfg, local_heads * cfg.qk_hd)
-        if group_size(tp_group) > 1:
-            if not hasattr(norm, "stat_group"):
-                raise ValueError(f"model.qk_norm='full' with parallel.tp > 1 needs model.norm='rmsnorm', got {cfg.norm!r}")
-            norm.stat_group, norm.full_dim = tp_group, local_heads * cfg.qk_hd * group_size(tp_group)
-            norm.weight.partition_dim, norm.weight.tensor_model_parallel = 0, True
-        return norm
+        return build_split_norm(cfg, local_heads * cfg.qk_hd, tp_group, what="model.qk_norm='full'")
 
     def forward(self, x, pos, cache: KVCache | None = None):
         """x (B, T, D), pos (T,) absolute positions -> (B, T, D)."""
@@ -357,4 +356,6 @@ class Attention(nn.Module):
         with tp_stream.fork(x.device) if self.training and self.attn_dropout else contextlib.nullcontext():
             o = ATTENTION[self.kind](self.kind, q, k, v, pos, kpos, self)      # (B, H, T, vd)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.vd)           # (B, T, H*vd), heads split over tp
+        if self.sub_norm is not None:
+            o = self.sub_norm(o)
         return self.wo(self.o_quant(o) if self.o_quant is not None else o)

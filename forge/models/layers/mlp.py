@@ -14,6 +14,8 @@ kan:       y = K_2(K_1(x)), two Kolmogorov-Arnold layers d -> F -> d, where
            (T_k Chebyshev polynomials, K = model.kan_degree; per token, so causal)
 identity:  y = 0                                        (the block's MLP branch contributes nothing)
 Biases: model.mlp_up_bias on the input projections, model.mlp_down_bias on the output ones.
+Sub-norm (model.mlp_sub_norm, mlp and glu; BitNet b1.58's ffn_sub_norm): the down projection reads
+N(act(h)) / N(act(g) * u), a norm over the d_ff hidden features (all-reduced mean square under tp).
 
 Tensor parallelism: W_in / W_gate / W_up are column-parallel and W_out* row-parallel, so a gated pair
 stays on the same rank: rank i holds columns i of both gate and up. KAN is held as two linear maps
@@ -38,9 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from forge.models.layers.norm import build_split_norm
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
-from forge.parallel.mappings import copy_to
+from forge.parallel.mappings import copy_to, group_size
 from forge.parallel.quant import act_quant
 
 
@@ -50,6 +53,17 @@ def _q(fq, x):
 
 def _act_points(mod, cfg, tp_group):
     mod.in_quant, mod.hidden_quant = act_quant(cfg.quant, "mlp_in"), act_quant(cfg.quant, "mlp_hidden", tp_group)
+
+
+def _sub_norm(mod, cfg, d_ff, tp_group):
+    """model.mlp_sub_norm: a norm over the d_ff hidden features (d_ff / tp on this rank), or None."""
+    mod.sub_norm = (build_split_norm(cfg, d_ff // group_size(tp_group), tp_group, cfg.mlp_sub_norm,
+                                     "model.mlp_sub_norm") if cfg.mlp_sub_norm else None)
+
+
+def _hidden(mod, h):
+    """The down projection's input: h -> N_sub(h) (model.mlp_sub_norm), then mlp_hidden's quantisation."""
+    return _q(mod.hidden_quant, mod.sub_norm(h) if mod.sub_norm is not None else h)
 
 
 class Act(nn.Module):
@@ -133,9 +147,10 @@ class MLP(nn.Module):
         self.w_out = RowParallelLinear(d_ff, cfg.d_model, cfg.down_bias, tp_group, sequence_parallel=sequence_parallel,
                                        residual_output=True, quant=cfg.quant)
         _act_points(self, cfg, tp_group)
+        _sub_norm(self, cfg, d_ff, tp_group)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
-        return self.w_out(_q(self.hidden_quant, self.act(self.w_in(_q(self.in_quant, x)))))
+        return self.w_out(_hidden(self, self.act(self.w_in(_q(self.in_quant, x)))))       # (B, T, F/tp) inside
 
 
 class GLU(nn.Module):
@@ -152,12 +167,13 @@ class GLU(nn.Module):
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.limit, self.offset = cfg.glu_limit, cfg.glu_up_offset
         _act_points(self, cfg, tp_group)
+        _sub_norm(self, cfg, d_ff, tp_group)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
         x = enter_tp_region(x, self.tp_group, self.sequence_parallel)     # one input-gradient reduction
         x = _q(self.in_quant, x)
-        return self.w_out(_q(self.hidden_quant, glu_product(self.act, self.w_gate(x), self.w_up(x), self.limit,
-                                                              self.offset)))
+        return self.w_out(_hidden(self, glu_product(self.act, self.w_gate(x), self.w_up(x), self.limit,
+                                                    self.offset)))                            # (B, T, F/tp) inside
 
 
 class DualPathMLP(nn.Module):

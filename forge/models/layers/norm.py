@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge.parallel.mappings import all_reduce_sum, copy_to
+from forge.parallel.mappings import all_reduce_sum, copy_to, group_size
 
 
 def _w(p, group):
@@ -179,4 +179,21 @@ def build_norm(cfg, dim=None, grad_group=None, kind: Optional[str] = None) -> nn
     """A norm of kind `kind` (default model.norm) over `dim` features (default d_model)."""
     norm = NORM[kind or cfg.norm](dim or cfg.d_model, cfg)
     norm.grad_group = grad_group
+    return norm
+
+
+def build_split_norm(cfg, local_dim: int, group, kind: Optional[str] = None, key: str = "model.norm",
+                     what: str = "this norm") -> nn.Module:
+    """A norm of kind `kind` over local_dim * tp features of which this rank holds local_dim (heads or
+    hidden features split over the tp `group`): RMSNorm's mean square is the all-reduced sum of
+    squares / (local_dim * tp) (stat_group), its weight this rank's shard (partition_dim 0). Other
+    kinds with tp > 1: ValueError naming `key` (identity has nothing to split; `what`: the norm's role)."""
+    norm = build_norm(cfg, local_dim, kind=kind)
+    tp = group_size(group)
+    if tp > 1 and not isinstance(norm, IdentityNorm):
+        if not isinstance(norm, RMSNorm):
+            raise ValueError(f"{key}={kind or cfg.norm!r} with parallel.tp > 1: {what} spans features split over "
+                             f"tp, which only 'rmsnorm' (mean square all-reduced) or 'identity' can")
+        norm.stat_group, norm.full_dim = group, local_dim * tp
+        norm.weight.partition_dim, norm.weight.tensor_model_parallel = 0, True
     return norm
