@@ -124,9 +124,11 @@ def init_distributed(timeout_s: float | None = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     store = elastic_attempt_store(timeout_s)
     if store is not None and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend(), store=store, rank=int(os.environ["RANK"]),
-                                             world_size=int(os.environ["WORLD_SIZE"]),
-                                             timeout=timedelta(seconds=timeout_s))
+        world = int(os.environ["WORLD_SIZE"])
+        # bound to its GPU as DeepSpeed's own init does (not for a world of 1: no peer to split with)
+        bind = {"device_id": device()} if torch.cuda.is_available() and world > 1 else {}
+        torch.distributed.init_process_group(backend(), store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                             timeout=timedelta(seconds=timeout_s), **bind)
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
 
 
