@@ -51,9 +51,9 @@ def test_watchdog_fires_after_the_last_beat_with_every_stack(tmp_path):
     code, err, _ = run_python(f"""
         import threading, time
         threading.Thread(target=lambda: time.sleep(60), name="helper", daemon=True).start()
-        dog = StepWatchdog(1.0, first_timeout_s=2.5, log_path={str(log)!r}).start()
-        time.sleep(1.6)                      # the first interval: longer than timeout_s, within first_timeout_s
-        for step in range(1, 6):             # beats every 0.4 s keep it quiet
+        dog = StepWatchdog(2.0, first_timeout_s=6.0, log_path={str(log)!r}).start()
+        time.sleep(3.0)                      # the first interval: longer than timeout_s, within first_timeout_s
+        for step in range(1, 6):             # beats every 0.4 s keep it quiet (5x margin: a loaded machine)
             time.sleep(0.4)
             dog.beat(f"step {{step}}")
         def stalled_in_this_function():
@@ -61,7 +61,7 @@ def test_watchdog_fires_after_the_last_beat_with_every_stack(tmp_path):
         stalled_in_this_function()
         """, timeout=60)
     assert code == 124, err
-    assert "nothing finished for 1 s after step 5" in err and "train.step_timeout_s=1" in err
+    assert "nothing finished for 2 s after step 5" in err and "train.step_timeout_s=2" in err
     for text in (err, log.read_text()):
         assert "stalled_in_this_function" in text                  # the main thread's stack
         assert text.count("hread 0x") >= 3      # main, helper and the watchdog ("Current thread 0x...")
