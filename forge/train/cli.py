@@ -7,9 +7,10 @@ Runs as a plain process (it becomes rank 0 of a world of 1) or under a DeepSpeed
 Exit status: 0 when done, 2 for a config or checkpoint problem or an out_dir locked by another
 run (nothing written), 3 when training diverged (train.max_skipped_steps non-finite steps in a row, or
 non-finite weights at a save: no checkpoint of them is written), 128 + signal number when stopped
-by SIGINT / SIGTERM (after saving a checkpoint), 124 when the step watchdog ended a stalled rank
-(train.step_timeout_s, forge.train.watchdog), 1 for other errors (a collective that timed out after
-train.collective_timeout_s among them).
+by SIGINT / SIGTERM (after saving a checkpoint; without one when the step did not finish within
+train.stop_timeout_s of the signal, or on a second signal: forge.train.signals), 124 when the step
+watchdog ended a stalled rank (train.step_timeout_s, forge.train.watchdog), 1 for other errors (a
+collective that timed out after train.collective_timeout_s among them).
 
 In a job of several processes a rank that fails with an unexpected exception writes its traceback
 and ends at once (`os._exit`, no interpreter teardown: the destructors of process groups and
