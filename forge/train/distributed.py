@@ -83,7 +83,8 @@ def elastic_attempt_store(timeout_s: float):
     keeps the attempts apart. The restart count is each node's own, so on several nodes the
     launchers must restart together (they do when every node's workers fail, as they do once a
     peer is gone: a failed collective ends a rank); a launcher with
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a new store and needs none of this."""
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a new store and needs none of this
+    (launchers/torchrun.sh sets it for several nodes)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return None
     from torch.distributed import PrefixStore, TCPStore
