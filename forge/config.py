@@ -756,6 +756,9 @@ class TrainConfig:
                                             # thread's stack and exit 124 (0 = no watchdog)
     first_step_timeout_s: float = 3600.0    # the same for the first step (torch.compile, warm-up);
                                             # 0 = step_timeout_s
+    stop_timeout_s: float = 20.0            # after SIGINT/SIGTERM, a rank that has not finished its step
+                                            # within this long (waiting for a dead peer) dumps its stacks
+                                            # and exits 128+signal, unsaved (0 = wait for the step)
 
     def validate(self) -> "TrainConfig":
         """max_steps, micro_batch_size, grad_accum, eval_steps >= 1; the intervals >= 0 (0 = never);
@@ -774,6 +777,7 @@ class TrainConfig:
         check_range("train.collective_timeout_s", self.collective_timeout_s, low=0, low_open=True, what="> 0 (seconds)")
         for k in ("step_timeout_s", "first_step_timeout_s"):
             check_range(f"train.{k}", getattr(self, k), low=0, what=">= 0 (seconds; 0 = off / step_timeout_s)")
+        check_range("train.stop_timeout_s", self.stop_timeout_s, low=0, what=">= 0 (seconds; 0 = wait for the step)")
         if not self.out_dir:
             raise ConfigError("train.out_dir is empty; name the run directory (e.g. train.out_dir=runs/x)")
         node = os.path.abspath(self.out_dir)

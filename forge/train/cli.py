@@ -7,15 +7,23 @@ Runs as a plain process (it becomes rank 0 of a world of 1) or under a DeepSpeed
 Exit status: 0 when done, 2 for a config or checkpoint problem or an out_dir locked by another
 run (nothing written), 3 when training diverged (train.max_skipped_steps non-finite steps in a row, or
 non-finite weights at a save: no checkpoint of them is written), 128 + signal number when stopped
-by SIGINT / SIGTERM (after saving a checkpoint), 124 when the step watchdog ended a stalled rank
-(train.step_timeout_s, forge.train.watchdog), 1 for other errors (a collective that timed out after
-train.collective_timeout_s among them).
+by SIGINT / SIGTERM (after saving a checkpoint; without one when the step did not finish within
+train.stop_timeout_s of the signal, or on a second signal: forge.train.signals), 124 when the step
+watchdog ended a stalled rank (train.step_timeout_s, forge.train.watchdog), 1 for other errors (a
+collective that timed out after train.collective_timeout_s among them).
+
+In a job of several processes a rank that fails with an unexpected exception writes its traceback
+and ends at once (`os._exit`, no interpreter teardown: the destructors of process groups and
+DeepSpeed's engine, atexit handlers and leftover threads can wait for peers that wait for it), so
+the launcher sees it gone and tears the job down (or restarts it, torchrun --max-restarts) instead
+of the other ranks waiting in a collective until train.collective_timeout_s.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 
 import yaml
 
@@ -42,6 +50,19 @@ def _report(kind: str, e: ConfigError) -> None:
         print(f"forge train: {kind}: {e}", file=sys.stderr)
     elif getattr(e, "rank_local", False):
         print(f"forge train: rank {rank}: {kind}: {e}", file=sys.stderr)
+
+
+def exit_now(e: BaseException) -> None:
+    """End this rank of a multi-process job at once with `e`'s traceback (module doc): status 1,
+    130 for KeyboardInterrupt."""
+    rank = os.environ.get("RANK", "?")
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"forge train: rank {rank}: failed; exiting now so that the launcher ends the job\n"
+                         + "".join(traceback.format_exception(e)))
+        sys.stderr.flush()
+    finally:
+        os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as e:
             _report("checkpoint error", e)
             return 2
+        except (ConfigError, SystemExit):
+            raise
+        except BaseException as e:
+            if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                exit_now(e)
+            raise
     except ConfigError as e:
         _report("config error", e)
         return 2

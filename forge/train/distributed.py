@@ -71,6 +71,28 @@ def set_collective_timeout(seconds: float) -> None:
         c10d.default_pg_nccl_timeout = td
 
 
+def elastic_attempt_store(timeout_s: float):
+    """Under torchrun with the store it shares with its workers (the c10d rendezvous' default,
+    TORCHELASTIC_USE_AGENT_STORE=True): a client of that store whose keys carry this attempt's
+    number (TORCHELASTIC_RESTART_COUNT); None otherwise (init_process_group's env:// does it).
+
+    The launcher's TCPStore outlives the workers, so after `--max-restarts` restarts the job the
+    keys the dead attempt's process groups wrote are still there: gloo's connectFullMesh (and
+    NCCL's unique-id exchange) of the new attempt may read a dead peer's address from them and
+    fail with "Connection refused" (pytorch issue 135712). Prefixing every key with the attempt
+    keeps the attempts apart. The restart count is each node's own, so on several nodes the
+    launchers must restart together (they do when every node's workers fail, as they do once a
+    peer is gone: a failed collective ends a rank); a launcher with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a new store and needs none of this
+    (launchers/torchrun.sh sets it for several nodes)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    from torch.distributed import PrefixStore, TCPStore
+    client = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                      is_master=False, timeout=timedelta(seconds=timeout_s))
+    return PrefixStore(f"forge/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", client)
+
+
 def init_distributed(timeout_s: float | None = None) -> None:
     """Initialise torch.distributed through DeepSpeed once per process. `timeout_s`
     (train.collective_timeout_s; DEFAULT_TIMEOUT_S when None) bounds every collective, in the world
@@ -101,6 +123,13 @@ def init_distributed(timeout_s: float | None = None) -> None:
             pass
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    store = elastic_attempt_store(timeout_s)
+    if store is not None and not torch.distributed.is_initialized():
+        world = int(os.environ["WORLD_SIZE"])
+        # bound to its GPU as DeepSpeed's own init does (not for a world of 1: no peer to split with)
+        bind = {"device_id": device()} if torch.cuda.is_available() and world > 1 else {}
+        torch.distributed.init_process_group(backend(), store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                             timeout=timedelta(seconds=timeout_s), **bind)
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
 
 

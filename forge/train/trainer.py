@@ -31,8 +31,11 @@ optimizer state untouched (forge.train.nonfinite); `train.max_skipped_steps` of 
 raise NonFiniteError, and no checkpoint is written with a non-finite value. `train.keep_last` /
 `train.keep_every` delete older checkpoints once a newer one is complete (ckpt.prune_checkpoints).
 
-SIGINT / SIGTERM: the current step finishes, a checkpoint is written and `train` returns with
-`interrupted` set to the signal number (a second Ctrl-C aborts at once).
+SIGINT / SIGTERM (forge.train.signals): the current step finishes, a checkpoint is written and
+`train` returns with `interrupted` set to the signal number. A rank that has not finished its step
+`train.stop_timeout_s` after the signal (e.g. waiting in a collective for a rank that died: how
+torchrun ends a job after a worker failed), or that gets a second signal, writes its stacks and
+exits at once with status 128 + signal, without a checkpoint.
 
 Hangs: every collective (and the wait of ranks > 0 for rank 0's data index) gives up after
 `train.collective_timeout_s`; a step watchdog (forge.train.watchdog) ends a rank on which no step,
@@ -50,10 +53,9 @@ import math
 import os
 import random
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -67,6 +69,7 @@ from forge.train import distributed as dist
 from forge.train.engine import check_supported, compile_determinism, create_engine, manual_clipping
 from forge.train.precision import optimizer_layout
 from forge.train.runlock import acquire_for_run
+from forge.train.signals import SignalGuard
 from forge.train.step import evaluate, train_step
 from forge.train.metrics import MetricsLogger, check_logging_available, human
 from forge.train.nonfinite import NonFiniteError, StepGuard, counts
@@ -97,32 +100,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-class SignalGuard:
-    """Turns the first SIGINT / SIGTERM into a flag checked after each step."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt            # a second Ctrl-C: stop without saving
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old.clear()
 
 
 def resolve_vocab(cfg: JobConfig, tokenizer, explicit_vocab: bool) -> None:
@@ -401,7 +378,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
     watchdog = StepWatchdog(cfg.train.step_timeout_s, cfg.train.first_step_timeout_s, rank=dist.rank(),
                             log_path=os.path.join(out_dir, f"watchdog_rank{dist.rank()}.log"))
     try:
-        with SignalGuard() as guard, watchdog:
+        with SignalGuard(cfg.train.stop_timeout_s, dist.rank()) as guard, watchdog:
             while step < end_step:
                 t0 = time.perf_counter()
                 step += 1
@@ -464,6 +441,7 @@ def _run(cfg, engine, bundle, out_dir, resume_path, warnings, stop_at, t_start, 
                 stop = dist.all_reduce_max(guard.signum or 0)
                 if stop:
                     result.interrupted = stop
+                    guard.acknowledge()     # every rank got here: the save below may take its time
                 if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == end_step or stop:
                     result.checkpoint = save(step)
                     saved_at = step

@@ -25,7 +25,8 @@ group, which holds the sidecar too, and a stopped rank cannot act on that signal
 
 `inject_fault(step, rank)` is a test hook: FORGE_FAULT="RANK:STEP:ACTION" makes rank RANK, after
 step STEP, `kill` itself (SIGKILL), `stop` (SIGSTOP), `sleep` (its main thread sleeps, the GIL
-free) or `hold_gil` (sleeps in C holding the GIL); only in the first attempt of a torchrun job
+free), `hold_gil` (sleeps in C holding the GIL) or `raise` (a Python exception on that rank alone,
+InjectedFault); only in the first attempt of a torchrun job
 (TORCHELASTIC_RESTART_COUNT unset or 0), so a restarted job runs through.
 """
 from __future__ import annotations
@@ -198,6 +199,10 @@ def _real_stderr():
         return sys.__stderr__
 
 
+class InjectedFault(RuntimeError):
+    """The exception of FORGE_FAULT's `raise` action."""
+
+
 def inject_fault(step: int, rank: int) -> None:
     """The FORGE_FAULT test hook (module doc); a no-op unless the variable names this rank and step."""
     spec = os.environ.get(FAULT_ENV)
@@ -217,5 +222,7 @@ def inject_fault(step: int, rank: int) -> None:
     elif action == "hold_gil":
         import ctypes
         ctypes.PyDLL(None).sleep(3600)          # a C call that keeps the GIL
+    elif action == "raise":
+        raise InjectedFault(f"{FAULT_ENV}={spec}: an exception on rank {rank} alone after step {step}")
     else:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: action must be kill, stop, sleep or hold_gil")
+        raise ValueError(f"{FAULT_ENV}={spec!r}: action must be kill, stop, sleep, hold_gil or raise")
