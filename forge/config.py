@@ -112,6 +112,10 @@ class MoEConfig:
         check_range(f"{prefix}.routed_scaling_factor", self.routed_scaling_factor, low=0, low_open=True)
         if not self.n_experts:             # dense: the routing keys are unused
             return self
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"{prefix}.top_k={self.top_k} must be in [1, {prefix}.n_experts={self.n_experts}]")
+        if self.shared_gate and not self.n_shared_experts:
+            raise ConfigError(f"{prefix}.shared_gate=true needs {prefix}.n_shared_experts > 0")
         check_range(f"{prefix}.topk_group", self.topk_group, high=self.n_group, what=f"<= {prefix}.n_group")
         if self.n_experts % self.n_group:
             raise ConfigError(f"{prefix}.n_group={self.n_group} must divide {prefix}.n_experts={self.n_experts}")
@@ -482,7 +486,32 @@ class ModelConfig:
         return self.position == "rope" or "rope" in (self.position_pattern or [])
 
     def validate(self) -> "ModelConfig":
+        """The model against itself, before anything is built: choices and registry keys, sizes
+        and ranges, then each part's own rules (positions, attention kinds, norms, MLP/MoE,
+        quantisation, embeddings). ConfigError naming the key otherwise."""
         check_choices(self, "model")
+        self._validate_keys()
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            check_range(f"model.{k}", getattr(self, k), low=1, what="positive")
+        self.validate_ranges()
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
+        self._validate_positions()
+        if "ssm" in set(self.attention_pattern or [self.attention]):
+            self._validate_ssm()
+        self._validate_attention_variants()
+        self._validate_windows()
+        self._validate_norms()
+        self._validate_mlp()
+        self._validate_embeddings()
+        self._validate_mla()
+        self._validate_sub_norms()
+        return self
+
+    def _validate_keys(self) -> None:
+        """Every registry-valued field holds a key of its registry; refused attention kinds say why."""
         from forge.models.layers.attention import REFUSED_ATTENTION
         from forge.models.registry import REGISTRIES
         for kind in self.attention_pattern or [self.attention]:
@@ -495,14 +524,9 @@ class ModelConfig:
                     raise ConfigError(f"model.{key}={v!r} is not one of {sorted(reg)}")
         if self.attention_pattern is not None and not self.attention_pattern:
             raise ConfigError("model.attention_pattern must be a non-empty list or null")
-        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"model.{k}={getattr(self, k)} must be positive")
-        self.validate_ranges()
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
-        if self.n_heads % self.kv_heads:
-            raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
+
+    def _validate_positions(self) -> None:
+        """Per-layer positions are in-attention kinds; the rotary width is even and positive."""
         if self.position_pattern is not None:
             from forge.models.layers.position import POSITION
             if not self.position_pattern:
@@ -512,15 +536,12 @@ class ModelConfig:
                 raise ConfigError(f"model.position_pattern entries {embed} add to the embeddings, not per layer; "
                                   f"use model.position for them (pattern entries: rope, alibi, none)")
         check_range("model.rope_theta_local", self.rope_theta_local, low=0, low_open=True, optional=True)
-        if self.uses_rope:
-            if self.rotary_dim % 2 or self.rotary_dim == 0:
-                raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
-                                  f"= {self.rotary_dim} must be even and positive")
-        if self.qkv_clip is not None and self.qkv_clip <= 0:
-            raise ConfigError(f"model.qkv_clip={self.qkv_clip} must be positive or null")
-        if "ssm" in set(self.attention_pattern or [self.attention]):
-            self._validate_ssm()
-        self._validate_attention_variants()
+        if self.uses_rope and (self.rotary_dim % 2 or self.rotary_dim == 0):
+            raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
+                              f"= {self.rotary_dim} must be even and positive")
+
+    def _validate_windows(self) -> None:
+        """A sliding/local kind has its window, and a window lies in [1, max_seq_len]."""
         kinds = set(self.attention_pattern or [self.attention])
         for kind, key in (("sliding", "sliding_window"), ("local", "local_window")):
             w = getattr(self, key)
@@ -528,16 +549,9 @@ class ModelConfig:
                 raise ConfigError(f"model.attention uses {kind!r} but model.{key} is not set")
             if w is not None and (w <= 0 or w > self.max_seq_len):
                 raise ConfigError(f"model.{key}={w} must be in [1, model.max_seq_len={self.max_seq_len}]")
-        if self.moe.n_experts:
-            if not 0 < self.moe.top_k <= self.moe.n_experts:
-                raise ConfigError(f"model.moe.top_k={self.moe.top_k} must be in [1, model.moe.n_experts={self.moe.n_experts}]")
-            if self.moe.every < 1 or self.moe.first_dense < 0:
-                raise ConfigError(f"model.moe.every={self.moe.every} must be >= 1 and model.moe.first_dense="
-                                  f"{self.moe.first_dense} >= 0")
-            if self.moe.capacity_factor is not None and self.moe.capacity_factor <= 0:
-                raise ConfigError(f"model.moe.capacity_factor={self.moe.capacity_factor} must be positive or null")
-            if self.moe.shared_gate and not self.moe.n_shared_experts:
-                raise ConfigError("model.moe.shared_gate=true needs model.moe.n_shared_experts > 0")
+
+    def _validate_norms(self) -> None:
+        """A per-location norm kind is set only where the block has that norm; norm parameters in range."""
         from forge.models.block import BLOCK
         owned = BLOCK[self.block][0]
         has = {"attn": "attn_norm" in owned,
@@ -550,8 +564,11 @@ class ModelConfig:
                                   f"{self.final_norm}) has no such norm")
         if not 0 < self.prmsnorm_pct <= 1:
             raise ConfigError(f"model.prmsnorm_pct={self.prmsnorm_pct} must be in (0, 1]")
-        if self.hsnorm_radius is not None and self.hsnorm_radius <= 0:
-            raise ConfigError(f"model.hsnorm_radius={self.hsnorm_radius} must be positive or null")
+        check_range("model.hsnorm_radius", self.hsnorm_radius, low=0, low_open=True, optional=True)
+
+    def _validate_mlp(self) -> None:
+        """KAN's degree; the mixture of experts takes a glu/mlp with parameter-free activations and no
+        weight or MLP quantisation; attention-score quantisation needs a kind that has scores."""
         if self.kan_degree < 1:
             raise ConfigError(f"model.kan_degree={self.kan_degree} must be >= 1")
         q = self.quant
@@ -560,23 +577,18 @@ class ModelConfig:
             if scoreless:
                 raise ConfigError(f"model.quant.act_points={q.act_points} quantises attention scores, but "
                                   f"model.attention {scoreless} computes none (only the softmax kinds have scores)")
-        if self.moe.n_experts and (q.weight_method or q.linear != "linear" or {"mlp_in", "mlp_hidden"} & set(q.act_points)):
+        if not self.moe.n_experts:
+            return
+        if q.weight_method or q.linear != "linear" or {"mlp_in", "mlp_hidden"} & set(q.act_points):
             raise ConfigError("model.quant (weights or MLP activations) does not reach the stacked experts of "
                               "model.moe.n_experts > 0; quantisation-aware training is for dense MLPs")
-        if self.moe.n_experts and self.mlp not in ("mlp", "glu"):
+        if self.mlp not in ("mlp", "glu"):
             raise ConfigError(f"model.mlp={self.mlp!r} has no mixture-of-experts form (model.moe.n_experts > 0 "
                               f"needs model.mlp in ['glu', 'mlp'])")
-        if self.moe.n_experts:
-            from forge.models.layers.mlp import activation_is_learned
-            if activation_is_learned(self.activation):
-                raise ConfigError(f"model.activation={self.activation!r} has learned parameters, which the "
-                                  f"stacked experts of model.moe.n_experts > 0 do not hold")
-        if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
-            raise ConfigError("model.dropout and model.attn_dropout must be in [0, 1)")
-        self._validate_embeddings()
-        self._validate_mla()
-        self._validate_sub_norms()
-        return self
+        from forge.models.layers.mlp import activation_is_learned
+        if activation_is_learned(self.activation):
+            raise ConfigError(f"model.activation={self.activation!r} has learned parameters, which the "
+                              f"stacked experts of model.moe.n_experts > 0 do not hold")
 
     def _validate_mla(self) -> None:
         """Multi-head latent attention (kind "mla"): positive ranks and widths, an even rotary width,
