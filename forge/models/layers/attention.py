@@ -301,7 +301,7 @@ class Attention(nn.Module):
             if not hasattr(norm, "stat_group"):
                 raise ValueError(f"model.qk_norm='full' with parallel.tp > 1 needs model.norm='rmsnorm', got {cfg.norm!r}")
             norm.stat_group, norm.full_dim = tp_group, local_heads * cfg.qk_hd * group_size(tp_group)
-            norm.weight.partition_dim, norm.weight.tensor_model_parallel = 0, True
+            norm.weight.partition_dim = 0
         return norm
 
     def forward(self, x, pos, cache: KVCache | None = None):
