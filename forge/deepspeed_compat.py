@@ -7,6 +7,12 @@ here, one function per private piece, with what it works around and which test p
 behaviour it buys. A DeepSpeed upgrade is checked here: `check_version` refuses a version outside
 TESTED (the range the test suite runs with, pyproject.toml), once, at engine creation.
 
+Used in place, as documented or stable DeepSpeed surface: ZeRO 3's parameter attributes (ds_id,
+ds_shape, ds_numel, ds_tensor), deepspeed.utils.safe_get_*/safe_set_* (forge.layout.optim),
+deepspeed.pipe and its topology (forge.layout.pipeline, forge.parallel.groups), and
+deepspeed.runtime.utils.partition_uniform/partition_balanced and DeepSpeedZeroConfig (forge.plan,
+which reproduces the engine's own choices).
+
 This module imports no other Forge module (any layer may import it: forge.parallel, models,
 layout and train); DeepSpeed is imported inside the functions, after `select_accelerator`.
 """
@@ -259,11 +265,17 @@ def pipeline_loss(engine) -> Optional[float]:
     return float(t.detach().float().sum())
 
 
+def zero3_fp32_groups(optimizer) -> Optional[list]:
+    """A ZeRO 3 optimizer's flat fp32 partitions (which it hands to its inner torch optimizer only
+    while it steps), None for other optimizers. Private: fp32_partitioned_groups_flat."""
+    return getattr(optimizer, "fp32_partitioned_groups_flat", None)
+
+
 def fp32_partitions(optimizer) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the flat fp32 master partitions a ZeRO optimizer holds outside its torch
     optimizer's param groups. Private: fp32_partitioned_groups_flat (ZeRO 3) and
     single_partition_of_fp32_groups (ZeRO 1/2). Pinned by tests/test_nonfinite.py."""
-    for i, p in enumerate(getattr(optimizer, "fp32_partitioned_groups_flat", None) or []):
+    for i, p in enumerate(zero3_fp32_groups(optimizer) or []):
         yield f"ZeRO-3 fp32 partition {i}", p
     for i, p in enumerate(getattr(optimizer, "single_partition_of_fp32_groups", None) or []):
         yield f"ZeRO fp32 partition {i}", p

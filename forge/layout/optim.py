@@ -76,7 +76,7 @@ def _ensure_state(engine, step: int) -> None:
     DeepSpeed's optimizers: the state of its flat fp32 partitions)."""
     inner = _inner(engine)
     # ZeRO 3 hands its flat fp32 groups to the inner optimizer only while it steps
-    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    flat = compat.zero3_fp32_groups(engine.optimizer)
     for p in flat if flat is not None else [p for group in inner.param_groups for p in group["params"]]:
         state = inner.state[p]
         for key, shape in state_keys(inner, p).items():
