@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forge: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     from forge.config import ConfigError
+    from forge.deepspeed_compat import select_accelerator
+    select_accelerator()                # before any command imports deepspeed
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)

@@ -1,6 +1,6 @@
 """Typed job configuration: dataclasses, YAML files and dotted overrides.
 
-`load_config("configs/x.yaml", ["model.n_layers=4", "optim.lr=3e-4"])` returns a validated
+`load_config("configs/x.yaml", ["model.n_layers=4", "optim.lr=3e-4"])` returns a validated, resolved
 `JobConfig`. Precedence, lowest first: dataclass defaults < `model.preset` < YAML < overrides.
 Every key is checked against the dataclass fields (unknown key -> error naming it), every value
 against the field's type, and every section against its ranges (each section's `validate`: numbers
@@ -9,6 +9,7 @@ before any work.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -841,9 +842,8 @@ class JobConfig:
         if moe.n_experts and moe.n_experts % ep:
             raise ConfigError(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
         if self.data.seq_len is None:
-            self.data.seq_len = self.model.max_seq_len
-            check_range("data.seq_len (= model.max_seq_len)", self.data.seq_len, low=2)
-        if self.data.seq_len > self.model.max_seq_len:
+            check_range("data.seq_len (= model.max_seq_len)", self.model.max_seq_len, low=2)
+        elif self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.blend is not None and len(self.data.blend) != len(self.data.paths):
             raise ConfigError(f"data.blend has {len(self.data.blend)} weights for {len(self.data.paths)} data.paths")
@@ -888,9 +888,10 @@ class JobConfig:
         expert_ff = m.moe.d_ff or m.ff_dim
         if m.moe.n_experts and expert_ff % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide the expert hidden size {expert_ff} (model.moe.d_ff)")
-        if p.sequence_parallel and self.data.seq_len % p.tp:
+        seq_len = self.data.seq_len or m.max_seq_len
+        if p.sequence_parallel and seq_len % p.tp:
             raise ConfigError(f"parallel.sequence_parallel=true: parallel.tp={p.tp} does not divide "
-                              f"data.seq_len={self.data.seq_len} (each rank holds seq_len / tp positions)")
+                              f"data.seq_len={seq_len} (each rank holds seq_len / tp positions)")
 
     def check_world(self, world: int) -> None:
         """The layout against the number of processes: tp * pp divides it, ep divides the data-
@@ -902,6 +903,7 @@ class JobConfig:
         if dp % p.ep:
             raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (= world {world} / "
                               f"(parallel.tp * parallel.pp))")
+
     def _validate_steering_datasets(self) -> None:
         n = self.model.steering_datasets
         if not n:
@@ -913,6 +915,14 @@ class JobConfig:
         if n != datasets:
             raise ConfigError(f"model.steering_datasets={n} must equal the number of datasets the samples come "
                               f"from: {datasets} (data.dataset={self.data.dataset!r}, data.paths={self.data.paths})")
+
+    def resolved(self) -> "JobConfig":
+        """A validated copy with the defaults that depend on another section filled in
+        (data.seq_len None -> model.max_seq_len); this config is left as it is."""
+        out = copy.deepcopy(self.validate())
+        if out.data.seq_len is None:
+            out.data.seq_len = out.model.max_seq_len
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -1064,7 +1074,7 @@ def config_from_dict(d: dict) -> JobConfig:
     model = model_from_dict(model)
     cfg = build_dataclass(JobConfig, d)
     cfg.model = model
-    return cfg.validate()
+    return cfg.resolved()
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:

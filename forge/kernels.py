@@ -6,11 +6,12 @@ there and are about 2x faster on such machines (same IEEE fp32 arithmetic, only 
 summation order). bf16 / fp16 matmuls already go through oneDNN and are left to F.linear.
 
 The oneDNN path is off by default (backend "aten"); `set_linear_backend("onednn")` turns it on
-for every Forge linear layer (the tensor-parallel layers call this function), "auto" picks oneDNN
+(`with linear_backend("onednn"):` for a block only, as a training run does) for every Forge linear layer (the tensor-parallel layers call this function), "auto" picks oneDNN
 when the build has it. Autograd:  y = x W^T + b,  dx = g W,  dW = g^T x,  db = sum g.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -38,6 +39,17 @@ def set_linear_backend(name: str) -> str:
 
 def get_linear_backend() -> str:
     return _BACKEND
+
+
+@contextlib.contextmanager
+def linear_backend(name: str):
+    """`set_linear_backend(name)` while the block runs (yields the backend in use), then the
+    backend that was in use before, also when the block raises."""
+    previous = _BACKEND
+    try:
+        yield set_linear_backend(name)
+    finally:
+        set_linear_backend(previous)
 
 
 @torch.library.custom_op("forge::onednn_linear", mutates_args=())

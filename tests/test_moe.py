@@ -163,14 +163,11 @@ def test_aux_losses_reach_router_across_a_pipeline_cut(scale):
     for coefs, main in (((0.0, 0.0), 1.0), ((a, c), 1.0), ((a, c), 0.0)):
         m, _ = make_moe(aux_loss_coef=coefs[0], z_loss_coef=coefs[1])
         m.train()
-        set_aux_loss_scale(scale)
-        try:
-            h = m(x)
-            h2 = h.detach().requires_grad_()
-            ((h2 - target) ** 2).mean().mul(scale * main).backward()   # stage 2 (loss scaled like the main loss)
-            h.backward(h2.grad)                                       # stage 1 gets the activation gradient
-        finally:
-            set_aux_loss_scale(1.0)
+        set_aux_loss_scale(m, scale)
+        h = m(x)
+        h2 = h.detach().requires_grad_()
+        ((h2 - target) ** 2).mean().mul(scale * main).backward()   # stage 2 (loss scaled like the main loss)
+        h.backward(h2.grad)                                       # stage 1 gets the activation gradient
         grads[coefs, main] = m.router.weight.grad.clone()
     m, _ = make_moe()
     logits, scores, idx, _ = m.router(x.reshape(-1, D))

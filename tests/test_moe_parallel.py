@@ -43,6 +43,7 @@ def _ep_check(rank, world):
     from forge.models.io import load_state_dict_strict, unique_state_dict
     from forge.models.layers.moe import (MoE, expert_params, gather_experts, moe_metrics, shard_experts,
                                          update_moe_biases)
+    from forge.deepspeed_compat import tag_parameters
     from forge.parallel.groups import build_groups
 
     g = build_groups(ep=world)
@@ -55,6 +56,7 @@ def _ep_check(rank, world):
     load_state_dict_strict(model, shard_experts(unique_state_dict(full), model, g.ep_group), "ep")
     assert model.layers["1"].mlp.experts.w_gate.weight.shape[0] == 2
     experts = expert_params(model)
+    tag_parameters(model, g.ep)             # what the engine does before deepspeed.initialize
     assert experts and all(p.group_name == "ep_size_2" and p.allreduce is False for p in experts.values())
 
     ids = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(1))

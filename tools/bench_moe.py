@@ -94,9 +94,9 @@ def _comm_worker(rank, world, a):
     layer = _init(MoE(cfg, g.context()))
     layer.train()
     x = torch.randn(1, a.tokens, a.d_model, generator=torch.Generator().manual_seed(rank), requires_grad=True)
-    moe_dispatch.COMM_STATS.update(all_to_all_bytes=0, all_to_all_calls=0)
-    layer(x).sum().backward()
-    measured, calls = moe_dispatch.COMM_STATS["all_to_all_bytes"], moe_dispatch.COMM_STATS["all_to_all_calls"]
+    with moe_dispatch.count_all_to_all() as comm:
+        layer(x).sum().backward()
+    measured, calls = comm["all_to_all_bytes"], comm["all_to_all_calls"]
     # exact count from the routing: kept assignments of this rank for experts on other ranks (sent),
     # and kept assignments of other ranks for my experts (received, then sent back)
     with torch.no_grad():

@@ -18,14 +18,14 @@ Every data-parallel rank writes its own fragment or partition: nothing is gather
 (`load_rank_optimizer`) assembles the rank's whole tp box of each tensor from whatever parts the
 writing layout left, then keeps what its own optimizer holds (DeepSpeed's safe_set_* utilities
 for frag and zero3). The Adam step count is one number (`optimizer_step`).
-DeepSpeed internals used: `_hp_mapping.lp_fragment_address` / `get_hp_fragment`, the ZeRO 1/2
-optimizer's `_lazy_init_hp_params_optimizer_state` (its fragments link to the Adam state only
-after a step), and the flat fp32 partitions' state in its inner torch optimizer.
+DeepSpeed's private fragment mapping is read through forge.deepspeed_compat (`fragment`,
+`link_fragments`); the flat fp32 partitions' state is read in its inner torch optimizer.
 """
 from __future__ import annotations
 
 import torch
 
+from forge import deepspeed_compat as compat
 from forge.layout.weights import box_part, flat_part, rank_boxes, writes_whole, zero3_range
 from forge.models.sharded import Part, WeightReader
 from forge.parallel.groups import ParallelGroups
@@ -45,7 +45,7 @@ def optimizer_kind(engine) -> str:
     params = list(engine.module.parameters())
     if any(hasattr(p, "ds_id") for p in params):
         return "zero3"
-    if any(hasattr(p, "_hp_mapping") for p in params):
+    if any(compat.has_fragment_mapping(p) for p in params):
         return "frag"
     if isinstance(engine.optimizer, torch.optim.Optimizer):
         return "torch"
@@ -71,19 +71,12 @@ def optimizer_step(engine) -> int:
     return 0
 
 
-def _link_fragments(engine) -> None:
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-
-
 def _ensure_state(engine, step: int) -> None:
     """Adam creates its state at the first step: create it (zeros) so it can be filled (for
     DeepSpeed's optimizers: the state of its flat fp32 partitions)."""
     inner = _inner(engine)
     # ZeRO 3 hands its flat fp32 groups to the inner optimizer only while it steps
-    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    flat = compat.zero3_fp32_groups(engine.optimizer)
     for p in flat if flat is not None else [p for group in inner.param_groups for p in group["params"]]:
         state = inner.state[p]
         for key, shape in state_keys(inner, p).items():
@@ -100,7 +93,7 @@ def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, masters: 
     fp32 master weights (the module's weights are bf16/fp16, `low_precision`)."""
     kind = optimizer_kind(engine)
     if kind == "frag":
-        _link_fragments(engine)
+        compat.link_fragments(engine.optimizer)
     inner = _inner(engine)
     parts = []
     for b in _trained(engine, cfg, groups, name_of):
@@ -118,10 +111,10 @@ def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, masters: 
                 else:
                     parts.append(box_part(b, value, name))
             elif kind == "frag":
-                if p._hp_mapping is not None and writes_fragment(p, groups):
-                    value = p._hp_mapping.get_hp_fragment(None if key == "fp32" else key)
-                    parts.append(flat_part(b, value.detach().float().view(-1), p._hp_mapping.lp_fragment_address.start,
-                                           name))
+                frag = compat.fragment(p, None if key == "fp32" else key)
+                if frag is not None and writes_fragment(p, groups):
+                    value, start = frag
+                    parts.append(flat_part(b, value.detach().float().view(-1), start, name))
             else:
                 from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
                 a, e = zero3_range(p, groups)
@@ -134,7 +127,7 @@ def rank_optimizer_parts(engine, cfg, groups: ParallelGroups, name_of, masters: 
 def writes_fragment(p, groups: ParallelGroups) -> bool:
     """A data-parallel fragment is written by every data-parallel rank, except copies that the
     layout replicates: over tp (no partition_dim: tp rank 0 writes) and a pipeline's tied copy."""
-    if getattr(p, "ds_pipe_replicated", False):
+    if compat.pipe_replicated(p):
         return False
     return getattr(p, "partition_dim", None) is not None or groups.tp_rank == 0
 
@@ -153,7 +146,7 @@ def load_rank_optimizer(engine, cfg, groups: ParallelGroups, folder: str, model_
     kind = optimizer_kind(engine)
     _ensure_state(engine, step)
     if kind == "frag":
-        _link_fragments(engine)
+        compat.link_fragments(engine.optimizer)
     inner = _inner(engine)
     with WeightReader(folder) as reader, WeightReader(model_folder) as weights:
         stored = set(reader.names())
@@ -187,7 +180,7 @@ def _set(kind, engine, inner, p, key, whole, groups):
             inner.state[p][key].copy_(whole)
     elif kind == "frag":
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-        if p._hp_mapping is None:
+        if not compat.holds_fragment(p):
             return
         if key == "fp32":
             safe_set_full_fp32_param(p, whole)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forge.deepspeed_compat import pipe_replicated
 from forge.models.sharded import Part, WeightReader
 from forge.parallel.groups import ParallelGroups
 from forge.parallel.sharding import VOCAB_TENSORS
@@ -90,7 +91,7 @@ def writes_whole(t, groups: ParallelGroups) -> bool:
     """Whether this rank writes a tensor that it holds whole (not partitioned over data parallelism):
     tp-replicated ones only on tp rank 0, dense ones on data-parallel rank 0, experts on the first
     replica of each expert slice, a pipeline's tied copy never."""
-    if getattr(t, "ds_pipe_replicated", False):
+    if pipe_replicated(t):
         return False
     if getattr(t, "partition_dim", None) is None and groups.tp_rank != 0:
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from forge.deepspeed_compat import pipe_replicated
 from forge.parallel.groups import ParallelGroups
 
 
@@ -17,7 +18,7 @@ def global_grad_norm(params, groups: ParallelGroups) -> torch.Tensor:
     device = params[0].device if params else torch.device("cpu")   # NCCL reduces device tensors
     counted = ([], [])                                             # (dense, experts) gradients
     for p in params:
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+        if p.grad is None or pipe_replicated(p):
             continue
         if getattr(p, "partition_dim", None) is not None or groups.tp_rank == 0:
             counted[int(getattr(p, "expert", False))].append(p.grad.detach())

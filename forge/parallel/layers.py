@@ -37,8 +37,7 @@ def _divide(n: int, d: int, what: str) -> int:
 def _mark(p, dim, group):
     """Record that `p` is this rank's shard of a tensor split along `dim` (when tp > 1)."""
     if p is not None and group_size(group) > 1:
-        p.partition_dim = dim
-        p.tensor_model_parallel = True      # DeepSpeed counts it on every tp rank in the grad norm
+        p.partition_dim = dim               # DeepSpeed's attribute: forge.deepspeed_compat.tag_parameters
 
 
 def enter_tp_region(x, group, sequence_parallel=False):

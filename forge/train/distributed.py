@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import torch
 
-import forge  # noqa: F401  (sets DS_ACCELERATOR=cpu before deepspeed is imported)
+from forge import deepspeed_compat as compat
 
 
 def find_free_port() -> int:
@@ -58,19 +58,6 @@ def backend() -> str:
 DEFAULT_TIMEOUT_S = 600.0     # train.collective_timeout_s's default
 
 
-def set_collective_timeout(seconds: float) -> None:
-    """Make `seconds` the timeout of every process group created from now on without an explicit
-    one: torch's `new_group()` otherwise takes its own default (30 min gloo, 10 min nccl), not the
-    world group's, and Forge's groups (forge.parallel.groups), DeepSpeed's ZeRO, pipeline and expert
-    groups are all made that way. Sets torch.distributed.distributed_c10d's module defaults, which
-    `_get_default_timeout` reads (checked by tests/test_hangs.py)."""
-    from torch.distributed import distributed_c10d as c10d
-    td = timedelta(seconds=seconds)
-    c10d.default_pg_timeout = td
-    if hasattr(c10d, "default_pg_nccl_timeout"):
-        c10d.default_pg_nccl_timeout = td
-
-
 def elastic_attempt_store(timeout_s: float):
     """Under torchrun with the store it shares with its workers (the c10d rendezvous' default,
     TORCHELASTIC_USE_AGENT_STORE=True): a client of that store whose keys carry this attempt's
@@ -98,29 +85,22 @@ def init_distributed(timeout_s: float | None = None) -> None:
     (train.collective_timeout_s; DEFAULT_TIMEOUT_S when None) bounds every collective, in the world
     group and in the groups made later: a rank waiting longer for a dead or stalled peer raises
     (gloo) or is torn down by the NCCL watchdog, so the launcher ends the job instead of hanging."""
+    compat.select_accelerator()
     import deepspeed
     import deepspeed.comm as ds_comm
     timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
-    set_collective_timeout(timeout_s)
+    # also the default of the groups made later without one (torch's new_group otherwise takes
+    # its own: 30 min gloo, 10 min nccl), Forge's and DeepSpeed's ZeRO, pipeline and expert groups
+    compat.set_default_group_timeout(timeout_s)
     if torch.distributed.is_initialized() and ds_comm.is_initialized():
         return
     if not torch.distributed.is_initialized():
         # someone destroyed the group with torch.distributed directly: drop DeepSpeed's cached
         # groups, which would otherwise point at the dead one
-        try:
-            from deepspeed.utils import groups
-            groups._release_process_group_references(group=None)
-        except Exception:       # pragma: no cover - other DeepSpeed versions
-            pass
+        compat.release_group_references()
     setup_env()
     if not torch.cuda.is_available():
-        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (used only by
-        # its inference all-reduce) when the comm backend starts; gloo does everything training
-        # needs, so mark that op unavailable and nothing compiles at start.
-        try:
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        except Exception:       # pragma: no cover - other DeepSpeed layouts
-            pass
+        compat.skip_shm_comm_build()        # gloo does everything training needs
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     store = elastic_attempt_store(timeout_s)

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from forge import deepspeed_compat as compat
 from forge.config import ConfigError, JobConfig, flatten_dict, merge_dicts
-from forge.train.precision import accelerator_supports_fp16, forget_deepspeed_autocast, zero0_autocast
+from forge.train.precision import accelerator_supports_fp16, zero0_autocast
 from forge.train.schedule import ForgeLRScheduler
 
 
@@ -88,8 +89,8 @@ def build_ds_config(cfg: JobConfig, dp_size: int) -> dict[str, Any]:
         # no side streams on CPU; contiguous buffers and overlap only pay off on GPUs
         zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=torch.cuda.is_available())
         if p.ep > 1:
-            # required with expert parallelism, on CPU too (and over a template's values): see
-            # _expert_parallel_for_deepspeed
+            # required with expert parallelism, on CPU too (and over a template's values): only
+            # this path reduces expert gradients over their own group (forge.deepspeed_compat.expert_parallel)
             zero.update(contiguous_gradients=True, reduce_scatter=True)
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -127,15 +128,17 @@ def create_engine(cfg: JobConfig, model: torch.nn.Module, groups):
     Without a pipeline DeepSpeed gets `groups` as its mpu; a PipelineModule carries the topology
     itself (DeepSpeed refuses an mpu there)."""
     import deepspeed
+    compat.check_version()
     ds_config = build_ds_config(cfg, groups.dp)
     mpu = groups if groups.pp == 1 and groups.tp * groups.dp > 1 else None
     from forge.train.optimizers import build_client_optimizer, param_groups
+    compat.tag_parameters(model, groups.ep)
     params = param_groups(model, cfg.optim)
     if not zero0_autocast(cfg):
-        forget_deepspeed_autocast()
+        compat.forget_autocast()
     moe = contextlib.nullcontext()
     if groups.ep > 1:
-        params, moe = _expert_parallel_for_deepspeed(params, groups)
+        params, moe = compat.expert_parallel(params, groups)
     with moe:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -159,10 +162,10 @@ def compile_determinism(cfg: JobConfig):
     inside it (the first step, the first evaluation, any recompilation).
 
     Why: Inductor lowers the embedding's backward (embedding_dense_backward = index_put with
-    accumulate) to an OpenMP loop of atomic adds, so the embedding gradient's float sums came in a
-    different order from run to run: two identical compiled runs (and a run and its resume) gave
-    losses up to ~5e-8 apart. In this mode Inductor calls ATen's index_put_ instead, serial and
-    deterministic on CPU; every other kernel was already the same from run to run. GPUs are left
+    accumulate) to an OpenMP loop of atomic adds, whose float sums come in a different order from
+    run to run, so a run and its resume would differ; in this mode Inductor calls ATen's
+    index_put_ instead, serial and deterministic on CPU (every other kernel already is;
+    docs/design-notes.md). GPUs are left
     alone (the mode there also changes cuBLAS, scatter and attention kernels); their compiled runs
     are not bit-exact from run to run."""
     if not cfg.train.compile or torch.cuda.is_available():
@@ -180,75 +183,9 @@ def compile_determinism(cfg: JobConfig):
         det.fill_uninitialized_memory = old[2]
 
 
-def _expert_parallel_for_deepspeed(params, groups):
-    """Let DeepSpeed reduce expert gradients over the expert-data-parallel group (summed, divided
-    by the data-parallel size) and dense ones over the data-parallel group, also on pipeline
-    stages (its PipelineEngine reduces through the same buffered_allreduce_fallback). Its engine
-    recognises only its own MoE layer class, so: let DeepSpeed build its expert groups, check they
-    are Forge's (forge.parallel.groups: ep consecutive ranks of each data-parallel group, i.e. of
-    one pipeline stage and one tp rank), give experts their own optimizer param groups, and mark
-    the engine as holding MoE layers while it configures itself. Expert parameters carry
-    allreduce=False and group_name="ep_size_{ep}" (forge.models.layers.moe).
-
-    Groups: at tp = pp = 1 DeepSpeed's consecutive layout (_create_expert_and_data_parallel). With
-    tp or pp its "expert tensor parallel" construction (_create_expert_data_and_model_parallel,
-    with Forge's groups as the mpu) splits each (stage, tp rank)'s data-parallel ranks the same
-    way, and records expert tp = tp, so that DeepSpeed's own norms (bf16 optimizer) sum the
-    tp-sharded expert gradients over tp (and pp) and then over ep. Its plain call would instead
-    take every stage's ranks as one data axis, which is not Forge's layout.
-
-    ZeRO 0: the engine's allreduce_gradients splits expert and dense gradients itself.
-    ZeRO 1/2: the optimizer (stage_1_and_2.py) partitions each expert param group over its
-    expert-data-parallel group and routes expert gradients there only on its contiguous-buffer,
-    reduce-scatter path (average_tensor, which divides by the data-parallel size, then reduces
-    each expert slice over group_name's expert-data-parallel group); build_ds_config therefore
-    sets contiguous_gradients and reduce_scatter whenever ep > 1. Its other path, taken with
-    contiguous_gradients=false (Forge's CPU default, and what made ZeRO 1 differ from one process
-    by ~6e-3 at step 2), all-reduces every gradient over the full data-parallel group: rank r's
-    expert e then receives the sum of the gradients of the different experts that the other ep
-    ranks hold in the same slot. Its clip norm sums partition norms over the data-parallel group,
-    which covers every expert once (each expert-data-parallel group holds one ep shard, split).
-
-    Fragile across DeepSpeed versions (written against 0.19.8): setting `has_moe_layers` on the
-    engine is a patch of the private DeepSpeedEngine._configure_distributed_model (undone on exit
-    of the returned context), the groups come from the private deepspeed.utils.groups helpers,
-    and the reduction path above is an implementation detail; tests/test_parallel_layouts.py
-    (tiny-mixtral ep2 with ZeRO 0/1/2, and dp4) catches a change in any of them."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.utils import groups as ds_groups
-    if f"ep_size_{groups.ep}" not in ds_groups._get_expert_parallel_group_dict():
-        if groups.tp == 1 and groups.pp == 1:
-            ds_groups._create_expert_and_data_parallel(groups.ep)
-        else:
-            ds_groups._create_expert_data_and_model_parallel(groups.ep, mpu=groups)
-    for name, mine in (("expert", groups.ep_group), ("expert data", groups.edp_group)):
-        getter = ds_groups._get_expert_parallel_group if name == "expert" else ds_groups._get_expert_data_parallel_group
-        theirs = torch.distributed.get_process_group_ranks(getter(f"ep_size_{groups.ep}"))
-        if theirs != torch.distributed.get_process_group_ranks(mine):
-            raise RuntimeError(f"DeepSpeed's {name}-parallel group {theirs} differs from Forge's")
-
-    @contextlib.contextmanager
-    def engine_sees_moe():
-        original = DeepSpeedEngine._configure_distributed_model
-
-        def configure(self, model):
-            original(self, model)
-            self.has_moe_layers = True
-        DeepSpeedEngine._configure_distributed_model = configure
-        try:
-            yield
-        finally:
-            DeepSpeedEngine._configure_distributed_model = original
-    return split_params_into_different_moe_groups_for_optimizer(params), engine_sees_moe()
-
-
 def _clip_pipeline_globally(engine, max_norm: float, groups) -> None:
     """DeepSpeed's fp32 pipeline clipping counts only the first stage's replicated parameters in
     the norm; clip over every stage and tp rank instead (forge.parallel.grad_norm.global_grad_norm)."""
     from forge.parallel.grad_norm import clip_global_grad_norm
     params = [p for p in engine.module.parameters() if p.requires_grad]
-
-    def clip():
-        engine._global_grad_norm = float(clip_global_grad_norm(params, max_norm, groups))
-    engine.clip_fp32_gradients = clip
+    compat.replace_pipeline_clipping(engine, lambda: clip_global_grad_norm(params, max_norm, groups))

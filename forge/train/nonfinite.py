@@ -8,15 +8,16 @@ run would have it. `train.max_skipped_steps` skipped steps in a row raise NonFin
 stops with no checkpoint of that step), and `check_finite_weights` refuses to save a checkpoint
 whose weights or optimizer state hold a non-finite value.
 
-How the decision is made (`StepGuard`, installed on the engine once):
+How the decision is made (`StepGuard`, installed on the engine once; the DeepSpeed internals it
+reads and wraps are in forge.deepspeed_compat):
 
-    engine._take_model_step   DeepSpeed's update at the accumulation boundary, on every rank, for
+    the model step            DeepSpeed's update at the accumulation boundary, on every rank, for
                               the plain engine (engine.step) and the pipeline (its OptimizerStep).
-                              Wrapped: first one all-reduce over the world group of [sum of the
+                              Wrapped (compat.wrap_model_step): first one all-reduce over the world group of [sum of the
                               losses, number of loss holders, any non-finite loss, non-finite
                               Forge-measured norm], so every rank (tp, pp, dp) decides alike. The
                               loss comes from `note_loss` (pp = 1) or, in a pipeline, from the
-                              last stage's engine.total_loss.
+                              last stage's summed loss (compat.pipeline_loss).
     the torch optimizer's step  (under DeepSpeed's wrapper, or the engine's optimizer itself)
                               Wrapped: a no-op when the decision says skip. The wrapper then copies
                               the unchanged fp32 masters back and clears the gradients as usual.
@@ -24,7 +25,8 @@ How the decision is made (`StepGuard`, installed on the engine once):
                               before engine.step) and, in a pipeline at ZeRO 0 in fp32, inside the
                               wrapped torch step (forge.parallel.grad_norm, reduced over tp and
                               pp); DeepSpeed's ZeRO 1/2/3 and bf16 optimizers already skip an
-                              invalid norm themselves (their `overflow`, read after the step).
+                              invalid norm themselves (compat.optimizer_overflowed, read after
+                              the step).
 
 fp16: a non-finite gradient norm there is the dynamic loss scaler's overflow, its normal way to
 find the scale; it skips the step and lowers the scale. Such steps count in `skipped_steps` but
@@ -39,6 +41,8 @@ from collections import deque
 from typing import Optional
 
 import torch
+
+from forge import deepspeed_compat as compat
 
 SPIKE_WINDOW = 20
 
@@ -79,9 +83,8 @@ class StepGuard:
         self.reason: Optional[str] = None
         self.mean_loss: Optional[float] = None
         self._inner_ran = False
-        self._orig_take = engine._take_model_step
         self._orig_step = self.inner.step
-        engine._take_model_step = self._take_model_step
+        compat.wrap_model_step(engine, before=self._decide, after=self._finish)
         self.inner.step = self._inner_step
 
     # ---- what train_step tells the guard before engine.step at the boundary (pp = 1)
@@ -96,13 +99,11 @@ class StepGuard:
     # ---- the wrapped DeepSpeed methods
     def _local_loss(self) -> Optional[float]:
         if self.pipeline:
-            t = getattr(self.engine, "total_loss", None)     # set on the last stage only
-            if t is None or isinstance(t, (list, tuple)):
-                return None
-            return float(t.detach().float().sum()) / max(1, self.engine.gradient_accumulation_steps())
+            total = compat.pipeline_loss(self.engine)          # on the last stage only
+            return None if total is None else total / max(1, self.engine.gradient_accumulation_steps())
         return self._loss
 
-    def _take_model_step(self, *args, **kwargs):
+    def _decide(self) -> None:
         loss = self._local_loss()
         norm_bad = self._norm is not None and not math.isfinite(self._norm) and not self.fp16
         have = loss is not None
@@ -115,10 +116,6 @@ class StepGuard:
             if self.mean_loss > self.spike_factor * sum(self.window) / len(self.window):
                 self.decision = "spike"
         self._inner_ran = False
-        try:
-            return self._orig_take(*args, **kwargs)
-        finally:
-            self._finish()
 
     def _inner_step(self, *args, **kwargs):
         self._inner_ran = True
@@ -133,7 +130,7 @@ class StepGuard:
 
     def _finish(self) -> None:
         reason = self.decision
-        if reason is None and self.wrapped and getattr(self.engine.optimizer, "overflow", False):
+        if reason is None and self.wrapped and compat.optimizer_overflowed(self.engine):
             reason = "overflow" if self.fp16 else "grad_norm"     # DeepSpeed skipped an invalid norm
         if reason is None and not self._inner_ran:
             reason = "overflow"                            # fp16 at ZeRO 0: the GradScaler found inf
@@ -170,10 +167,7 @@ def _tensors(engine):
         for key, v in state.items():
             if torch.is_tensor(v) and v.is_floating_point():
                 yield f"optimizer state {i} {key}", v
-    for i, p in enumerate(getattr(opt, "fp32_partitioned_groups_flat", None) or []):
-        yield f"ZeRO-3 fp32 partition {i}", p
-    for i, p in enumerate(getattr(opt, "single_partition_of_fp32_groups", None) or []):
-        yield f"ZeRO fp32 partition {i}", p
+    yield from compat.fp32_partitions(opt)
 
 
 @torch.no_grad()

@@ -32,8 +32,8 @@ EMA form u = lerp(g, lerp(m, g, 1 - mu), mu), which is (1 - mu) times the sum fo
 after the Newton-Schulz normalisation the two give the same step.
 
 Weight decay (`param_groups`): matrices are decayed, vectors (norms, biases) never; embedding
-tables (token and learned positions) unless optim.decay_embeddings=false (the default true keeps Forge's earlier behaviour,
-which decayed every tensor of 2 or more dimensions).
+tables (token and learned positions) unless optim.decay_embeddings=false (by default every tensor of
+2 or more dimensions is decayed).
 """
 from __future__ import annotations
 

@@ -8,13 +8,11 @@ checked by tests/test_low_precision.py against fp32).
     fp16 otherwise             DeepSpeed's ZeRO fp16 optimizer: fp16 weights, fp32 master copy,
                                dynamic loss scale
 
-Why autocast at ZeRO 0: DeepSpeed 0.19's own ZeRO-0 low-precision optimizer (FP16_UnfusedOptimizer)
-converts, checks and norms every parameter separately with host syncs (about 120
-cudaStreamSynchronize per step for a 12-layer model; on an H200 the engine reached 53% of the
-plain loop's tokens/s), primes AdamW with a zero-gradient step (bias corrections one step off),
-and in fp16 its engine.backward never multiplies the loss by the scale that its step() divides
-by (deepspeedai/DeepSpeed PR 8393). Under autocast AdamW (fused on GPUs) steps the fp32 weights
-directly. Model states cost the same 16 bytes per parameter (fp32 weights 4 + grads 4 + Adam 8,
+Why autocast at ZeRO 0: DeepSpeed's own ZeRO-0 low-precision optimizer (FP16_UnfusedOptimizer)
+syncs with the host for every parameter, primes AdamW with a zero-gradient step (bias
+corrections one step off) and, in fp16, divides by a loss scale its backward never applied;
+under autocast AdamW (fused on GPUs) steps the fp32 weights directly (measurements and the
+upstream report: docs/design-notes.md). Model states cost the same 16 bytes per parameter (fp32 weights 4 + grads 4 + Adam 8,
 against low-precision weights 2 + grads 2 + fp32 master 4 + Adam 8); matmuls run in bf16/fp16
 either way, and gradients are reduced over dp in fp32.
 """
@@ -22,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from forge import deepspeed_compat as compat
 from forge.config import JobConfig
 
 
@@ -47,62 +46,40 @@ def accelerator_supports_fp16() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
-def _grad_scaler(engine):
-    return getattr(engine, "torch_autocast_z0_gradscaler", None)
-
-
 def loss_scale(engine) -> float:
     """The factor the loss is multiplied by before backward in fp16 (the current dynamic loss
     scale, which the optimizer step divides the gradients by again); 1 otherwise. Whatever else
     sends gradient into backward by hand (the MoE auxiliary losses) must be scaled by it too."""
-    scaler = _grad_scaler(engine)
+    scaler = compat.autocast_grad_scaler(engine)
     if scaler is not None:
         return float(scaler.get_scale())
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
 
 
-_LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-
-
 def loss_scaler_state(engine) -> dict | None:
     """The fp16 dynamic loss scaler's state (the GradScaler at ZeRO 0, DeepSpeed's otherwise), for
     a checkpoint; None when there is none."""
-    scaler = _grad_scaler(engine)
+    scaler = compat.autocast_grad_scaler(engine)
     if scaler is not None:
         return {"grad_scaler": scaler.state_dict()}
-    ds = getattr(engine.optimizer, "loss_scaler", None) if engine.fp16_enabled() else None
-    if ds is not None:
-        return {"deepspeed": {k: getattr(ds, k) for k in _LOSS_SCALER_FIELDS if hasattr(ds, k)}}
-    return None
+    fields = compat.loss_scaler_fields(engine)
+    return None if fields is None else {"deepspeed": fields}
 
 
 def load_loss_scaler_state(engine, state: dict | None) -> None:
     if not state:
         return
-    scaler = _grad_scaler(engine)
+    scaler = compat.autocast_grad_scaler(engine)
     if scaler is not None and "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
-    ds = getattr(engine.optimizer, "loss_scaler", None)
-    if ds is not None and "deepspeed" in state:
-        for k, v in state["deepspeed"].items():
-            setattr(ds, k, v)
+    if "deepspeed" in state:
+        compat.load_loss_scaler_fields(engine, state["deepspeed"])
 
 
 def unscale_gradients(engine) -> None:
     """Divide the accumulated gradients by the fp16 loss scale before Forge measures and clips
     them (ZeRO 0 with autocast); the GradScaler's step then uses them as they are, and skips the
     step if any is inf/nan. No-op in the other modes."""
-    scaler = _grad_scaler(engine)
+    scaler = compat.autocast_grad_scaler(engine)
     if scaler is not None:
         scaler.unscale_(engine.optimizer)
-
-
-def forget_deepspeed_autocast() -> None:
-    """DeepSpeed records an engine's torch_autocast in process globals (deepspeed.runtime.
-    torch_autocast) and the ZeRO optimizers of every later engine in the process read them: after
-    an fp16 autocast engine, an fp32 ZeRO-1 engine loss-scaled its gradients by 65536. Called
-    before creating an engine without autocast (several trainings in one process: tests,
-    notebooks). Private DeepSpeed state, as of 0.19."""
-    from deepspeed.runtime import torch_autocast
-    torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
-    torch_autocast.TORCH_AUTOCAST_DTYPE = None

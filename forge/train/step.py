@@ -66,11 +66,10 @@ def train_step(engine, it, grad_accum: int, groups, clip_params: Optional[list],
     after the step. `guard`: a forge.train.nonfinite.StepGuard, told the loss (and the measured
     norm) before the last engine.step, which then skips the update on every rank when either is
     not finite (guard.reason says why)."""
-    from forge.models.layers.moe import update_moe_biases
-    from forge.models.layers.moe_router import set_aux_loss_scale
+    from forge.models.layers.moe import set_aux_loss_scale, update_moe_biases
     from forge.parallel.grad_norm import clip_global_grad_norm
     if moe:     # the gradient the engine gives each micro batch's loss: 1/GA x the fp16 loss scale
-        set_aux_loss_scale(loss_scale(engine) / grad_accum)
+        set_aux_loss_scale(engine.module, loss_scale(engine) / grad_accum)
     grad_norm = None
     if groups.pp > 1:                           # one pipeline schedule over the micro batches
         loss = batch_loss(engine, it, grad_accum, train=True)

@@ -46,7 +46,6 @@ status 124, so that the launcher ends the job.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import logging
 import math
@@ -60,8 +59,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from forge import deepspeed_compat as compat
 from forge.config import ConfigError, JobConfig, save_config
 from forge.data.integrity import check_same_data, verify_data
+from forge.kernels import linear_backend
 from forge.parallel.quant import set_quant_step
 from forge.parallel.random import tp_stream
 from forge.train import checkpoint as ckpt
@@ -181,7 +182,8 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     keys among them are applied over the source's config (refused where they change shapes).
     """
     t_start = time.perf_counter()
-    cfg = copy.deepcopy(cfg).validate()
+    compat.select_accelerator()                             # before anything imports deepspeed
+    cfg = cfg.resolved()
     check_supported(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_logging_available(cfg)
     out_dir = os.path.abspath(cfg.train.out_dir)
@@ -192,7 +194,8 @@ def train(cfg: JobConfig, *, data=None, explicit_vocab: bool = False, stop_at: O
     dist.init_distributed(cfg.train.collective_timeout_s)
     lock = acquire_for_run(out_dir)
     try:
-        return _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start)
+        with linear_backend(cfg.train.linear_backend):     # restored when the run ends
+            return _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start)
     finally:
         if lock is not None:
             lock.release()
@@ -234,8 +237,6 @@ def _train_locked(cfg, out_dir, data, explicit_vocab, stop_at, explicit, t_start
         warnings, relayout = [], False
 
     # ---- model and engine
-    from forge.kernels import set_linear_backend
-    set_linear_backend(cfg.train.linear_backend)
     seed_everything(cfg.train.seed)
     model = build_rank_model(cfg, groups)
     if init_folder is not None:

@@ -18,12 +18,11 @@ Parameters (names under `layers.{i}.mlp.`), experts stacked along dim 0 (this ra
     experts.*.bias                      (E/ep, F) / (E/ep, D) with model.mlp_up_bias / mlp_down_bias
     shared.*                            the usual MLP / GLU module         dense
     shared_gate.weight                  (1, D)       dense
-Expert parameters carry `expert = True` (dim 0 is the expert dim, split over ep), and, for
-DeepSpeed (deepspeed.moe.utils.is_moe_param, ZeRO 1/2 reduce them over
-groups._get_expert_data_parallel_group(group_name)), when ep > 1: `allreduce = False` and
-`group_name = "ep_size_{ep}"`. Their gradients must be SUMMED over the expert-data-parallel group
-and divided by the full data-parallel size (what DeepSpeed does), since the all-to-all already
-brings the gradients of the whole expert-parallel group's tokens to the expert's rank.
+Expert parameters carry `expert = True` (dim 0 is the expert dim, split over ep; the engine
+translates it into DeepSpeed's attributes, forge.deepspeed_compat.tag_parameters). When ep > 1
+their gradients must be SUMMED over the expert-data-parallel group and divided by the full
+data-parallel size (what DeepSpeed does), since the all-to-all already brings the gradients of
+the whole expert-parallel group's tokens to the expert's rank.
 
 Tensor parallelism (tp > 1): each expert's hidden F is split like a dense MLP (w_gate / w_up /
 w_in by rows, w_out by columns; `partition_dim` set), the combine is summed over tp; the router
@@ -37,7 +36,7 @@ by training-mode forwards only, once per forward (not again by an activation-che
 recompute in backward).
 
 What a trainer calls:
-    set_aux_loss_scale(s)            s = the factor the main loss is multiplied by before backward
+    set_aux_loss_scale(model, s)     s = the factor the main loss is multiplied by before backward
                                      (1/grad_accum; times the loss scale when scaling fp16 losses by hand)
     update_moe_biases(model, dp)     after each optimizer step (aux-loss-free balancing; no-op otherwise)
     moe_metrics(model, group=pp)     at logging time: averages since the last call (then reset),
@@ -52,14 +51,13 @@ import torch.nn.functional as F
 
 from forge.models.layers.mlp import MLP_REGISTRY, build_activation, glu_product
 from forge.models.layers.moe_dispatch import capacity_for, dispatch_combine
-from forge.models.layers.moe_router import (Router, attach_aux_loss, get_aux_loss_scale, load_balancing_loss,
-                                            set_aux_loss_scale, z_loss)
+from forge.models.layers.moe_router import Router, attach_aux_loss, load_balancing_loss, z_loss
 from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.mappings import (copy_to, gather_seq, group_rank, group_size, reduce_from,
                                      reduce_scatter_seq)
 
 __all__ = ["MoE", "is_moe_layer", "moe_layers", "moe_metrics", "update_moe_biases", "set_aux_loss_scale",
-           "get_aux_loss_scale", "expert_params", "shard_experts", "gather_experts"]
+           "expert_params", "shard_experts", "gather_experts"]
 
 
 def _recomputing() -> bool:
@@ -91,7 +89,7 @@ class _Stacked(nn.Module):
 class Experts(nn.Module):
     """This rank's E/ep experts (hidden F/tp each under tensor parallelism)."""
 
-    def __init__(self, cfg, n_local: int, d_ff: int, tp_group=None, ep: int = 1):
+    def __init__(self, cfg, n_local: int, d_ff: int, tp_group=None):
         super().__init__()
         tp = group_size(tp_group)
         if d_ff % tp:
@@ -105,13 +103,9 @@ class Experts(nn.Module):
             setattr(self, name, _Stacked(n_local, f, d, cfg.up_bias))
         self.w_out = _Stacked(n_local, d, f, cfg.down_bias, residual_output=True)
         for name, p in self.named_parameters():
-            p.expert = True
-            if ep > 1:                            # at ep=1 experts are reduced like dense parameters
-                p.allreduce = False               # DeepSpeed: not reduced over the full data-parallel group
-                p.group_name = f"ep_size_{ep}"
+            p.expert = True                       # DeepSpeed's attributes: forge.deepspeed_compat.tag_parameters
             if tp > 1 and not name.startswith("w_out.bias"):
                 p.partition_dim = 2 if name.startswith("w_out") else 1
-                p.tensor_model_parallel = True    # DeepSpeed counts it on every tp rank in the grad norm
 
     def forward(self, x, sizes: list[int]):  # (M, D) grouped by local expert -> (M, D), partial over tp
         out_bias = self.w_out.bias
@@ -148,8 +142,9 @@ class MoE(nn.Module):
         self.sp = ctx.sp
         self.capacity_factor = moe.capacity_factor
         self.aux_coef, self.z_coef = moe.aux_loss_coef, moe.z_loss_coef
+        self.aux_scale = 1.0                # gradient of the attached aux losses (set_aux_loss_scale)
         self.router = Router(cfg, grad_group=tp_group if self.sp else None)
-        self.experts = Experts(cfg, self.n_local, moe.d_ff or cfg.ff_dim, tp_group, ep)
+        self.experts = Experts(cfg, self.n_local, moe.d_ff or cfg.ff_dim, tp_group)
         self.shared = self.shared_gate = None
         if moe.n_shared_experts:
             d_ff = moe.n_shared_experts * (moe.shared_d_ff or moe.d_ff or cfg.ff_dim)
@@ -190,7 +185,7 @@ class MoE(nn.Module):
             z = z_loss(logits)
         if track:
             share = group_size(self.tp_group) if self.sp else 1
-            y = attach_aux_loss(y, (self.aux_coef * aux + self.z_coef * z) / share)
+            y = attach_aux_loss(y, (self.aux_coef * aux + self.z_coef * z) / share, self.aux_scale)
         if self.training and not _recomputing():
             self._record(aux.detach(), z.detach(), stats)
         return y
@@ -247,6 +242,13 @@ def moe_metrics(model, reset: bool = True, group=None) -> dict:
 
 
 @torch.no_grad()
+def set_aux_loss_scale(model, scale: float) -> None:
+    """The gradient that the auxiliary losses of every MoE layer of `model` receive in backward
+    (default 1.0): the factor the main loss gets before backward (forge.models.layers.moe_router)."""
+    for m in moe_layers(model):
+        m.aux_scale = float(scale)
+
+
 def update_moe_biases(model, group=None) -> None:
     """Aux-loss-free balancing: call after each optimizer step; `group` = the data-parallel group
     (loads are summed over it so every replica moves its biases identically)."""

@@ -17,6 +17,7 @@ On each rank, with N tokens, top-k choices idx (N, k) and weights w (N, k):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,17 +26,31 @@ import torch.distributed as dist
 
 from forge.parallel.mappings import group_rank, group_size
 
-# bytes each rank sent to other ranks through all_to_all (forward and backward), for tools/bench_moe.py
-COMM_STATS = {"all_to_all_bytes": 0, "all_to_all_calls": 0}
+_COUNTERS: list[dict] = []      # the open `count_all_to_all` blocks' counters (none in production)
+
+
+@contextlib.contextmanager
+def count_all_to_all():
+    """Count, while the block runs, the bytes this rank sends to other ranks through all_to_all
+    (forward and backward) and the number of calls: yields {"all_to_all_bytes", "all_to_all_calls"}
+    (for tools/bench_moe.py). Outside such a block nothing is counted."""
+    stats = {"all_to_all_bytes": 0, "all_to_all_calls": 0}
+    _COUNTERS.append(stats)
+    try:
+        yield stats
+    finally:
+        _COUNTERS.remove(stats)
 
 
 def _all_to_all(x, out_splits, in_splits, group):
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    me = group_rank(group)
-    row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-    COMM_STATS["all_to_all_bytes"] += (sum(in_splits) - in_splits[me]) * row
-    COMM_STATS["all_to_all_calls"] += 1
+    if _COUNTERS:
+        row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+        sent = (sum(in_splits) - in_splits[group_rank(group)]) * row
+        for stats in _COUNTERS:
+            stats["all_to_all_bytes"] += sent
+            stats["all_to_all_calls"] += 1
     return out
 
 

@@ -20,8 +20,8 @@ gradient that `attach_aux_loss` injects):
         = 1 for a uniform routing, E at worst.
     router z-loss (ST-MoE):            z = mean_tokens logsumexp(logits)^2
 
-`attach_aux_loss(y, loss)` returns y unchanged; its backward also backpropagates `loss` with
-gradient `scale` (`set_aux_loss_scale`), so the auxiliary losses reach the parameters through
+`attach_aux_loss(y, loss, scale)` returns y unchanged; its backward also backpropagates `loss` with
+gradient `scale` (the MoE layer's, forge.models.layers.moe.set_aux_loss_scale), so the auxiliary losses reach the parameters through
 the ordinary backward of the main loss, also across pipeline stages (the trainer never adds
 them). Set the scale to whatever the trainer multiplies the main loss by before backward
 (1 / gradient-accumulation steps, times the fp16 loss scale): Megatron's MoEAuxLossAutoScaler idea.
@@ -34,33 +34,22 @@ import torch.nn.functional as F
 
 from forge.parallel.mappings import copy_to
 
-_AUX_SCALE = [1.0]
-
-
-def set_aux_loss_scale(scale: float) -> None:
-    """Gradient that every attached auxiliary loss receives in backward (default 1.0)."""
-    _AUX_SCALE[0] = float(scale)
-
-
-def get_aux_loss_scale() -> float:
-    return _AUX_SCALE[0]
-
-
 class _AttachAux(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, loss):
+    def forward(ctx, y, loss, scale):
         ctx.save_for_backward(loss)
+        ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, g):
         (loss,) = ctx.saved_tensors
-        return g, torch.full_like(loss, _AUX_SCALE[0])
+        return g, torch.full_like(loss, ctx.scale), None
 
 
-def attach_aux_loss(y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+def attach_aux_loss(y: torch.Tensor, loss: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """y, whose backward also sends gradient `scale` into the scalar `loss`."""
-    return _AttachAux.apply(y, loss)
+    return _AttachAux.apply(y, loss, float(scale))
 
 
 def load_balancing_loss(frac: torch.Tensor, prob_mean: torch.Tensor) -> torch.Tensor:

@@ -195,5 +195,5 @@ def build_split_norm(cfg, local_dim: int, group, kind: Optional[str] = None, key
             raise ValueError(f"{key}={kind or cfg.norm!r} with parallel.tp > 1: {what} spans features split over "
                              f"tp, which only 'rmsnorm' (mean square all-reduced) or 'identity' can")
         norm.stat_group, norm.full_dim = group, local_dim * tp
-        norm.weight.partition_dim, norm.weight.tensor_model_parallel = 0, True
+        norm.weight.partition_dim = 0
     return norm
