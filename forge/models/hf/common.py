@@ -1,8 +1,8 @@
 """What every Hugging Face family shares: the spec types (`FamilySpec`, `Transform`,
-`UnsupportedModelError`) and the helpers that map HF config objects to Forge config fields and back
-(activations, rope parameters, per-layer attention kinds, the common Llama-style fields).
-The families themselves are in llama.py, gemma.py, olmo.py, gpt.py, moe.py, deepseek.py, mamba2.py;
-the registry in families.py.
+`UnsupportedModelError`; families.py's docstring says what a spec holds) and the helpers that map HF
+config objects to Forge config fields and back (activations, rope parameters, per-layer attention kinds,
+the fields most families share). The families themselves are in llama.py, gemma.py, olmo.py, gpt.py,
+moe.py, deepseek.py, mamba2.py; the registry in families.py.
 """
 from __future__ import annotations
 

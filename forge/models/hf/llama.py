@@ -11,6 +11,7 @@ from forge.models.hf.common import (UnsupportedModelError, _act_from_hf, _act_to
                                     hf_config_object)
 
 
+# ---------------------------------------------------------------- the Llama-style wiring
 def llama_map(p: str = "model.") -> dict[str, str]:
     L = p + "layers.{i}."
     m = {p + "embed_tokens.weight": "embed.tok.weight", p + "norm.weight": "norm.weight",
@@ -64,6 +65,7 @@ def _llama_like_to_hf(cfg: ModelConfig, *, attention_bias=True, mlp_bias=False, 
     return d
 
 
+# ---------------------------------------------------------------- Llama, Mistral, Qwen2, Qwen3
 def llama_from_hf(d):
     c = hf_config_object(d, "llama")
     return _llama_like_from_hf(c)

@@ -13,7 +13,7 @@ from forge.models.hf.llama import (_llama_like_from_hf, _llama_like_to_hf, _qwen
                                    mistral_to_hf)
 
 
-# ---------------------------------------------------------------- mixture-of-experts families
+# ---------------------------------------------------------------- expert stacking, sparse layers
 # Experts are stored per expert on disk ("...experts.{e}.w1.weight", what transformers'
 # save_pretrained writes) and stacked in Forge ("layers.{i}.mlp.experts.w_gate.weight", (E, F, D)).
 def _stack_to_forge(ts, cfg):
@@ -153,8 +153,7 @@ def olmoe_to_hf(cfg):
     return d
 
 
-
-
+# ---------------------------------------------------------------- gpt-oss
 # gpt-oss: experts fused over the expert dim, stored (in, out): gate_up_proj (E, D, 2F) with gate and up
 # interleaved along the last dim (gate = [..., 0::2], up = [..., 1::2]), gate_up_proj_bias (E, 2F),
 # down_proj (E, F, D), down_proj_bias (E, D); Forge's experts are (E, out, in).
