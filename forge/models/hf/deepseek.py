@@ -26,9 +26,10 @@ import math
 from types import SimpleNamespace
 
 from forge.config import ModelConfig, MoEConfig
-from forge.models.hf.families import (LLAMA_IGNORE, FamilySpec, UnsupportedModelError, _get, _llama_like_from_hf,
-                                      _llama_like_to_hf, _rope_from_hf, _rope_to_hf, hf_config_object, llama_map,
-                                      stacked_experts)
+from forge.models.hf.common import (FamilySpec, UnsupportedModelError, _get, _rope_from_hf, _rope_to_hf,
+                                    hf_config_object)
+from forge.models.hf.llama import LLAMA_IGNORE, _llama_like_from_hf, _llama_like_to_hf, llama_map
+from forge.models.hf.moe import stacked_experts
 
 BIAS_UPDATE_RATE = 0.001      # DeepSeek-V3's bias update speed (gamma), used when converting from HF
 

@@ -15,7 +15,7 @@ import math
 import torch
 
 from forge.config import ModelConfig
-from forge.models.hf.families import FamilySpec, Transform, UnsupportedModelError, _get, hf_config_object
+from forge.models.hf.common import FamilySpec, Transform, UnsupportedModelError, _get, hf_config_object
 
 DEFAULT_MAX_SEQ_LEN = 2048
 
