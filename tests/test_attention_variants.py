@@ -2,8 +2,8 @@
 identity attention: closed forms on hand-made inputs, a naive dense reference written here (per
 head, per query, with the mask), causality, exact masking under windows, GQA, KV-cache decoding
 vs recomputation, config errors, forge plan's parameter count, and tp=2 == one process."""
+import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from forge.config import ConfigError, ModelConfig, load_config
 from forge.models import build_model
-from forge.models.layers.attention import softmax_attention
+from forge.models.layers.attention import AttnSpec, softmax_attention
 from forge.models.layers.scores import SCORE
 from tests.helpers import assert_cache_decoding_equals_recomputation, assert_causal
 
@@ -79,10 +79,9 @@ def naive_attention(name, cfg, q, k, v, qpos, kpos, kind, window, scale, heads):
 
 
 def stub(name, cfg, kind, window, n_heads, chunk):
-    """The attributes scored_attention reads from an Attention module."""
+    """The kernel arguments of an Attention of this kind, window and score function."""
     score = None if name == "sdpa" else SCORE[name](cfg, n_heads)     # None: SDPA's softmax
-    return SimpleNamespace(score=score, sinks=None, scale=0.7, softcap=None, pos=None, attn_dropout=0.0, training=False,
-                           chunk=chunk, sliding_window=window, local_window=window)
+    return AttnSpec(kind=kind, scale=0.7, score=score, chunk=chunk, sliding_window=window, local_window=window)
 
 
 HAND = {  # one head, hd 1: q = (1, 2), k = (1, -1), scale 1 -> s_00 = 1; s_10 = 2, s_11 = -2; v = one-hot
@@ -104,13 +103,12 @@ def test_hand_made_closed_form(name):
     """T = 2, one head: the weights read off the output (v one-hot) equal the formulas by hand."""
     cfg = ModelConfig(strongermax_base=3.0, strongermax_temperature=0.5, consmax_beta=0.5, consmax_gamma=4.0,
                       consmax_per_head=False, squareplus_b=4.0, polymax_x_intercept=-10.0)
-    attn = stub(name, cfg, "causal", None, 1, 256)
-    attn.scale = 1.0
+    attn = dataclasses.replace(stub(name, cfg, "causal", None, 1, 256), scale=1.0)
     q = torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)
     k = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1)
     v = torch.eye(2).view(1, 1, 2, 2)          # v_hd 2 != qk hd 1
     pos = torch.arange(2)
-    out = softmax_attention("causal", q, k, v, pos, pos, attn)[0, 0]
+    out = softmax_attention(q, k, v, pos, pos, attn)[0, 0]
     row0, row1 = HAND[name]
     torch.testing.assert_close(out, torch.tensor([row0 + [0.0], row1]), atol=1e-6, rtol=1e-6)
 
@@ -142,7 +140,7 @@ def test_chunked_scores_equal_naive_dense_reference(name, case):
     q = torch.randn(2, H, Tq, hd, generator=g)
     k, v = torch.randn(2, Hkv, off + Tq, hd, generator=g), torch.randn(2, Hkv, off + Tq, vd, generator=g)
     qpos, kpos = torch.arange(off, off + Tq), torch.arange(off + Tq)
-    out = softmax_attention(kind, q, k, v, qpos, kpos, attn)
+    out = softmax_attention(q, k, v, qpos, kpos, attn)
     ref = naive_attention(name, cfg, q, k, v, qpos, kpos, kind, window, attn.scale, heads)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-5)
 
@@ -160,7 +158,7 @@ def test_explicit_softmax_equals_sdpa_and_checkpointed_chunks_give_the_same_grad
         if name == "consmax":
             with torch.no_grad():
                 attn.score.beta.copy_(torch.linspace(-1, 1, 4))
-        out = softmax_attention("sliding", q, k, v, pos, pos, attn)
+        out = softmax_attention(q, k, v, pos, pos, attn)
         params = [] if attn.score is None else list(attn.score.parameters())
         grads = torch.autograd.grad((out * torch.cos(out)).sum(), [q, k, v, *params])
         return out, grads

@@ -54,7 +54,7 @@ def test_linear_attention_equals_its_quadratic_form():
     B, H, T, d = 2, 3, 150, 8                       # T spans several chunks of 64
     q, k, v = torch.randn(B, H, T, d), torch.randn(B, H, T, d), torch.randn(B, H, T, d)
     pos = torch.arange(T)
-    out = linear_attention("linear", q, k, v, pos, pos, None)
+    out = linear_attention(q, k, v, pos, pos)
     fq, fk = F.elu(q) + 1, F.elu(k) + 1            # phi(x) = elu(x) + 1
     a = (fq @ fk.transpose(-1, -2)) * torch.ones(T, T).tril()
     ref = (a @ v) / a.sum(-1, keepdim=True)

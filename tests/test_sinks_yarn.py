@@ -12,7 +12,7 @@ import torch
 
 from forge.config import ConfigError, ModelConfig, load_config
 from forge.models import build_model
-from forge.models.layers.attention import softmax_attention
+from forge.models.layers.attention import AttnSpec, softmax_attention
 from forge.models.layers.position import Rotary, rope_attention_factor, rope_inv_freq
 from forge.models.layers.scores import Sinks, sink_softmax
 from tests.helpers import assert_cache_decoding_equals_recomputation, assert_causal
@@ -42,9 +42,8 @@ def test_sink_softmax_closed_form_on_a_hand_made_case():
 
 
 def _attn_stub(kind, n_heads, window, chunk, sinks):
-    return SimpleNamespace(score=None, sinks=Sinks(n_heads) if sinks is None else sinks, scale=0.3,
-                           softcap=None, pos=None, attn_dropout=0.0, training=False, sliding_window=window,
-                           local_window=None, chunk=chunk)
+    return AttnSpec(kind=kind, scale=0.3, sinks=(Sinks(n_heads) if sinks is None else sinks).weight,
+                    sliding_window=window, chunk=chunk)
 
 
 @pytest.mark.parametrize("kind, H, Hkv, chunk, offset", [("causal", 4, 2, 3, 0), ("sliding", 4, 1, 4, 0),
@@ -62,7 +61,7 @@ def test_attention_with_sinks_equals_transformers_gpt_oss_eager(kind, H, Hkv, ch
         sinks.weight.copy_(torch.randn(H, generator=g) * 2)
     qpos, kpos = torch.arange(offset, Tk), torch.arange(Tk)
     attn = _attn_stub(kind, H, window, chunk, sinks)
-    ours = softmax_attention(kind, q, k, v, qpos, kpos, attn)                  # (B, H, Tq, hd)
+    ours = softmax_attention(q, k, v, qpos, kpos, attn)                  # (B, H, Tq, hd)
     diff = qpos[:, None] - kpos[None]
     ok = (diff >= 0) & ((diff < window) if kind == "sliding" else True)
     mask = torch.zeros(Tq, Tk).masked_fill(~ok, float("-inf"))[None, None]

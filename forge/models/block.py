@@ -14,6 +14,10 @@ y + v (so a pipeline stage holding the block holds v; replicated over tp, its gr
 tp under sequence parallelism, where each rank adds it to its own tokens). With
 model.steering_datasets = n it owns a table V (n, D) instead, and sample b's output is y_b + V[d_b],
 d_b the index of the dataset (of data.paths) that sample came from, passed as `dataset` (B,).
+
+Constructors of model modules take (cfg, layer_idx, ctx) when they depend on the layer (Block,
+Attention, MLAttention, Mamba2Mixer), (cfg, ctx) otherwise (MoE, Router, the MLP_REGISTRY classes),
+then any sizes (an MLP's d_ff, Experts' n_local and d_ff).
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -84,76 +85,106 @@ class KVCache:
         self.seen[i] += n
 
 
-def _allowed(kind, qpos, kpos, attn):
+@dataclasses.dataclass(frozen=True)
+class AttnSpec:
+    """Everything an attention kernel (ATTENTION) reads besides q, k, v and the positions, so that a
+    kernel can be called and tested without an Attention module (Attention.spec builds one per call).
+    kind: the mask (`_allowed`): causal, sliding (sliding_window), local (local_window);
+    scale: s = scale * q k^T;  softcap: s -> cap * tanh(s / cap) (None: off);
+    dropout: the probabilities' dropout rate, 0 outside training;
+    bias: (qpos (Tq,), kpos (Tk,)) -> an additive (H, Tq, Tk) score bias (ALiBi), or None;
+    score: p(s, allowed) of a score function (SCORE), None for softmax through SDPA;
+    sinks: (H,) sink logits (scores.sink_softmax), or None;
+    score_quant / prob_quant: fake quantisers of the scores s and the weights p (explicit path), or None;
+    chunk: queries per chunk of the explicit path."""
+    kind: str
+    scale: float
+    sliding_window: int | None = None
+    local_window: int | None = None
+    softcap: float | None = None
+    dropout: float = 0.0
+    bias: Callable | None = None
+    score: Callable | None = None
+    sinks: torch.Tensor | None = None
+    score_quant: Callable | None = None
+    prob_quant: Callable | None = None
+    chunk: int = 256
+
+
+def _allowed(spec, qpos, kpos):
     """Boolean (Tq, Tk) mask of the keys each query may attend to."""
     diff = qpos.unsqueeze(-1) - kpos.unsqueeze(0)
     ok = diff >= 0
-    if kind == "sliding":
-        ok &= diff < attn.sliding_window
-    elif kind == "local":
-        ok &= (qpos.unsqueeze(-1) // attn.local_window) == (kpos.unsqueeze(0) // attn.local_window)
+    if spec.kind == "sliding":
+        ok &= diff < spec.sliding_window
+    elif spec.kind == "local":
+        ok &= (qpos.unsqueeze(-1) // spec.local_window) == (kpos.unsqueeze(0) // spec.local_window)
     return ok
 
 
-def softmax_attention(kind, q, k, v, qpos, kpos, attn):
-    """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, H, Tq, v_hd)."""
-    if attn.score is not None or attn.sinks is not None:
-        return scored_attention(kind, q, k, v, qpos, kpos, attn)
+def _repeat_kv(q, k, v):
+    """GQA/MQA: k, v (B, Hkv, Tk, *) -> (B, H, Tk, *), each kv head serving H / Hkv query heads."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    dropout = attn.attn_dropout if attn.training else 0.0
-    bias = attn.pos.bias(qpos, kpos) if hasattr(attn.pos, "bias") else None   # (H, Tq, Tk) or None
-    plain_causal = kind == "causal" and bias is None and attn.softcap is None
+    return k, v
+
+
+def softmax_attention(q, k, v, qpos, kpos, spec: AttnSpec):
+    """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd), qpos (Tq,), kpos (Tk,) -> (B, H, Tq, v_hd)."""
+    if spec.score is not None or spec.sinks is not None:
+        return scored_attention(q, k, v, qpos, kpos, spec)
+    k, v = _repeat_kv(q, k, v)
+    dropout = spec.dropout
+    bias = spec.bias(qpos, kpos) if spec.bias is not None else None           # (H, Tq, Tk) or None
+    plain_causal = spec.kind == "causal" and bias is None and spec.softcap is None
     # `kpos is qpos` (no cache) decides without a host sync, which torch.compile cannot trace
     if plain_causal and q.shape[2] == k.shape[2] and (kpos is qpos or bool(qpos[0] == kpos[0])):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=attn.scale)
-    allowed = _allowed(kind, qpos, kpos, attn)                                 # (Tq, Tk)
-    if attn.softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=spec.scale)
+    allowed = _allowed(spec, qpos, kpos)                                        # (Tq, Tk)
+    if spec.softcap is None:
         mask = allowed if bias is None else bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
-    s = (q.float() @ k.float().transpose(-1, -2)) * attn.scale                  # (B, H, Tq, Tk)
-    s = attn.softcap * torch.tanh(s / attn.softcap)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=spec.scale)
+    s = (q.float() @ k.float().transpose(-1, -2)) * spec.scale                  # (B, H, Tq, Tk)
+    s = spec.softcap * torch.tanh(s / spec.softcap)
     if bias is not None:
         s = s + bias
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
-    return F.dropout(p, dropout, attn.training) @ v
+    return F.dropout(p, dropout, dropout > 0) @ v
 
 
-def _scored_chunk(kind, attn, q, k, v, qpos, kpos):
+def _scored_chunk(spec, q, k, v, qpos, kpos):
     """One chunk of queries: q (B, H, C, hd), k (B, H, Tk, hd), v (B, H, Tk, v_hd) -> (B, H, C, v_hd)."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * attn.scale                 # (B, H, C, Tk)
-    if attn.softcap is not None:
-        s = attn.softcap * torch.tanh(s / attn.softcap)
-    if hasattr(attn.pos, "bias"):
-        s = s + attn.pos.bias(qpos, kpos)                                       # (H, C, Tk)
-    allowed = _allowed(kind, qpos, kpos, attn)
-    if getattr(attn, "score_quant", None) is not None:        # masked scores never enter a row's scale
-        s = attn.score_quant(s.masked_fill(~allowed, 0.0))
-    if attn.sinks is not None:
-        p = sink_softmax(s, allowed, attn.sinks.weight)                        # 0 where masked
+    s = (q.float() @ k.float().transpose(-1, -2)) * spec.scale                 # (B, H, C, Tk)
+    if spec.softcap is not None:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    if spec.bias is not None:
+        s = s + spec.bias(qpos, kpos)                                           # (H, C, Tk)
+    allowed = _allowed(spec, qpos, kpos)
+    if spec.score_quant is not None:                          # masked scores never enter a row's scale
+        s = spec.score_quant(s.masked_fill(~allowed, 0.0))
+    if spec.sinks is not None:
+        p = sink_softmax(s, allowed, spec.sinks)                                # 0 where masked
     else:
-        p = attn.score(s, allowed)                                              # 0 where masked
-    if getattr(attn, "prob_quant", None) is not None:
-        p = attn.prob_quant(p)
-    p = F.dropout(p, attn.attn_dropout, attn.training) if attn.training and attn.attn_dropout else p
+        p = spec.score(s, allowed)                                              # 0 where masked
+    if spec.prob_quant is not None:
+        p = spec.prob_quant(p)
+    p = F.dropout(p, spec.dropout, True) if spec.dropout else p
     return (p @ v.float()).to(v.dtype)
 
 
-def scored_attention(kind, q, k, v, qpos, kpos, attn):
+def scored_attention(q, k, v, qpos, kpos, spec: AttnSpec):
     """Attention with an explicit score function p(s) (model.attention_softmax, or softmax with
     sinks), chunk by chunk over
     the queries: memory O(chunk * Tk) per head; under autograd each chunk but a lone one is
     checkpointed (its scores are recomputed in backward, dropout masks included)."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    C, T = attn.chunk, q.shape[2]
+    k, v = _repeat_kv(q, k, v)
+    C, T = spec.chunk, q.shape[2]
     if T <= C:
-        return _scored_chunk(kind, attn, q, k, v, qpos, kpos)
+        return _scored_chunk(spec, q, k, v, qpos, kpos)
     out = []
     for s in range(0, T, C):
-        args = (kind, attn, q[:, :, s:s + C], k, v, qpos[s:s + C], kpos)
+        args = (spec, q[:, :, s:s + C], k, v, qpos[s:s + C], kpos)
         if torch.is_grad_enabled():
             out.append(checkpoint(_scored_chunk, *args, use_reentrant=False))
         else:
@@ -161,25 +192,24 @@ def scored_attention(kind, q, k, v, qpos, kpos, attn):
     return torch.cat(out, dim=2)                                                # (B, H, T, v_hd)
 
 
-def identity_attention(kind, q, k, v, qpos, kpos, attn):
+def identity_attention(q, k, v, qpos, kpos, spec):
     """Never called: an identity layer returns 0 before computing q, k, v (Attention.forward)."""
     raise RuntimeError("identity attention computes nothing")
 
 
-def ssm_attention(kind, q, k, v, qpos, kpos, attn):
+def ssm_attention(q, k, v, qpos, kpos, spec):
     """Never called: an ssm layer is a Mamba2Mixer (forge.models.block.MIXER), which has no queries or keys."""
     raise RuntimeError("ssm layers are computed by forge.models.layers.ssm.Mamba2Mixer")
 
 
-def linear_attention(kind, q, k, v, qpos, kpos, attn, chunk: int = 64):
-    """Causal linear attention, chunked: quadratic inside a chunk, a running state across chunks."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+def linear_attention(q, k, v, qpos, kpos, spec=None, chunk: int = 64):
+    """Causal linear attention, chunked: quadratic inside a chunk, a running state across chunks
+    (causal whatever spec says; it reads nothing from it)."""
+    k, v = _repeat_kv(q, k, v)
     q, k = F.elu(q.float()) + 1, F.elu(k.float()) + 1
     vf = v.float()
     if q.shape[2] != k.shape[2]:            # decoding with a cache: queries see every cached key <= them
-        a = (q @ k.transpose(-1, -2)).masked_fill(~_allowed("causal", qpos, kpos, attn), 0.0)
+        a = (q @ k.transpose(-1, -2)).masked_fill(~_allowed(CAUSAL, qpos, kpos), 0.0)
         return ((a @ vf) / a.sum(-1, keepdim=True)).to(v.dtype)
     B, H, T, d = q.shape
     S = q.new_zeros(B, H, d, v.shape[-1])   # sum_j phi(k_j) v_j^T over earlier chunks
@@ -196,12 +226,14 @@ def linear_attention(kind, q, k, v, qpos, kpos, attn, chunk: int = 64):
     return torch.cat(out, dim=2).to(v.dtype)
 
 
-def mla_attention(kind, q, k, v, qpos, kpos, attn):
+def mla_attention(q, k, v, qpos, kpos, spec):
     """Never called: an mla layer is an MLAttention (forge.models.layers.mla), not an Attention."""
     raise RuntimeError("mla attention is computed by forge.models.layers.mla.MLAttention")
 
 
-ATTENTION = {
+CAUSAL = AttnSpec("causal", 1.0)     # the causal mask alone (linear attention under a cache)
+
+ATTENTION = {   # kind -> kernel(q, k, v, qpos, kpos, spec: AttnSpec)
     "causal": softmax_attention,
     "sliding": softmax_attention,
     "local": softmax_attention,
@@ -318,6 +350,15 @@ class Attention(nn.Module):
         else:
             self.pos = pos_cls(cfg)
 
+    def spec(self) -> AttnSpec:
+        """This layer's kernel arguments (built per call: dropout follows self.training, and the sink
+        logits are the current parameter, which a meta build replaces)."""
+        return AttnSpec(kind=self.kind, scale=self.scale, sliding_window=self.sliding_window,
+                        local_window=self.local_window, softcap=self.softcap,
+                        dropout=self.attn_dropout if self.training else 0.0, bias=getattr(self.pos, "bias", None),
+                        score=self.score, sinks=None if self.sinks is None else self.sinks.weight,
+                        score_quant=self.score_quant, prob_quant=self.prob_quant, chunk=self.chunk)
+
     @staticmethod
     def _full_norm(cfg, local_heads, tp_group):
         return build_split_norm(cfg, local_heads * cfg.qk_hd, tp_group, what="model.qk_norm='full'")
@@ -354,7 +395,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
             kpos = torch.arange(k.shape[2], device=x.device)
         with tp_stream.fork(x.device) if self.training and self.attn_dropout else contextlib.nullcontext():
-            o = ATTENTION[self.kind](self.kind, q, k, v, pos, kpos, self)      # (B, H, T, vd)
+            o = ATTENTION[self.kind](q, k, v, pos, kpos, self.spec())          # (B, H, T, vd)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.vd)           # (B, T, H*vd), heads split over tp
         if self.sub_norm is not None:
             o = self.sub_norm(o)

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge.models.layers.attention import KVCache, softmax_attention
+from forge.models.layers.attention import AttnSpec, KVCache, softmax_attention
 from forge.models.layers.norm import build_norm
 from forge.models.layers.position import Rotary
 from forge.parallel.context import SINGLE, ParallelContext
@@ -59,7 +59,6 @@ class MLAttention(nn.Module):
         self.vd, self.n_heads = cfg.v_hd, cfg.n_heads // tp                       # local heads
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else (self.n + self.r) ** -0.5
         self.softcap, self.attn_dropout = cfg.attn_softcap, cfg.attn_dropout
-        self.score = self.sinks = None       # softmax_attention's SDPA path (its explicit one with softcap)
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         sp = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True, quant=cfg.quant)
         H, qk = cfg.n_heads, self.n + self.r
@@ -109,6 +108,8 @@ class MLAttention(nn.Module):
         elif pad < 0:
             q, k = F.pad(q, (0, -pad)), F.pad(k, (0, -pad))                    # (B, H, *, d_v)
         with tp_stream.fork(x.device) if self.training and self.attn_dropout else contextlib.nullcontext():
-            o = softmax_attention("causal", q, k, v, pos, kpos, self)[..., :self.vd]   # (B, H, T, d_v)
+            spec = AttnSpec(kind="causal", scale=self.scale, softcap=self.softcap,
+                            dropout=self.attn_dropout if self.training else 0.0)   # SDPA (explicit with softcap)
+            o = softmax_attention(q, k, v, pos, kpos, spec)[..., :self.vd]   # (B, H, T, d_v)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.vd)           # (B, T, H*d_v), heads split over tp
         return self.wo(self.o_quant(o) if self.o_quant is not None else o)

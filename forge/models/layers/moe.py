@@ -89,8 +89,9 @@ class _Stacked(nn.Module):
 class Experts(nn.Module):
     """This rank's E/ep experts (hidden F/tp each under tensor parallelism)."""
 
-    def __init__(self, cfg, n_local: int, d_ff: int, tp_group=None):
+    def __init__(self, cfg, ctx: ParallelContext, n_local: int, d_ff: int):
         super().__init__()
+        tp_group = ctx.tp_group
         tp = group_size(tp_group)
         if d_ff % tp:
             raise ValueError(f"expert hidden size {d_ff} is not divisible by parallel.tp={tp}")
@@ -143,8 +144,8 @@ class MoE(nn.Module):
         self.capacity_factor = moe.capacity_factor
         self.aux_coef, self.z_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.aux_scale = 1.0                # gradient of the attached aux losses (set_aux_loss_scale)
-        self.router = Router(cfg, grad_group=tp_group if self.sp else None)
-        self.experts = Experts(cfg, self.n_local, moe.d_ff or cfg.ff_dim, tp_group)
+        self.router = Router(cfg, ctx)
+        self.experts = Experts(cfg, ctx, self.n_local, moe.d_ff or cfg.ff_dim)
         self.shared = self.shared_gate = None
         if moe.n_shared_experts:
             d_ff = moe.n_shared_experts * (moe.shared_d_ff or moe.d_ff or cfg.ff_dim)

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from forge.parallel.context import SINGLE, ParallelContext
 from forge.parallel.mappings import copy_to
 
 class _AttachAux(torch.autograd.Function):
@@ -66,13 +67,14 @@ class Router(nn.Module):
     `expert_bias` (E,) is a persistent buffer, present only when model.moe.bias_update_rate > 0,
     moved by `update_bias` from the loads counted in `load` since the last update."""
 
-    def __init__(self, cfg, grad_group=None):
+    def __init__(self, cfg, ctx: ParallelContext = SINGLE):
         super().__init__()
         moe = cfg.moe
         self.n_experts, self.top_k, self.kind, self.renormalize = moe.n_experts, moe.top_k, moe.router, moe.renormalize
         self.rate = moe.bias_update_rate
         self.n_group, self.topk_group, self.routed_scale = moe.n_group, moe.topk_group, moe.routed_scaling_factor
-        self.grad_group = grad_group        # sequence parallel: each tp rank routes its own tokens
+        # sequence parallel: each tp rank routes its own tokens, so the gradients are summed over tp
+        self.grad_group = ctx.tp_group if ctx.sp else None
         self.weight = nn.Parameter(torch.empty(moe.n_experts, cfg.d_model))
         self.bias = nn.Parameter(torch.zeros(moe.n_experts)) if moe.router_bias else None
         self.init_buffers()

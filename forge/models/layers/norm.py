@@ -16,11 +16,11 @@ identity:           y = x
 Statistics are computed in fp32 and the result cast back to the input dtype. `init_constants`
 puts the learned gains back to their initial values (forge.models.init, after a meta build).
 Each location may use its own kind (model.norm_attn, norm_mlp, norm_post, norm_final; see
-ModelConfig.norm_at). Tensor parallelism: `grad_group` makes every learned tensor (gains, biases
-and scalars such as DyT's alpha or the sphere radius) enter through `copy_to`, so the partial
-gradients of a replicated norm that sees only part of the tokens or heads (sequence parallelism,
-per-head qk-norm) are summed over the group; `stat_group` (RMSNorm) computes mean(x^2) over a
-dimension split across the group (OLMo 2's qk-norm over all heads), with `full_dim` its size.
+ModelConfig.norm_at). The classes are single-device math; tensor parallelism is applied from
+forge.parallel.norms through two points that default to the single-device form: `param_map`, how
+every learned tensor enters forward (sum_grads_over: copy_to, gradients summed over tp, for a
+replicated norm that sees only part of the tokens or heads), and RMSNorm's `mean_square`, its
+statistic (split_over: all-reduced over features split across tp, OLMo 2's qk-norm over all heads).
 """
 from __future__ import annotations
 
@@ -31,20 +31,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge.parallel.mappings import all_reduce_sum, copy_to, group_size
+from forge.parallel.norms import split_over, sum_grads_over
 
 
-def _w(p, group):
-    return None if p is None else copy_to(p, group).float()
+class _Norm(nn.Module):
+    """A learned tensor p enters forward as `learned(p)`: fp32, through `param_map` first when a
+    layout set one (forge.parallel.norms.sum_grads_over). `tp_splittable`: its features may be split
+    over tp ranks (forge.parallel.norms.split_over): RMSNorm (its mean_square all-reduced), identity."""
+    param_map = None
+    tp_splittable = False
+
+    def learned(self, p):
+        if p is None:
+            return None
+        return (p if self.param_map is None else self.param_map(p)).float()
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Norm):
     def __init__(self, dim, eps=1e-5, bias=True, affine=True):
         super().__init__()
         self.eps, self.dim = eps, dim
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine and bias else None
-        self.grad_group = None
 
     def init_constants(self):
         if self.weight is not None:
@@ -53,55 +61,58 @@ class LayerNorm(nn.Module):
             self.bias.zero_()
 
     def forward(self, x):
-        w, b = _w(self.weight, self.grad_group), _w(self.bias, self.grad_group)
+        w, b = self.learned(self.weight), self.learned(self.bias)
         return F.layer_norm(x.float(), (self.dim,), w, b, self.eps).to(x.dtype)
 
 
-class RMSNorm(nn.Module):
+def mean_square(xf):
+    """(..., D) -> (..., 1): mean of x^2 over the features."""
+    return xf.pow(2).mean(-1, keepdim=True)
+
+
+class RMSNorm(_Norm):
+    """`mean_square`: the statistic (forge.parallel.norms.split_over all-reduces it over tp)."""
+    tp_splittable = True
+
     def __init__(self, dim, eps=1e-6, offset=0.0):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
-        self.grad_group, self.stat_group, self.full_dim = None, None, dim
+        self.mean_square = mean_square
 
     def init_constants(self):
         self.weight.fill_(1.0 - self.offset)
 
     def forward(self, x):
         xf = x.float()
-        if self.stat_group is None:
-            ms = xf.pow(2).mean(-1, keepdim=True)
-        else:
-            ms = all_reduce_sum(xf.pow(2).sum(-1, keepdim=True), self.stat_group) / self.full_dim
-        y = xf * torch.rsqrt(ms + self.eps)
-        return (y * (self.offset + _w(self.weight, self.grad_group))).to(x.dtype)
+        y = xf * torch.rsqrt(self.mean_square(xf) + self.eps)
+        return (y * (self.offset + self.learned(self.weight))).to(x.dtype)
 
 
-class ScaleNorm(nn.Module):
+class ScaleNorm(_Norm):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.tensor(float(dim) ** 0.5))
-        self.grad_group, self.dim = None, dim
+        self.dim = dim
 
     def init_constants(self):
         self.weight.fill_(float(self.dim) ** 0.5)
 
     def forward(self, x):
         xf = x.float()
-        return (_w(self.weight, self.grad_group) * xf / xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)).to(x.dtype)
+        return (self.learned(self.weight) * xf / xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)).to(x.dtype)
 
 
-class PRMSNorm(nn.Module):
+class PRMSNorm(_Norm):
     """RMSNorm whose mean square is taken over the first k = ceil(pct * D) features only. (No
-    stat_group: the first k features of a dimension split over tp ranks live on some ranks only.)"""
+    mean_square to split: the first k features of a dimension split over tp live on some ranks only.)"""
 
     def __init__(self, dim, pct=1.0, eps=1e-6, offset=0.0):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.k = max(1, math.ceil(round(pct * dim, 6)))
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
-        self.grad_group = None
 
     def init_constants(self):
         self.weight.fill_(1.0 - self.offset)
@@ -110,17 +121,16 @@ class PRMSNorm(nn.Module):
         xf = x.float()
         ms = xf[..., :self.k].pow(2).mean(-1, keepdim=True)                     # (..., 1)
         y = xf * torch.rsqrt(ms + self.eps)
-        return (y * (self.offset + _w(self.weight, self.grad_group))).to(x.dtype)
+        return (y * (self.offset + self.learned(self.weight))).to(x.dtype)
 
 
-class HyperSphereNorm(nn.Module):
+class HyperSphereNorm(_Norm):
     """Projection onto the sphere of radius r: r learned (a (1,) parameter) or a fixed float."""
 
     def __init__(self, dim, radius: Optional[float] = None, learned=True, eps=1e-5):
         super().__init__()
         self.eps, self.r0 = eps, float(radius) if radius is not None else float(dim) ** 0.5
         self.radius = nn.Parameter(torch.full((1,), self.r0)) if learned else self.r0
-        self.grad_group = None
 
     def init_constants(self):
         if isinstance(self.radius, nn.Parameter):
@@ -128,11 +138,11 @@ class HyperSphereNorm(nn.Module):
 
     def forward(self, x):  # (..., D) -> (..., D)
         xf = x.float()
-        r = _w(self.radius, self.grad_group) if isinstance(self.radius, nn.Parameter) else self.r0
+        r = self.learned(self.radius) if isinstance(self.radius, nn.Parameter) else self.r0
         return (r * xf / xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)).to(x.dtype)
 
 
-class DyT(nn.Module):
+class DyT(_Norm):
     """Dynamic Tanh: an element-wise stand-in for a norm (no statistic over features or tokens)."""
 
     def __init__(self, dim, alpha_init=0.5):
@@ -141,7 +151,6 @@ class DyT(nn.Module):
         self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
         self.weight = nn.Parameter(torch.ones(dim))           # gamma
         self.bias = nn.Parameter(torch.zeros(dim))            # beta
-        self.grad_group = None
 
     def init_constants(self):
         self.alpha.fill_(self.alpha_init)
@@ -149,15 +158,12 @@ class DyT(nn.Module):
         self.bias.zero_()
 
     def forward(self, x):  # (..., D) -> (..., D)
-        g = self.grad_group
-        y = _w(self.weight, g) * torch.tanh(_w(self.alpha, g) * x.float()) + _w(self.bias, g)
+        y = self.learned(self.weight) * torch.tanh(self.learned(self.alpha) * x.float()) + self.learned(self.bias)
         return y.to(x.dtype)
 
 
-class IdentityNorm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.grad_group = None
+class IdentityNorm(_Norm):
+    tp_splittable = True        # nothing to split
 
     def forward(self, x):
         return x
@@ -176,24 +182,14 @@ NORM = {
 
 
 def build_norm(cfg, dim=None, grad_group=None, kind: Optional[str] = None) -> nn.Module:
-    """A norm of kind `kind` (default model.norm) over `dim` features (default d_model)."""
-    norm = NORM[kind or cfg.norm](dim or cfg.d_model, cfg)
-    norm.grad_group = grad_group
-    return norm
+    """A norm of kind `kind` (default model.norm) over `dim` features (default d_model); `grad_group`:
+    its gradients summed over that group (forge.parallel.norms.sum_grads_over)."""
+    return sum_grads_over(NORM[kind or cfg.norm](dim or cfg.d_model, cfg), grad_group)
 
 
 def build_split_norm(cfg, local_dim: int, group, kind: Optional[str] = None, key: str = "model.norm",
                      what: str = "this norm") -> nn.Module:
     """A norm of kind `kind` over local_dim * tp features of which this rank holds local_dim (heads or
-    hidden features split over the tp `group`): RMSNorm's mean square is the all-reduced sum of
-    squares / (local_dim * tp) (stat_group), its weight this rank's shard (partition_dim 0). Other
-    kinds with tp > 1: ValueError naming `key` (identity has nothing to split; `what`: the norm's role)."""
-    norm = build_norm(cfg, local_dim, kind=kind)
-    tp = group_size(group)
-    if tp > 1 and not isinstance(norm, IdentityNorm):
-        if not isinstance(norm, RMSNorm):
-            raise ValueError(f"{key}={kind or cfg.norm!r} with parallel.tp > 1: {what} spans features split over "
-                             f"tp, which only 'rmsnorm' (mean square all-reduced) or 'identity' can")
-        norm.stat_group, norm.full_dim = group, local_dim * tp
-        norm.weight.partition_dim = 0
-    return norm
+    hidden features split over the tp `group`; forge.parallel.norms.split_over): RMSNorm's mean square
+    is all-reduced, its weight this rank's shard. Other kinds with tp > 1: ValueError naming `key`."""
+    return split_over(build_norm(cfg, local_dim, kind=kind), group, local_dim, key, kind or cfg.norm, what)
