@@ -124,9 +124,26 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
     doc: the cache is recomputed from the last context - 1 tokens). `on_token(next_ids (B,))`
     is called after each step. A prompt longer than the model's context raises GenerationError.
     """
+    ctx = _check_request(model, ids, temperature, top_p)
+    device = next(model.parameters()).device
+    ids = ids.to(device=device, dtype=torch.long)
+    generator = _sampling_generator(generator, seed, temperature, device)
+    was_training = model.training
+    model.eval()
+    try:
+        return _decode(model, ids, max(0, int(max_new_tokens)), ctx, eos_id, use_cache, on_token,
+                       lambda logits: sample_next(logits, temperature, top_k, top_p, generator))
+    finally:
+        model.train(was_training)
+
+
+def _check_request(model, ids: torch.Tensor, temperature: float, top_p: Optional[float]) -> int:
+    """Refuse what `generate` cannot serve with a GenerationError naming the argument, before the
+    model runs: ids not (B, T) integers, an empty or over-long prompt, ids outside the model's
+    vocabulary, a negative or non-finite temperature, top_p outside (0, 1]. Returns the context."""
     if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise GenerationError(f"ids must be an integer tensor (B, T), got {tuple(ids.shape)} {ids.dtype}")
-    B, T = ids.shape
+    T = ids.shape[1]
     if T == 0:
         raise GenerationError("the prompt is empty: give at least one token (e.g. the end-of-document id)")
     ctx = context_length(model)
@@ -141,44 +158,54 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
         raise GenerationError(f"temperature={temperature} must be a finite number >= 0")
     if top_p is not None and not 0 < top_p <= 1:
         raise GenerationError(f"top_p={top_p} must be in (0, 1]")
-    n_new = max(0, int(max_new_tokens))
-    device = next(model.parameters()).device
-    ids = ids.to(device=device, dtype=torch.long)
+    return ctx
+
+
+def _sampling_generator(generator: Optional[torch.Generator], seed: Optional[int], temperature: float,
+                        device) -> Optional[torch.Generator]:
+    """What sampling draws from: `generator` when given; else, when sampling (temperature > 0), a
+    fresh one on `device` seeded with `seed` (from the OS when seed is None); greedy needs none."""
     if generator is None and temperature > 0:
         generator = torch.Generator(device=device)
         if seed is not None:
             generator.manual_seed(seed)
         else:
             generator.seed()
-    was_training = model.training
-    model.eval()
-    try:
-        seq = ids                                          # (B, L)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        cache = model.new_cache() if use_cache else None
-        step_in, start = ids, 0                            # tokens not yet in the cache; window start
-        for _ in range(n_new):
-            new_start = window_start(seq.shape[1], start, ctx)
-            if new_start != start and use_cache:           # slide: recompute the cache from the window
-                cache, step_in = model.new_cache(), seq[:, new_start:]
-            start = new_start
-            if use_cache:
-                logits = model(step_in, cache=cache)[:, -1]
-            else:
-                logits = model(seq[:, start:])[:, -1]
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                nxt = nxt.masked_fill(finished, eos_id)
-                finished |= nxt == eos_id
-            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-            step_in = nxt.unsqueeze(1)
-            if on_token is not None:
-                on_token(nxt)
-            if eos_id is not None and bool(finished.all()):
-                break
-        return seq
-    finally:
-        model.train(was_training)
+    return generator
+
+
+def _decode(model, ids: torch.Tensor, n_new: int, ctx: int, eos_id: Optional[int], use_cache: bool,
+            on_token: Optional[Callable[[torch.Tensor], None]],
+            sample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The decoding loop of `generate` (its doc): `sample(logits (B, V)) -> (B,)` picks each token.
+    Keeps: the model sees at most `ctx` tokens, the window seq[:, start:]; with the cache, the
+    cache holds the window's tokens but `step_in`, which the next call feeds (the prompt first,
+    then the newest token; the whole window again after a slide). A row past eos_id stays eos_id."""
+    B = ids.shape[0]
+    seq = ids                                          # (B, L)
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    cache = model.new_cache() if use_cache else None
+    step_in, start = ids, 0                            # tokens not yet in the cache; window start
+    for _ in range(n_new):
+        new_start = window_start(seq.shape[1], start, ctx)
+        if new_start != start and use_cache:           # slide: recompute the cache from the window
+            cache, step_in = model.new_cache(), seq[:, new_start:]
+        start = new_start
+        if use_cache:
+            logits = model(step_in, cache=cache)[:, -1]   # (B, V)
+        else:
+            logits = model(seq[:, start:])[:, -1]
+        nxt = sample(logits)                               # (B,)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(finished, eos_id)
+            finished |= nxt == eos_id
+        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+        step_in = nxt.unsqueeze(1)
+        if on_token is not None:
+            on_token(nxt)
+        if eos_id is not None and bool(finished.all()):
+            break
+    return seq
 
 
 # ------------------------------------------------------------------ loading

@@ -315,22 +315,7 @@ def prepare_records(records: Iterable[Record], out: str, tokenizer: Tokenizer, s
     np_dtype = token_dtype(tokenizer.vocab_size, dtype)
     settings = {**settings, "shard_size": shard_size, "dtype": np_dtype.name,
                 "tokenizer_sha256": tokenizer.sha256()}
-    os.makedirs(out, exist_ok=True)
-    manifest = read_manifest(out)
-    if manifest is not None and not overwrite:
-        _check_settings(out, manifest, settings)
-    elif manifest is not None:
-        for name in (MANIFEST, TOKENIZER_FILE, CONFIG_FILE):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        shutil.rmtree(os.path.join(out, "index_cache"), ignore_errors=True)
-        manifest = None
-    if manifest is None:
-        tokenizer.save(out)
-        manifest = {"format": FORMAT, "version": 1, "tokenizer": TOKENIZER_FILE, "settings": settings,
-                    "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "shards": [],
-                    "complete": False}
-        write_json_atomic(os.path.join(out, MANIFEST), manifest)
+    manifest = _open_manifest(out, tokenizer, settings, overwrite)
     _clean_output(out, {s["name"] for s in manifest["shards"]})
     repair = _Repair(out, manifest, np_dtype, tokenizer.vocab_size)
     complete = bool(manifest.get("complete"))
@@ -362,6 +347,29 @@ def prepare_records(records: Iterable[Record], out: str, tokenizer: Tokenizer, s
     log.info("%s: %d documents, %d tokens in %d shards; skipped %d empty, replaced invalid UTF-8 in %d, "
              "split %d longer than a shard", out, t["documents"], t["tokens"], t["shards"], t["empty"],
              t["invalid_utf8"], t["split_documents"])
+    return manifest
+
+
+def _open_manifest(out: str, tokenizer: Tokenizer, settings: dict, overwrite: bool) -> dict:
+    """The manifest of `out` (created if missing) for a run with `settings`: an existing one whose
+    settings must equal them (else an error naming the difference: a folder only ever holds one
+    tokenization), or with `overwrite` / when there is none a fresh empty one, written together
+    with the tokenizer before any shard (the old manifest, tokenizer, config and index cache gone)."""
+    os.makedirs(out, exist_ok=True)
+    manifest = read_manifest(out)
+    if manifest is not None and not overwrite:
+        _check_settings(out, manifest, settings)
+        return manifest
+    if manifest is not None:
+        for name in (MANIFEST, TOKENIZER_FILE, CONFIG_FILE):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        shutil.rmtree(os.path.join(out, "index_cache"), ignore_errors=True)
+    tokenizer.save(out)
+    manifest = {"format": FORMAT, "version": 1, "tokenizer": TOKENIZER_FILE, "settings": settings,
+                "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "shards": [],
+                "complete": False}
+    write_json_atomic(os.path.join(out, MANIFEST), manifest)
     return manifest
 
 

@@ -128,34 +128,11 @@ def acquire(out_dir: str, warn=None) -> RunLock:
         raise RunLockError(f"train.out_dir={out_dir!r} cannot be created: {e}") from None
     path, host = lock_path(out_dir), socket.gethostname()
     for _ in range(100):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise RunLockError(f"cannot open the run lock {path!r}: {e}") from None
-        flocked = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in _NO_FLOCK:        # a file system without flock: judge by the JSON alone
-                flocked = False
-            else:
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise RunLockError(f"cannot lock {path!r}: {e}") from None
-                raise _in_use(out_dir, path) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:                         # released (unlinked) between our open and flock: again
-            os.close(fd)
+        got = _open_and_flock(path, out_dir)
+        if got is None:                      # released (unlinked) between our open and flock: again
             continue
-        with os.fdopen(os.dup(fd)) as f:
-            try:
-                old = json.loads(f.read() or "null")
-            except ValueError:
-                old = None
-        old = old if isinstance(old, dict) else None
+        fd, flocked = got
+        old = _read_holder(fd)
         if old and old.get("host") != host:
             os.close(fd)
             raise RunLockError(
@@ -167,15 +144,62 @@ def acquire(out_dir: str, warn=None) -> RunLock:
             raise _in_use(out_dir, path)
         if took_over and warn is not None:
             warn(f"taking over the stale run lock {path} of {_describe(old)}: that process is gone")
-        now = time.time()
-        info = {"pid": os.getpid(), "host": host, "started": datetime.datetime.fromtimestamp(now).astimezone()
-                .isoformat(timespec="seconds"), "start_time": now, "argv": list(sys.argv)}
-        data = json.dumps(info).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
+        _write_holder(fd, host)
         return RunLock(out_dir, fd, created, took_over)
     raise RunLockError(f"cannot take the run lock {path!r}: it keeps being replaced")   # pragma: no cover
+
+
+def _open_and_flock(path: str, out_dir: str) -> Optional[tuple[int, bool]]:
+    """Open (creating) the lock file and take its exclusive flock without waiting: (fd, flocked),
+    flocked False on a file system without flock (then the JSON alone decides). None when the
+    file was unlinked between open and flock (its holder released it): the caller tries again, so
+    the fd returned is always that of the file now at `path`. RunLockError when another open
+    file holds the flock (a live run) or the file cannot be opened or locked."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunLockError(f"cannot open the run lock {path!r}: {e}") from None
+    flocked = True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in _NO_FLOCK:        # a file system without flock: judge by the JSON alone
+            flocked = False
+        else:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLockError(f"cannot lock {path!r}: {e}") from None
+            raise _in_use(out_dir, path) from None
+    try:
+        same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd, flocked
+
+
+def _read_holder(fd: int) -> Optional[dict]:
+    """What the last holder wrote into the lock file (a dict), or None: empty or not JSON."""
+    with os.fdopen(os.dup(fd)) as f:
+        try:
+            old = json.loads(f.read() or "null")
+        except ValueError:
+            old = None
+    return old if isinstance(old, dict) else None
+
+
+def _write_holder(fd: int, host: str) -> None:
+    """Replace the lock file's content by this process's JSON (pid, host, start time, argv),
+    fsynced, so that a later run names the holder and can tell a stale lock from a live one."""
+    now = time.time()
+    info = {"pid": os.getpid(), "host": host, "started": datetime.datetime.fromtimestamp(now).astimezone()
+            .isoformat(timespec="seconds"), "start_time": now, "argv": list(sys.argv)}
+    data = json.dumps(info).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
 
 
 def acquire_for_run(out_dir: str) -> Optional[RunLock]:
