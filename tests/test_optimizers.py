@@ -306,12 +306,14 @@ def _tiny(out_dir, cache, *extra):
 
 @pytest.mark.parametrize("name", ["lion", "sgd", "adafactor", "muon", "soap"])
 def test_resume_is_bit_exact_for_each_optimizer(tmp_path, data_cache, name):
-    """Steps 1..4 uninterrupted == steps 1..2, stop, resume=auto, steps 3..4 (weights and every state
+    """lion, muon and soap lower the loss in 4 steps; steps 1..4 uninterrupted == steps 1..2, stop, resume=auto, steps 3..4 (weights and every state
     key of the optimizer through the sharded optim/ files); the optim/ files hold the optimizer's keys."""
     from forge.models.sharded import WeightReader
     from forge.train.trainer import train
     extra = (f"optim.name={name}",)
     full = train(_tiny(tmp_path / "full", data_cache, *extra))
+    if name in ("lion", "muon", "soap"):    # sgd at lr 3e-3 and adafactor's relative step barely move in 4 steps
+        assert full.losses[-1] < full.losses[0] - 0.02, full.losses             # it learns
     first = train(_tiny(tmp_path / "split", data_cache, *extra), stop_at=2)
     with WeightReader(os.path.join(first.checkpoint, "optim")) as reader:
         keys = {n.split("::")[1] for n in reader.names()}
