@@ -712,18 +712,20 @@ class OptimConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"   # lr after warmup: cosine decay, warmup-stable-decay, or constant
     warmup_steps: int = 100                 # linear warmup from 0 to lr over this many steps
     decay_frac: float = 0.2                 # wsd: fraction of max_steps spent decaying
-    # optimizer (forge.train.optimizers.OPTIMIZERS): adamw | lion | sgd | adafactor | muon
-    name: str = "adamw"                     # OPTIMIZERS key: adamw | lion | sgd | adafactor | muon
+    # optimizer (forge.train.optimizers.OPTIMIZERS): adamw | lion | sgd | adafactor | muon | soap
+    name: str = "adamw"                     # OPTIMIZERS key: adamw | lion | sgd | adafactor | muon | soap
     decay_embeddings: bool = True           # weight decay on embedding tables (norms, biases: never)
     momentum: float = 0.9                   # sgd: momentum (0 = plain SGD, no state)
     nesterov: bool = False                  # sgd: Nesterov momentum
     muon_momentum: float = 0.95             # muon: momentum of the orthogonalised matrices
     muon_nesterov: bool = True              # muon: Nesterov momentum
     muon_ns_steps: int = 5                  # muon: Newton-Schulz iterations
+    soap_precondition_frequency: int = 10   # soap: recompute the eigenbases of G G^T, G^T G every this many steps
 
     def validate(self) -> "OptimConfig":
         """lr finite > 0, min_lr in [0, lr], betas in [0, 1), eps > 0, weight_decay >= 0,
-        grad_clip >= 0 (0 = off), warmup_steps >= 0, decay_frac in [0, 1]; NaN and inf refused."""
+        grad_clip >= 0 (0 = off), warmup_steps >= 0, decay_frac in [0, 1], soap_precondition_frequency
+        >= 1; NaN and inf refused."""
         check_choices(self, "optim")
         check_range("optim.lr", self.lr, low=0, low_open=True)
         check_range("optim.min_lr", self.min_lr, low=0)
@@ -736,6 +738,7 @@ class OptimConfig:
         check_range("optim.grad_clip", self.grad_clip, low=0, what=">= 0 (0 turns clipping off)")
         check_range("optim.warmup_steps", self.warmup_steps, low=0)
         check_range("optim.decay_frac", self.decay_frac, low=0, high=1)
+        check_range("optim.soap_precondition_frequency", self.soap_precondition_frequency, low=1)
         return self
 
 

@@ -48,7 +48,8 @@ The optimizer column is for optim.name=adamw (2 fp32 states per element, m and v
 with the fp32 master). For k fp32 states per element it is 4k whole, (4 + 4k)/N partitioned
 (forge.train.optimizers.state_count): lion 1 (m), sgd 1 (its momentum buffer; 0 without
 momentum), adafactor 0 for matrices (factored: rows + columns, O(R + C), not counted) and 1 for
-vectors, muon 1 for its hidden matrices and 2 (AdamW) for embeddings, head, norms and biases.
+vectors, muon 1 for its hidden matrices and 2 (AdamW) for embeddings, head, norms and biases, soap
+2 + 2 (R^2 + C^2) / (R C) for its hidden (R, C) matrices (m, v; L, Q_L; R, Q_R) and 2 for the rest.
 (forge.train.precision; DeepSpeed 0.19 as forge.train.engine.build_ds_config configures it,
 measured by tests/test_plan.py against a gloo run). ZeRO 1's gradients are whole: DeepSpeed's
 stage 1 reduces them only at the gradient-accumulation boundary, so a rank holds all of them
@@ -116,7 +117,7 @@ class _Param:
     tp_split: bool              # a tp shard (carries partition_dim); else whole on every tp rank
     expert: bool
     owned_rows: Optional[float] = None   # a vocabulary shard: fraction of its rows < vocab_size
-    states: int = 2             # fp32 optimizer states per element (forge.train.optimizers.state_count)
+    states: float = 2           # fp32 optimizer states per element (forge.train.optimizers.state_count)
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,8 @@ def _states_formula(cfg: JobConfig, dp: int, persist: int) -> str:
     if p.zero_stage == 3:
         note += f"; tensors <= {persist:,} elements also whole"
     note += {"adafactor": "; adafactor: vectors 1 state, matrices factored (not counted)",
-             "muon": "; muon: its hidden matrices, AdamW's tensors 2 states"}.get(cfg.optim.name, "")
+             "muon": "; muon: its hidden matrices, AdamW's tensors 2 states",
+             "soap": "; soap: (R, C) matrices 2 + 2 (R^2 + C^2) / (R C) states"}.get(cfg.optim.name, "")
     return f"{prec} ZeRO {p.zero_stage}: {parts} = {term(sum(whole), sum(split))} bytes/param ({n}{note})"
 
 
@@ -447,9 +449,9 @@ def _rank_plan(cfg, layers, start, stop, owner, stage, tp_rank, ep_rank, ranks, 
         counts = {q.states for q in group}
         if len(counts) <= 1:                             # one optimizer rate for the group
             whole, split = state_bytes(cfg.train.precision, p.zero_stage, p.pp, counts.pop() if counts else 2)
-            states[2] += whole[2] * numel + split[2] * part
-        else:                                            # muon, adafactor: ZeRO 0, held whole (check_optim)
-            states[2] += sum(state_bytes(cfg.train.precision, 0, 1, q.states)[0][2] * q.numel for q in group)
+            states[2] += round(whole[2] * numel + split[2] * part)
+        else:                                            # muon, adafactor, soap: ZeRO 0, held whole (check_optim)
+            states[2] += round(sum(state_bytes(cfg.train.precision, 0, 1, q.states)[0][2] * q.numel for q in group))
         states[0] += rates.split[0] * persistent         # ZeRO 3 keeps small tensors whole too
     params = sum(q.numel for q in held)
     in_flight = min(p.pp - stage, tr.grad_accum)

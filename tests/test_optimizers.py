@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from forge.config import ConfigError, load_config
-from forge.train.optimizers import (OPTIMIZERS, Adafactor, Lion, Muon, build_client_optimizer, newton_schulz5,
-                                    param_groups)
+from forge.train.optimizers import (OPTIMIZERS, SOAP, Adafactor, Lion, Muon, build_client_optimizer, newton_schulz5,
+                                    param_groups, state_count)
 
 
 def _params(seed=0):
@@ -138,6 +138,87 @@ def test_muon_matrix_and_adamw_halves():
     assert opt.state_shapes(w) == {"momentum_buffer": (6, 4)} and set(opt.state_shapes(b)) == {"exp_avg", "exp_avg_sq"}
 
 
+# ---------------------------------------------------------------- SOAP
+def _soap(w, lr=0.01, wd=0.1, freq=10, extra=()):
+    return SOAP([{"params": [w], "use_soap": True, "weight_decay": wd}, *extra], lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                precondition_frequency=freq)
+
+
+def test_soap_in_a_diagonal_eigenbasis_is_adamw():
+    """Closed form: the first step only builds L = (1 - b2) G1 G1^T and R = (1 - b2) G1^T G1 and leaves w as it is;
+    with G1 diagonal of increasing magnitudes both are diagonal and increasing, so eigh's bases are the
+    identity (up to signs, which cancel: V' takes squares and M' is rotated back), and with no later refresh
+    (frequency 100) SOAP's steps 2..4 on dense gradients are torch.optim.AdamW's steps 1..3 exactly. The
+    AdamW tensors (a bias) take AdamW from the first step."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+    g1 = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64) * torch.tensor([1.0, -1, 1, -1, -1], dtype=torch.float64))
+    dense = [torch.randn(5, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    bias_grads = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4)]
+    w2, b2 = (torch.nn.Parameter(x.detach().clone()) for x in (w, b))
+    opt = _soap(w, freq=100, extra=[{"params": [b], "use_soap": False, "weight_decay": 0.0}])
+    _run(opt, [w, b], [[g1, bias_grads[0]]])
+    assert torch.equal(w, w2)                                            # the first step only preconditions
+    assert torch.equal(opt.state[w]["q_left"].abs(), torch.eye(5, dtype=torch.float64))
+    _run(opt, [w, b], [[d, gb] for d, gb in zip(dense, bias_grads[1:])])
+    _run(torch.optim.AdamW([w2], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), [w2], [[d] for d in dense])
+    _run(torch.optim.AdamW([b2], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0), [b2], [[x] for x in bias_grads])
+    torch.testing.assert_close(w.detach(), w2.detach(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(b.detach(), b2.detach(), rtol=0, atol=1e-13)
+
+
+def test_soap_is_rotation_equivariant():
+    """For orthogonal U, W: SOAP on U X W^T with gradients U G W^T gives U X_t W^T (L and R rotate, so
+    their eigenbases do: Adam in that basis does not see U, W). Square 5 x 5 gradients, so L and R have
+    distinct eigenvalues from the first step on (a rectangular G leaves a null space whose basis eigh
+    picks freely); a refresh every 2 steps; 5 steps."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    grads = [torch.randn(5, 5, generator=g, dtype=torch.float64) for _ in range(5)]
+    U = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    W = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    w, w_rot = torch.nn.Parameter(x.clone()), torch.nn.Parameter(U @ x @ W.T)
+    _run(_soap(w, freq=2), [w], [[gr] for gr in grads])
+    _run(_soap(w_rot, freq=2), [w_rot], [[U @ gr @ W.T] for gr in grads])
+    assert (w.detach() - x).abs().max() > 1e-3                          # it moved
+    torch.testing.assert_close(w_rot.detach(), U @ w.detach() @ W.T, rtol=0, atol=1e-12)
+
+
+def test_soap_matches_a_reference_written_from_the_paper():
+    """The algorithm in the module docstring, written out on a (6, 4) float64 tensor for 4 steps with a
+    refresh every 2 Adam steps: call 1 builds L, R and Q_L, Q_R = eigh; each later call k + 1 rotates
+    G' = Q_L^T G Q_R, M = b1 M + (1 - b1) G, V = b2 V + (1 - b2) G'^2,
+    w = w (1 - lr wd) - lr Q_L (Q_L^T M Q_R / bc1 / (sqrt(V / bc2) + eps)) Q_R^T, then takes G into L, R
+    and refreshes when k % 2 == 0. (L, R are formed with the same torch calls as the optimizer's, so
+    eigh sees bit-equal input: L's 2-dimensional null space after one (6, 4) gradient has no unique basis.)"""
+    lr, b1, b2, eps, wd, freq = 0.02, 0.9, 0.95, 1e-8, 0.1, 2
+    g = torch.Generator().manual_seed(6)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    grads = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    ref = w.detach().clone()
+    L, R = torch.zeros(6, 6, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
+    M, V = torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64)
+    QL = QR = None
+    for t, G in enumerate(grads, 1):
+        k = t - 1
+        if k > 0:
+            Gr = QL.T @ G @ QR
+            M = b1 * M + (1 - b1) * G
+            V = b2 * V + (1 - b2) * Gr * Gr
+            step = (QL.T @ M @ QR) / (1 - b1 ** k) / ((V / (1 - b2 ** k)).sqrt() + eps)
+            ref = ref * (1 - lr * wd) - lr * QL @ step @ QR.T
+        L, R = L.mul(b2).add(G @ G.T, alpha=1 - b2), R.mul(b2).add(G.T @ G, alpha=1 - b2)
+        if k % freq == 0:
+            QL, QR = torch.linalg.eigh(L)[1], torch.linalg.eigh(R)[1]
+    opt = _soap(w, lr=lr, wd=wd, freq=freq)
+    _run(opt, [w], [[gr] for gr in grads])
+    torch.testing.assert_close(w.detach(), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt.state[w]["gg_left"], L, rtol=0, atol=1e-14)
+    assert opt.state_shapes(w) == {"exp_avg": (6, 4), "exp_avg_sq": (6, 4), "gg_left": (6, 6), "gg_right": (4, 4),
+                                   "q_left": (6, 6), "q_right": (4, 4)}
+
+
 def _tiny_model(*extra):
     from forge.models.transformer import build_model
     cfg = load_config(None, ["model.d_model=32", "model.n_layers=1", "model.n_heads=4", "model.max_seq_len=32",
@@ -170,13 +251,25 @@ def test_param_groups_decay_and_muon_split():
     assert groups["decay_muon"][0] == {f"layers.0.{m}.weight" for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo",
                                                                      "mlp.w_gate", "mlp.w_up", "mlp.w_out")}
     assert groups["decay_muon"][1] is True
+    # soap splits the same way; forge plan counts m, v and (R, R), (C, C) L, Q_L, R, Q_R for its matrices
+    cfg, model = _tiny_model("optim.decay_embeddings=false", "optim.name=soap")
+    names = {id(p): n for n, p in model.named_parameters()}
+    soap_groups = {g["name"]: ({names[id(p)] for p in g["params"]}, g["use_soap"]) for g in param_groups(model, cfg.optim)}
+    assert soap_groups["decay_soap"] == (groups["decay_muon"][0], True)
+    assert soap_groups["decay"] == ({"head.proj.weight"}, False)
+    counts = state_count(model, cfg.optim)
+    by_name = {n: p for n, p in model.named_parameters()}
+    for n in groups["decay_muon"][0]:
+        rows, cols = by_name[n].shape
+        assert counts[id(by_name[n])] * rows * cols == pytest.approx(2 * rows * cols + 2 * rows ** 2 + 2 * cols ** 2)
+    assert counts[id(by_name["head.proj.weight"])] == 2
 
 
 def test_bad_optimizer_settings_are_refused(tmp_path):
     from forge.train.engine import build_ds_config, check_supported
-    with pytest.raises(ConfigError, match=r"optim.name='adam' is not one of \['adafactor', 'adamw', 'lion', 'muon', 'sgd'\]"):
+    with pytest.raises(ConfigError, match=r"optim.name='adam' is not one of \['adafactor', 'adamw', 'lion', 'muon', 'sgd', 'soap'\]"):
         check_supported(load_config(None, ["optim.name=adam"]))
-    for name in ("muon", "adafactor"):
+    for name in ("muon", "adafactor", "soap"):
         with pytest.raises(ConfigError, match=rf"optim.name='{name}' with parallel.tp=2"):
             check_supported(load_config(None, [f"optim.name={name}", "parallel.tp=2"]))
         with pytest.raises(ConfigError, match=rf"optim.name='{name}' with parallel.zero_stage=1"):
@@ -184,6 +277,10 @@ def test_bad_optimizer_settings_are_refused(tmp_path):
     for bad in ("optim.momentum=-0.1", "optim.muon_momentum=1.0", "optim.momentum=.nan"):
         with pytest.raises(ConfigError, match="optim.momentum=.* must be >= 0 and optim.muon_momentum=.* in"):
             check_supported(load_config(None, [bad]))
+    with pytest.raises(ConfigError, match="optim.soap_precondition_frequency=0 must be .*>= 1"):
+        load_config(None, ["optim.name=soap", "optim.soap_precondition_frequency=0"])
+    with pytest.raises(ConfigError, match="soap rotates each whole matrix by the eigenbases"):
+        check_supported(load_config(None, ["optim.name=soap", "parallel.tp=2"]))
     with pytest.raises(ConfigError, match="optim.muon_ns_steps=0 must be >= 1"):
         check_supported(load_config(None, ["optim.muon_ns_steps=0"]))
     with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
@@ -191,7 +288,7 @@ def test_bad_optimizer_settings_are_refused(tmp_path):
     # adamw keeps DeepSpeed's optimizer entry; the others leave it out (Forge hands the optimizer over)
     assert build_ds_config(load_config(None, []), 1)["optimizer"]["type"] == "AdamW"
     assert "optimizer" not in build_ds_config(load_config(None, ["optim.name=lion"]), 1)
-    assert set(OPTIMIZERS) == {"adamw", "lion", "sgd", "adafactor", "muon"}
+    assert set(OPTIMIZERS) == {"adamw", "lion", "sgd", "adafactor", "muon", "soap"}
     template = tmp_path / "opt.json"
     template.write_text('{"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}')
     with pytest.raises(ConfigError, match="configures an optimizer, but optim.name='sgd'"):
@@ -207,19 +304,22 @@ def _tiny(out_dir, cache, *extra):
         "train.save_interval=0", f"train.out_dir={out_dir}", "log.progress=false", *extra])
 
 
-@pytest.mark.parametrize("name", ["lion", "sgd", "adafactor", "muon"])
+@pytest.mark.parametrize("name", ["lion", "sgd", "adafactor", "muon", "soap"])
 def test_resume_is_bit_exact_for_each_optimizer(tmp_path, data_cache, name):
-    """Steps 1..4 uninterrupted == steps 1..2, stop, resume=auto, steps 3..4 (weights and every state
+    """lion, muon and soap lower the loss in 4 steps; steps 1..4 uninterrupted == steps 1..2, stop, resume=auto, steps 3..4 (weights and every state
     key of the optimizer through the sharded optim/ files); the optim/ files hold the optimizer's keys."""
     from forge.models.sharded import WeightReader
     from forge.train.trainer import train
     extra = (f"optim.name={name}",)
     full = train(_tiny(tmp_path / "full", data_cache, *extra))
+    if name in ("lion", "muon", "soap"):    # sgd at lr 3e-3 and adafactor's relative step barely move in 4 steps
+        assert full.losses[-1] < full.losses[0] - 0.02, full.losses             # it learns
     first = train(_tiny(tmp_path / "split", data_cache, *extra), stop_at=2)
     with WeightReader(os.path.join(first.checkpoint, "optim")) as reader:
         keys = {n.split("::")[1] for n in reader.names()}
     assert keys == {"lion": {"exp_avg"}, "sgd": {"momentum_buffer"}, "adafactor": {"row_var", "col_var", "variance"},
-                    "muon": {"momentum_buffer", "exp_avg", "exp_avg_sq"}}[name]
+                    "muon": {"momentum_buffer", "exp_avg", "exp_avg_sq"},
+                    "soap": {"exp_avg", "exp_avg_sq", "gg_left", "gg_right", "q_left", "q_right"}}[name]
     second = train(_tiny(tmp_path / "split", data_cache, *extra, "train.resume=auto"))
     assert second.start_step == 2
     assert first.losses + second.losses == full.losses                  # bit for bit
