@@ -219,8 +219,8 @@ def test_disk_full_while_writing_rng_state_names_the_file(tmp_path, monkeypatch)
 def test_disk_full_while_exporting(folders, tmp_path, monkeypatch, capsys):
     """forge convert: ENOSPC while writing the output exits 2 with "disk full" naming the output,
     and leaves neither the output nor its temporary folder."""
-    import forge.models.hf.convert as convert
-    monkeypatch.setattr(convert, "save_safetensors", _enospc)
+    import forge.models.hf.save as save
+    monkeypatch.setattr(save, "save_safetensors", _enospc)
     out = tmp_path / "forge2"
     assert convert_main(["--from", "hf", "--input", str(folders / "hf"), "--output", str(out)]) == 2
     err = capsys.readouterr().err
