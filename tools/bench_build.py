@@ -43,12 +43,12 @@ LAYOUTS = {
 }
 
 
-def overrides(size: str, layout: str) -> list[str]:
+def overrides(size: str, layout: str, extra: tuple = ()) -> list[str]:
     d, n_layers, heads, d_ff = SIZES[size]
     over = ["model.preset=llama2-7b", f"model.d_model={d}", f"model.n_layers={n_layers}", f"model.n_heads={heads}",
             f"model.d_ff={d_ff}", "model.max_seq_len=2048", "data.seq_len=2048", "train.precision=fp32",
             "train.micro_batch_size=1", "train.grad_accum=1", "optim.grad_clip=1.0"]
-    return over + [f"parallel.{k}={v}" for k, v in LAYOUTS[layout][1].items()]
+    return over + list(extra) + [f"parallel.{k}={v}" for k, v in LAYOUTS[layout][1].items()]
 
 
 def build_model_for_layout(cfg, groups):
@@ -106,7 +106,7 @@ def prepare_rank(over: list[str], world: int):
     return cfg, groups
 
 
-def _worker(rank, world, port, size, layout, out_dir):
+def _worker(rank, world, port, size, layout, out_dir, extra=()):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def _worker(rank, world, port, size, layout, out_dir):
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)    # DeepSpeed's prints (pipeline layout); stderr stays
     from forge.train import distributed as fdist
     from forge.train.engine import create_engine
-    cfg, groups = prepare_rank(overrides(size, layout), world)
+    cfg, groups = prepare_rank(overrides(size, layout, extra), world)
     gc.collect()
     fdist.barrier()
 
@@ -147,11 +147,11 @@ def _worker(rank, world, port, size, layout, out_dir):
     fdist.barrier()
 
 
-def model_figures(size: str) -> dict:
+def model_figures(size: str, extra: tuple = ()) -> dict:
     """Parameter count, fp32 full-model bytes and the largest parameter, from the model on meta."""
     from forge.config import load_config
     from forge.models.transformer import build_model
-    cfg = load_config(None, overrides(size, "1"))
+    cfg = load_config(None, overrides(size, "1", extra))
     with torch.device("meta"):
         model = build_model(cfg.model)
     return dict(params=model.num_params(), full_bytes=4 * model.num_params(),
@@ -174,13 +174,13 @@ def estimate_gib(size: str, layout: str, full_bytes: int, rank_local: bool = Tru
     return world * (0.3 * 2 ** 30 + full_bytes * (1 + extra)) / 2 ** 30
 
 
-def run_one(size: str, layout: str) -> tuple[list[dict], float]:
+def run_one(size: str, layout: str, extra: tuple = ()) -> tuple[list[dict], float]:
     import torch.multiprocessing as mp
     from forge.train.distributed import find_free_port
     world = LAYOUTS[layout][0]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_build_") as d:
-        mp.spawn(_worker, args=(world, find_free_port(), size, layout, d), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, find_free_port(), size, layout, d, extra), nprocs=world, join=True)
         rows = []
         for path in sorted(glob.glob(os.path.join(d, "rank*.json"))):
             with open(path) as f:
@@ -213,6 +213,8 @@ def main():
     ap.add_argument("--max-gb", type=float, default=18.0,
                     help="skip a combination whose estimated peak (all ranks) exceeds this many GiB")
     ap.add_argument("--json", action="store_true", help="one JSON line per rank instead of tables")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override applied after the size (e.g. model.attention=ssm); repeatable")
     args = ap.parse_args()
     sizes = [s for arg in (args.size or ["100M"]) for s in arg.split(",") if s]
     layouts = [x for x in args.layouts.split(",") if x]
@@ -229,7 +231,7 @@ def main():
               "ru_maxrss growth after build/engine in the last column); "
               "/shard = growth over the rank's fp32 parameter bytes")
     for size in sizes:
-        fig = model_figures(size)
+        fig = model_figures(size, tuple(args.set))
         for layout in layouts:
             est = estimate_gib(size, layout, fig["full_bytes"])
             if est > args.max_gb:
@@ -237,7 +239,7 @@ def main():
                 print(json.dumps(dict(size=size, layout=layout, skipped=msg)) if args.json else f"\n{msg}", flush=True)
                 continue
             try:
-                rows, wall = run_one(size, layout)
+                rows, wall = run_one(size, layout, tuple(args.set))
             except Exception as e:     # a rank failed or was killed (out of memory): report, go on
                 msg = f"{size} {layout} failed: {type(e).__name__}: {e}"
                 print(json.dumps(dict(size=size, layout=layout, error=msg)) if args.json else f"\n{msg}", flush=True)
