@@ -79,9 +79,10 @@ experts per token move the 34 by a few s b h, not modelled. Pipeline (1F1B): sta
 in flight (Korthikanti 4.2, Megatron-LM), its layers' activations times that. The stage holding
 the head adds the fp32 logits, 4 s b V / t bytes (V = padded vocabulary).
 
-Build peak (a rank-local build: each rank holds its shard and materialises one full parameter at
-a time): fp32 bytes of the rank's parameters (its 1 / dp partition under ZeRO 3) plus the largest
-full tensor it holds (all tp shards and experts), fp32. Total = weights + grads + optimizer +
+Build peak (a rank-local build: each rank holds its shard and draws each tensor's values in
+blocks of rows through one scratch buffer): fp32 bytes of the rank's parameters (its 1 / dp
+partition under ZeRO 3) plus build_transient_bytes (the scratch block, or a structured token table
+built whole; under ZeRO 3 also the largest tensor it holds, whole before it is partitioned). Total = weights + grads + optimizer +
 activations + module buffers; a rank fits when its total and its build peak are <= --gpu-mem.
 
 Not modelled: the activations of ssm (Mamba-2) layers, which the same per-layer formula stands in for
@@ -118,6 +119,7 @@ class _Param:
     expert: bool
     owned_rows: Optional[float] = None   # a vocabulary shard: fraction of its rows < vocab_size
     states: float = 2           # fp32 optimizer states per element (forge.train.optimizers.state_count)
+    built_whole: bool = False   # initialised at its full shape (a structured token table, model.embed_init)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class _Layer:
 
 def _params_of(module, m, tp: int, tp_rank: int, ep: int, optim=None) -> tuple[_Param, ...]:
     """What `module` (built for tp rank `tp_rank` of `tp`, ep size `ep`; `m` the ModelConfig) holds."""
+    from forge.models.init import EMBED_TABLE
     from forge.parallel.sharding import VOCAB_TENSORS
     from forge.train.optimizers import state_count
     counts = state_count(module, optim) if optim is not None else {}
@@ -148,8 +151,18 @@ def _params_of(module, m, tp: int, tp_rank: int, ep: int, optim=None) -> tuple[_
         if split and name in VOCAB_TENSORS:      # rows [tp_rank * local, (tp_rank + 1) * local)
             local = p.shape[0]
             owned = min(max(m.vocab_size - tp_rank * local, 0), local) / local
-        out.append(_Param(p.numel(), full, split, expert, owned, counts.get(id(p), 2)))
+        whole = m.embed_init != "gaussian" and EMBED_TABLE in (name, name.split(".", 1)[-1])
+        out.append(_Param(p.numel(), full, split, expert, owned, counts.get(id(p), 2), whole))
     return tuple(out)
+
+
+def build_transient_bytes(held, zero_stage: int) -> int:
+    """What a rank-local build holds beyond the rank's shards (forge.models.init): the init's
+    scratch block (BLOCK fp32 elements) or a structured token table built whole, whichever is
+    larger, plus under ZeRO 3 the largest tensor it holds whole (tp-local) before it is partitioned."""
+    from forge.models.init import BLOCK
+    scratch = max([BLOCK] + [q.full for q in held if q.built_whole])
+    return 4 * scratch + (4 * max((q.numel for q in held), default=0) if zero_stage == 3 else 0)
 
 
 def _build_layers(cfg: JobConfig, groups) -> list[_Layer]:
@@ -397,7 +410,8 @@ def plan(cfg: JobConfig, world: int, gpu_mem_gib: float = 80.0) -> dict:
         "formulas": {"states": _states_formula(cfg, dp, rates.persist),
                      "activations": f"Korthikanti et al. 2022, {act_formula}, x 1F1B micro batches "
                                     "in flight, + fp32 logits 4sbV/t on the head's stage",
-                     "build_peak": "fp32 shard (its 1/dp partition under ZeRO 3) + the largest full tensor held, fp32"},
+                     "build_peak": "fp32 shard (its 1/dp partition under ZeRO 3) + the init's 16 MiB scratch block (+ the "
+                                   "largest tensor held, whole, under ZeRO 3), fp32"},
         "max_total_bytes": max(r.total_bytes for r in rows),
         "fits": all(r.fits for r in rows),
         "ranks": [asdict(r) for r in rows],
@@ -460,7 +474,7 @@ def _rank_plan(cfg, layers, start, stop, owner, stage, tp_rank, ep_rank, ranks, 
     if stop == len(layers):                              # the head: fp32 logits (B, T, V/tp)
         act += 4 * cfg.data.seq_len * tr.micro_batch_size * padded_vocab(cfg.model, p.tp) / p.tp
     act = int(act)
-    build_peak = 4 * (math.ceil(params / dp) if p.zero_stage == 3 else params) + 4 * max(q.full for q in held)
+    build_peak = 4 * (math.ceil(params / dp) if p.zero_stage == 3 else params) + build_transient_bytes(held, p.zero_stage)
     total = states[0] + states[1] + (0 if p.offload_optimizer else states[2]) + act + buffers
     return RankPlan(rank=min(ranks), tp_rank=tp_rank, pp_rank=stage, dp_rank=ep_rank, ep_rank=ep_rank,
                     ranks_covered=ranks, layers=_layer_names(layers, start, stop), in_flight=in_flight,

@@ -184,14 +184,18 @@ def test_activations_follow_korthikanti():
     assert full["activation_bytes"] == int(8 * 2 * s * b * h + s * b * h * 34 + 4 * s * b * V)
 
 
-def test_build_peak_is_the_shard_plus_the_largest_full_tensor():
+def test_build_peak_is_the_shard_plus_the_init_block_and_zero3s_whole_tensor():
+    from forge.models.init import BLOCK
     over = ["model.preset=llama3-8b", "train.precision=bf16", "parallel.tp=2"]
     cfg = load_config(None, over).model
-    largest = 4 * cfg.vocab_size * cfg.d_model                  # the embedding / head, whole, fp32
+    embed_shard = 4 * cfg.vocab_size * cfg.d_model // 2         # the largest tensor a tp=2 rank holds, fp32
     for stage in (1, 3):
         r = _plan(over + [f"parallel.zero_stage={stage}"], 8)["ranks"][0]
         shard = r["params"] if stage == 1 else -(-r["params"] // 4)
-        assert r["build_peak_bytes"] == 4 * shard + largest
+        assert r["build_peak_bytes"] == 4 * shard + 4 * BLOCK + (embed_shard if stage == 3 else 0)
+    # a structured token table is built whole: the full (V, d) table, fp32
+    r = _plan(over + ["parallel.zero_stage=1", "model.embed_init=hypercube"], 8)["ranks"][0]
+    assert r["build_peak_bytes"] == 4 * r["params"] + 2 * embed_shard
 
 
 # ---------------------------------------------------------------- command line

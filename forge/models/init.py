@@ -14,13 +14,17 @@ fills each parameter with a value that depends on (seed, Forge name) alone:
     norm gains, scalars         their module's constants (`init_constants`: ones, 1 - offset, DyT's
                                 alpha, the sphere radius, the PReLU slope, ...)
 
-A random tensor is drawn at its full (unsharded) shape from a generator seeded with
-hash(seed, name) and then cut to this rank's part: chunk `tp_rank` along `partition_dim` (the
-vocabulary tensors first padded with zero rows to the padded vocabulary). Expert e of a stacked
-expert tensor comes from its own generator, hash(seed, name, e), so an expert-parallel rank draws
-only its own experts. One process, tp, pp, ep and ZeRO 3 therefore start from bit-identical
-weights (on one device type: CUDA and CPU generators differ). At most one full parameter (one
-full expert for expert tensors) exists beyond the rank's own shards at any time.
+A random tensor is defined at its full (unsharded) shape, in blocks of whole rows (about BLOCK
+elements each), block 0 from a generator seeded with hash(seed, name) and block b from
+hash(hash(seed, name), b); this rank keeps its part: chunk `tp_rank` along `partition_dim` (the
+vocabulary tensors' padding rows zero). Expert e of a stacked expert tensor comes from its own
+seed, hash(seed, name, e), so an expert-parallel rank draws only its own experts. One process,
+tp, pp, ep and ZeRO 3 therefore start from bit-identical weights (on one device type: CUDA and
+CPU generators differ). The blocks go through one reused scratch buffer of BLOCK elements, so
+beyond the rank's own shards the init holds that buffer alone (no full tensor, and no
+allocate-and-free per parameter that would fragment the heap: freed 2x-shard transients between
+kept shards once held 1.7x a Mamba-2 rank's shard in glibc's heap at tp=2). Only the structured
+token tables (model.embed_init other than gaussian) are built whole.
 
 Derived buffers (rotary frequencies, ALiBi slopes, the vocabulary padding mask, MoE bias and
 load counters) are recomputed on the device by each module's `init_buffers`.
@@ -102,6 +106,7 @@ def _angle_hypersphere(cfg, shape, gen, device):
 EMBED_INIT = {"gaussian": _gaussian, "onehot": _onehot, "hypercube": _hypercube,
               "unique_hypercube": _unique_hypercube, "angle_hypersphere": _angle_hypersphere}
 EMBED_TABLE = "embed.tok.weight"
+BLOCK = 2 ** 22      # elements (16 MiB fp32) per drawn block of rows: the init's one transient buffer
 
 
 class WeightInit:
@@ -142,8 +147,14 @@ class WeightInit:
         self._draw(p, dim, std, tensor_seed(self.seed, name), vocab)
 
     def _embed_table(self, out, name):
-        """out <- this rank's rows of the full (V, E) token table of model.embed_init (padding rows 0)."""
-        gen = torch.Generator(device=out.device).manual_seed(tensor_seed(self.seed, name))
+        """out <- this rank's rows of the full (V, E) token table of model.embed_init (padding rows 0).
+        The gaussian table is drawn in row blocks as any matrix; the structured tables are built whole."""
+        seed = tensor_seed(self.seed, name)
+        if self.cfg.embed_init == "gaussian":
+            self._draw(out, getattr(out, "partition_dim", None), self.std, seed, vocab=True,
+                       mean=self.cfg.embed_init_mean)
+            return
+        gen = torch.Generator(device=out.device).manual_seed(seed)
         full = EMBED_INIT[self.cfg.embed_init](self.cfg, (self.vocab, out.shape[1]), gen, out.device)
         dim = getattr(out, "partition_dim", None)
         start, n = (0, out.shape[0]) if dim is None or self.tp == 1 else (self.tp_rank * out.shape[0], out.shape[0])
@@ -151,20 +162,53 @@ class WeightInit:
         out.zero_()
         out.narrow(0, 0, rows).copy_(full.narrow(0, start, rows))
 
-    def _draw(self, out, dim, std, seed, vocab=False):
-        """out <- this rank's tp chunk along `dim` (None: all) of N(0, std) drawn at the full shape."""
-        gen = torch.Generator(device=out.device).manual_seed(seed)
-        if dim is None or self.tp == 1:
-            out.normal_(0.0, std, generator=gen)
-            return
-        n = out.shape[dim]
+    def _draw(self, out, dim, std, seed, vocab=False, mean=0.0):
+        """out <- this rank's tp chunk along `dim` (None: all of it) of the full tensor F ~ N(mean, std).
+
+        F (the unsharded shape; vocabulary tensors: vocab_size rows, the padding rows of the last
+        shard 0) is drawn in blocks of whole rows along dim 0, R = max(1, BLOCK // row size) rows
+        each, block b from its own generator (seed for b = 0, hash(seed, b) after), so the blocks,
+        and so the values, depend on F's shape alone. A rank draws only the blocks that hold its
+        rows (dim 0) or every block, keeping its columns (dim >= 1), into one reused scratch buffer:
+        no full tensor is ever allocated, and nothing is allocated and freed per parameter."""
+        split = dim is not None and self.tp > 1
+        n = out.shape[dim] if split else 0
         full = list(out.shape)
-        full[dim] = self.vocab if vocab else n * self.tp
-        t = torch.empty(full, device=out.device).normal_(0.0, std, generator=gen)
-        start = self.tp_rank * n                        # vocabulary rows past the end are padding: 0
-        rows = max(0, min(n, t.shape[dim] - start))
-        out.zero_()
-        out.narrow(dim, 0, rows).copy_(t.narrow(dim, start, rows))
+        if split:
+            full[dim] = self.vocab if vocab else n * self.tp
+        start = self.tp_rank * n if split else 0
+        row = math.prod(full[1:])
+        R = max(1, BLOCK // max(row, 1))
+        lo, hi = (start, min(start + n, full[0])) if split and dim == 0 else (0, full[0])
+        direct = not split and out.dtype == torch.float32 and out.is_contiguous()
+        if split and dim == 0 and hi - lo < n:
+            out.zero_()                                     # vocabulary padding rows
+        for b in range(lo // R, -(-hi // R)):
+            b0, b1 = b * R, min((b + 1) * R, full[0])       # rows of F in block b
+            gen = torch.Generator(device=out.device).manual_seed(seed if b == 0 else tensor_seed(seed, "rows", b))
+            if direct:
+                out.narrow(0, b0, b1 - b0).normal_(mean, std, generator=gen)
+                continue
+            block = self._scratch(out.device, (b1 - b0) * row).view(b1 - b0, *full[1:]).normal_(mean, std, generator=gen)
+            if not split:
+                out.narrow(0, b0, b1 - b0).copy_(block)
+            elif dim == 0:
+                r0, r1 = max(b0, lo), min(b1, hi)
+                out.narrow(0, r0 - start, r1 - r0).copy_(block.narrow(0, r0 - b0, r1 - r0))
+            else:
+                out.narrow(0, b0, b1 - b0).copy_(block.narrow(dim, start, n))
+
+    def _scratch(self, device, numel):
+        """A flat fp32 buffer of >= numel elements on device, kept and reused across draws."""
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.device != torch.device(device) or buf.numel() < numel:
+            self._buf = buf = None                          # free the old one before the new exists
+            self._buf = buf = torch.empty(max(numel, BLOCK), device=device)
+        return buf[:numel]
+
+    def release(self):
+        """Free the scratch buffer (materialize calls this when it is done)."""
+        self._buf = None
 
 
 def materialize(model: nn.Module, device, init: Optional[WeightInit] = None,
@@ -206,4 +250,6 @@ def materialize(model: nn.Module, device, init: Optional[WeightInit] = None,
         if partition is not None:
             for p in fresh:
                 partition(p)
+    if init is not None and hasattr(init, "release"):
+        init.release()
     return model
