@@ -104,6 +104,10 @@ def test_greedy_with_cache_equals_recompute(kw):
 @pytest.mark.parametrize("kw", _cases())
 def test_incremental_logits_equal_full_sequence(kw, chunk):
     model = _model(kw)
+    if model.cfg.quant.linear != "linear":
+        # a quantiser's code is a step function of its input: in fp32 a last-bit difference between the
+        # full and the chunked matmuls can flip one code (on some CPUs it does); in fp64 none comes near
+        model = model.double()
     seq = torch.randint(0, VOCAB, (2, PROMPT + NEW), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(seq)

@@ -191,8 +191,11 @@ def test_tp2_training_run_with_qat_matches_one_process(tmp_path, qat_cache_dir):
     losses, w, _ = run(job(str(tmp_path / "tp"), qat_cache_dir, "tiny-llama", 1, tp=2) + QAT_RUN, 2)
     assert len(losses) == len(ref_losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses == pytest.approx(ref_losses, abs=1e-5)
+    # a code is a step function of its input: a last-bit difference between the split and the whole
+    # matmul can flip one activation code (seen on one CPU: 2 of 8192 weights moved 1.4e-5 by step 4,
+    # every other weight within 6e-7); a scale reduced wrongly over tp moves every weight far more
     for k in ref_w:
-        torch.testing.assert_close(w[k], ref_w[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(w[k], ref_w[k], atol=5e-5, rtol=1e-4, msg=k)
 
 
 @pytest.fixture(scope="module")
