@@ -224,11 +224,11 @@ def test_cache_decoding_equals_recomputation(name):
                          ids=["l2-scale-gqa", "l2-scale-init", "qk-v-widths-gqa"])
 def test_attention_module_equals_dense_formula(kw):
     """One Attention against its formula from the raw weights: q = x Wq^T, k = x Wk^T, v = x Wv^T in
-    heads of qk_hd / v_hd; l2_scale: s = g q/|q| . k/|k| with g = log2(L^2 - L) (or the configured
-    value); else s = q . k / sqrt(qk_hd); causal softmax; heads concatenated (H * v_hd) -> wo."""
-    cfg = ModelConfig(**{**BASE, **kw})
+    heads of qk_head_dim / v_head_dim; l2_scale: s = g q/|q| . k/|k| with g = log2(L^2 - L) (or the configured
+    value); else s = q . k / sqrt(qk_head_dim); causal softmax; heads concatenated (H * v_head_dim) -> wo."""
+    cfg = ModelConfig(**{**BASE, **kw}).resolved()
     attn = model_of(**kw).layers["0"].attn
-    H, Hkv, hd, vd, L = cfg.n_heads, cfg.kv_heads, cfg.qk_hd, cfg.v_hd, cfg.max_seq_len
+    H, Hkv, hd, vd, L = cfg.n_heads, cfg.n_kv_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.max_seq_len
     if cfg.qk_norm == "l2_scale":
         g0 = cfg.qk_norm_scale if cfg.qk_norm_scale is not None else math.log2(L * L - L)
         assert attn.qk_scale.weight.item() == pytest.approx(g0)

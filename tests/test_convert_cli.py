@@ -64,7 +64,7 @@ def test_cli_round_trip(hf_dir, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]       # no temp folder left behind
 
     model, cfg = load_model_folder(fg)
-    assert cfg.qk_norm == "head" and cfg.hd == 8
+    assert cfg.qk_norm == "head" and cfg.head_dim == 8
 
     assert main(["--to", "hf", "--input", fg, "--output", hf2]) == 0
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",

@@ -35,7 +35,7 @@ def make_cfg(**moe):
 def make_moe(seed=0, **moe):
     cfg = make_cfg(**moe)
     torch.manual_seed(seed)
-    m = MoE(cfg)
+    m = MoE(cfg.resolved())
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)

@@ -102,11 +102,11 @@ def _ep_check(rank, world):
     # capacity: each rank drops among its own tokens == one process on each half alone
     cfg = _cfg(capacity_factor=0.75)
     torch.manual_seed(3)
-    layer_full = MoE(cfg)
+    layer_full = MoE(cfg.resolved())
     with torch.no_grad():
         for p in layer_full.parameters():
             p.normal_(0, 0.3)
-    layer = MoE(cfg, g.context())
+    layer = MoE(cfg.resolved(), g.context())
     sd = shard_experts(layer_full.state_dict(), layer_full, g.ep_group)
     layer.load_state_dict({k: v for k, v in sd.items()})
     x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(4))

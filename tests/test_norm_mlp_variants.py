@@ -20,7 +20,7 @@ from tests.test_parallel_layouts import cache_dir  # noqa: F401  (fixture: the t
 
 
 def _cfg(**kw):
-    return ModelConfig(**{"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 16, **kw})
+    return ModelConfig(**{"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 16, **kw}).resolved()
 
 
 # ---------------------------------------------------------------- norms

@@ -161,7 +161,7 @@ def test_pipeline_bf16_zero0_and_expert_partitions():
     assert (r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"]) / r["params"] == pytest.approx(4 + 12 / 8, rel=0.01)
     m = _plan(["model.preset=mixtral-8x7b", "train.precision=bf16", "parallel.zero_stage=1", "parallel.ep=8"], 64)
     cfg = load_config(None, ["model.preset=mixtral-8x7b"]).model
-    expert = cfg.n_layers * 3 * cfg.d_model * cfg.ff_dim          # one expert per layer on each rank
+    expert = cfg.n_layers * 3 * cfg.d_model * cfg.d_ff          # one expert per layer on each rank
     r = m["ranks"][0]
     assert r["optim_bytes"] == pytest.approx(12 * ((r["params"] - expert) / 64 + expert / 8), rel=1e-3)
 

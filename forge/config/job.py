@@ -79,18 +79,27 @@ class JobConfig:
             if getattr(m, key) not in (None, "rmsnorm", "identity"):
                 raise ConfigError(f"model.{key}={getattr(m, key)!r} with parallel.tp={p.tp}: a sub-norm spans features "
                                   "split over tp; only 'rmsnorm' (mean square all-reduced) or 'identity' can")
+        sizes = m.resolved()
         kinds = set(m.attention_pattern or [m.attention]) - {"identity"}
-        if kinds and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
+        if kinds and (m.n_heads % p.tp or (sizes.n_kv_heads % p.tp and p.tp % sizes.n_kv_heads)):
             raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}, and divide or be a "
-                              f"multiple of model.n_kv_heads={m.kv_heads}")
+                              f"multiple of model.n_kv_heads={sizes.n_kv_heads}")
         from forge.models.layers.moe import is_moe_layer
         dense = m.mlp != "identity" and not all(is_moe_layer(m, i) for i in range(m.n_layers))
-        if dense and m.ff_dim % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide the MLP hidden size {m.ff_dim} (model.d_ff, or "
+        if dense and sizes.d_ff % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide the MLP hidden size {sizes.d_ff} (model.d_ff, or "
                               "model.ff_mult * model.d_model rounded up to model.ff_multiple_of)")
-        expert_ff = m.moe.d_ff or m.ff_dim
-        if m.moe.n_experts and expert_ff % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide the expert hidden size {expert_ff} (model.moe.d_ff)")
+        if m.moe.n_experts and sizes.moe.d_ff % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide the expert hidden size {sizes.moe.d_ff} "
+                              "(model.moe.d_ff)")
+        shared = m.moe.n_experts and m.moe.n_shared_experts * sizes.moe.shared_d_ff
+        if shared and shared % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide the shared experts' hidden size {shared} "
+                              "(model.moe.n_shared_experts * model.moe.shared_d_ff)")
+        heads, groups = m.ssm_inner // m.ssm_head_dim, m.ssm_n_groups
+        if "ssm" in kinds and (heads % p.tp or (groups % p.tp and p.tp % groups)):
+            raise ConfigError(f"parallel.tp={p.tp} must divide the ssm heads (model.ssm_expand * model.d_model / "
+                              f"model.ssm_head_dim = {heads}) and divide or be a multiple of model.ssm_n_groups={groups}")
         seq_len = self.data.seq_len or m.max_seq_len
         if p.sequence_parallel and seq_len % p.tp:
             raise ConfigError(f"parallel.sequence_parallel=true: parallel.tp={p.tp} does not divide "

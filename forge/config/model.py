@@ -2,6 +2,7 @@
 with its derived sizes and its `validate` (the model against itself)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -165,21 +166,27 @@ class ModelConfig:
                                             # projection (mlp, glu); null = none
 
     # ---- derived sizes ----
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        hidden = int(self.ff_mult * self.d_model)
-        m = self.ff_multiple_of
-        return m * ((hidden + m - 1) // m)
+    def resolved(self) -> "ModelConfig":
+        """A copy with every size that defaults to another one filled in; this config keeps its
+        None (so dataclasses.replace on it derives again). Layers, the HF mappings and the memory
+        plan read resolved configs only (forge.models.transformer.decoder_stages resolves), so
+        each size has one name:
+            n_kv_heads                None -> n_heads
+            head_dim                  None -> d_model // n_heads
+            qk_head_dim, v_head_dim   None -> head_dim
+            d_ff                      None -> ff_multiple_of * ceil(ff_mult * d_model / ff_multiple_of)
+            moe.d_ff                  None -> d_ff;  moe.shared_d_ff  None -> moe.d_ff"""
+        head_dim = self.head_dim or self.d_model // self.n_heads
+        d_ff = self.d_ff
+        if not d_ff:
+            m = self.ff_multiple_of
+            d_ff = m * ((int(self.ff_mult * self.d_model) + m - 1) // m)
+        expert_ff = self.moe.d_ff or d_ff
+        return dataclasses.replace(
+            self, n_kv_heads=self.n_kv_heads or self.n_heads, head_dim=head_dim, d_ff=d_ff,
+            qk_head_dim=self.qk_head_dim or head_dim, v_head_dim=self.v_head_dim or head_dim,
+            moe=dataclasses.replace(self.moe, d_ff=expert_ff, shared_d_ff=self.moe.shared_d_ff or expert_ff),
+            quant=dataclasses.replace(self.quant))
 
     @property
     def up_bias(self) -> bool:
@@ -228,16 +235,9 @@ class ModelConfig:
                               f"model.ssm_head_dim)")
 
     @property
-    def qk_hd(self) -> int:
-        return self.qk_head_dim or self.hd
-
-    @property
-    def v_hd(self) -> int:
-        return self.v_head_dim or self.hd
-
-    @property
     def rotary_dim(self) -> int:
-        return int(self.qk_hd * self.rotary_pct)
+        """Rotated channels per query/key head: qk_head_dim * rotary_pct (qk_head_dim resolved)."""
+        return int(self.resolved().qk_head_dim * self.rotary_pct)
 
     def _validate_attention_variants(self) -> None:
         """Score functions, qk_norm=l2_scale and head widths (the registries checked their keys)."""
@@ -328,9 +328,10 @@ class ModelConfig:
         self.validate_ranges()
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
-        if self.n_heads % self.kv_heads:
-            raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
-        self._validate_positions()
+        sizes = self.resolved()
+        if self.n_heads % sizes.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads={sizes.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+        self._validate_positions(sizes)
         if "ssm" in set(self.attention_pattern or [self.attention]):
             self._validate_ssm()
         self._validate_attention_variants()
@@ -338,7 +339,7 @@ class ModelConfig:
         self._validate_norms()
         self._validate_mlp()
         self._validate_embeddings()
-        self._validate_mla()
+        self._validate_mla(sizes)
         self._validate_sub_norms()
         return self
 
@@ -357,8 +358,9 @@ class ModelConfig:
         if self.attention_pattern is not None and not self.attention_pattern:
             raise ConfigError("model.attention_pattern must be a non-empty list or null")
 
-    def _validate_positions(self) -> None:
-        """Per-layer positions are in-attention kinds; the rotary width is even and positive."""
+    def _validate_positions(self, sizes: "ModelConfig") -> None:
+        """Per-layer positions are in-attention kinds; the rotary width (of `sizes`, this config
+        resolved) is even and positive."""
         if self.position_pattern is not None:
             from forge.models.layers.position import POSITION
             if not self.position_pattern:
@@ -368,9 +370,10 @@ class ModelConfig:
                 raise ConfigError(f"model.position_pattern entries {embed} add to the embeddings, not per layer; "
                                   f"use model.position for them (pattern entries: rope, alibi, none)")
         check_range("model.rope_theta_local", self.rope_theta_local, low=0, low_open=True, optional=True)
-        if self.uses_rope and (self.rotary_dim % 2 or self.rotary_dim == 0):
-            raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {self.hd}*{self.rotary_pct} "
-                              f"= {self.rotary_dim} must be even and positive")
+        r = sizes.rotary_dim
+        if self.uses_rope and (r % 2 or r == 0):
+            raise ConfigError(f"rotary dims = head_dim*model.rotary_pct = {sizes.qk_head_dim}*{self.rotary_pct} "
+                              f"= {r} must be even and positive")
 
     def _validate_windows(self) -> None:
         """A sliding/local kind has its window, and a window lies in [1, max_seq_len]."""
@@ -422,7 +425,7 @@ class ModelConfig:
             raise ConfigError(f"model.activation={self.activation!r} has learned parameters, which the "
                               f"stacked experts of model.moe.n_experts > 0 do not hold")
 
-    def _validate_mla(self) -> None:
+    def _validate_mla(self, sizes: "ModelConfig") -> None:
         """Multi-head latent attention (kind "mla"): positive ranks and widths, an even rotary width,
         one key/value head per query head, and none of the options its attention path does not take."""
         if "mla" not in set(self.attention_pattern or [self.attention]):
@@ -432,11 +435,11 @@ class ModelConfig:
             check_range(f"model.{k}", getattr(self, k), low=1)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary pairs)")
-        if self.kv_heads != self.n_heads:
+        if self.n_kv_heads not in (None, self.n_heads):
             raise ConfigError(f"model.attention='mla' expands its latent to one key/value per query head: "
                               f"model.n_kv_heads={self.n_kv_heads} must be null or model.n_heads={self.n_heads}")
-        if self.qk_head_dim is not None and self.qk_head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim:
-            raise ConfigError(f"model.qk_head_dim={self.qk_head_dim} must be null with model.attention='mla' (its "
+        if self.qk_head_dim not in (None, self.qk_nope_head_dim + self.qk_rope_head_dim, sizes.head_dim):
+            raise ConfigError(f"model.qk_head_dim={self.qk_head_dim} must be null with model.attention='mla' (an mla layer's "
                               f"query/key width is model.qk_nope_head_dim + model.qk_rope_head_dim)")
         bad = [f"{k}={getattr(self, k)!r}" for k, off in (("qk_norm", "none"), ("attention_softmax", "softmax"),
                                                            ("attention_sinks", False), ("rotary_pct", 1.0))

@@ -140,7 +140,9 @@ class Stage:
 
 def decoder_stages(cfg: ModelConfig, ctx: ParallelContext = SINGLE) -> list[Stage]:
     """The decoder's parts in order: embed, layers.0 .. layers.{L-1}, norm, head. (With tied
-    embeddings the head's weight is the embedding's; the assembler ties them.)"""
+    embeddings the head's weight is the embedding's; the assembler ties them.) Every part is
+    built from the resolved config (ModelConfig.resolved: each size under one name)."""
+    cfg = cfg.resolved()
     return [Stage("embed", "embed", partial(Embedding, cfg, ctx), cfg, ctx),
             *(Stage(f"layers.{i}", "block", partial(Block, cfg, i, ctx), cfg, ctx, i) for i in range(cfg.n_layers)),
             Stage("norm", "norm", partial(final_norm, cfg, ctx), cfg, ctx),
@@ -150,6 +152,7 @@ def decoder_stages(cfg: ModelConfig, ctx: ParallelContext = SINGLE) -> list[Stag
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE):
         super().__init__()
+        cfg = cfg.resolved()
         self.cfg, self.tp_group, self.sequence_parallel = cfg, ctx.tp_group, ctx.sp
         self.layers = nn.ModuleDict()
         for stage in decoder_stages(cfg, ctx):

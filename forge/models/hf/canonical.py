@@ -17,13 +17,14 @@ from forge.models.layers.position import POSITION
 def canonical(cfg: ModelConfig) -> dict:
     """The fields of `cfg` that determine the function the model computes (and the max context),
     with equivalent spellings normalised (d_ff vs ff_mult, per-layer attention kinds, unused knobs)."""
+    cfg = cfg.resolved()
     d = dataclasses.asdict(cfg)
     for k in ("preset", "dropout", "attn_dropout", "init_std", "ff_mult", "ff_multiple_of", "attention",
               "attention_pattern", "moe"):
         d.pop(k)
-    d.update(d_ff=cfg.ff_dim, head_dim=cfg.hd, n_kv_heads=cfg.kv_heads, n_experts=cfg.moe.n_experts,
+    d.update(n_experts=cfg.moe.n_experts,
              layer_kinds=tuple(cfg.layer_attention(i) for i in range(cfg.n_layers)),
-             attn_scale=cfg.attn_scale if cfg.attn_scale is not None else cfg.hd ** -0.5)
+             attn_scale=cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5)
     if cfg.moe.n_experts:
         d.update(_moe_canonical(cfg))
     kinds = set(d["layer_kinds"])
@@ -137,7 +138,7 @@ def _mla_canonical(cfg: ModelConfig, d: dict, kinds: set) -> None:
         for k in ("head_dim", "qk_head_dim"):
             d.pop(k)
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        d.update(v_head_dim=cfg.v_hd, attn_scale=cfg.attn_scale if cfg.attn_scale is not None else qk ** -0.5)
+        d.update(v_head_dim=cfg.v_head_dim, attn_scale=cfg.attn_scale if cfg.attn_scale is not None else qk ** -0.5)
 
 
 def _moe_canonical(cfg: ModelConfig) -> dict:
@@ -145,8 +146,8 @@ def _moe_canonical(cfg: ModelConfig) -> dict:
     update rate are training-time settings: eval is dropless; a bias buffer itself does count)."""
     m = cfg.moe
     layers = tuple(_moe_layer_indices(cfg))
-    expert_ff = m.d_ff or cfg.ff_dim
-    shared = m.n_shared_experts * (m.shared_d_ff or expert_ff)
+    expert_ff = m.d_ff
+    shared = m.n_shared_experts * m.shared_d_ff
     d = {"moe_layers": layers, "moe_top_k": m.top_k, "moe_router": m.router, "moe_expert_ff": expert_ff,
          "moe_renormalize": m.renormalize,
          "moe_shared_ff": shared, "moe_shared_gate": bool(shared and m.shared_gate),
@@ -186,7 +187,7 @@ def representation_errors(spec: FamilySpec, cfg: ModelConfig) -> list[str]:
         return [f"model.moe.n_experts=0 (dense) but {spec.architecture} is a mixture-of-experts family"]
     try:
         with _quiet_transformers():
-            back = spec.config_from_hf(spec.config_to_hf(cfg))
+            back = spec.config_from_hf(spec.config_to_hf(cfg.resolved()))
     except Exception as e:                 # noqa: BLE001 - any failure means "not representable"
         return [f"{type(e).__name__}: {e}"]
     a, b = canonical(cfg), canonical(back)

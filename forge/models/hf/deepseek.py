@@ -96,8 +96,8 @@ def deepseek_v3_to_hf(cfg: ModelConfig) -> dict:
     d.update(num_key_value_heads=cfg.n_heads, rope_parameters=_mla_rope_to_hf(cfg),
              rope_interleave=cfg.rope_interleaved,
              q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-             qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_hd, n_routed_experts=m.n_experts,
-             num_experts_per_tok=m.top_k, moe_intermediate_size=m.d_ff or cfg.ff_dim,
+             qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, n_routed_experts=m.n_experts,
+             num_experts_per_tok=m.top_k, moe_intermediate_size=m.d_ff,
              n_shared_experts=m.n_shared_experts, first_k_dense_replace=m.first_dense, n_group=m.n_group,
              topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor, norm_topk_prob=m.renormalize,
              num_nextn_predict_layers=0)

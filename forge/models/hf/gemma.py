@@ -35,7 +35,7 @@ def gemma2_from_hf(d):
 
 def gemma2_to_hf(cfg):
     d = _llama_like_to_hf(cfg, act_key="hidden_activation")
-    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.hd ** -0.5
+    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
     types = _layer_types_to_hf(cfg)
     d.update(layer_types=types, sliding_window=cfg.sliding_window or cfg.max_seq_len,
              attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap,

@@ -35,14 +35,14 @@ def _chunk3_to_hf(ts, cfg):
 def _neox_qkv_to_forge(ts, cfg):
     """query_key_value rows are laid out per head: [n_heads, (q, k, v), head_dim] (x D for weights)."""
     t = ts[0]
-    v = t.reshape(cfg.n_heads, 3, cfg.hd, *t.shape[1:])
-    return [v[:, j].reshape(cfg.n_heads * cfg.hd, *t.shape[1:]).contiguous() for j in range(3)]
+    v = t.reshape(cfg.n_heads, 3, cfg.head_dim, *t.shape[1:])
+    return [v[:, j].reshape(cfg.n_heads * cfg.head_dim, *t.shape[1:]).contiguous() for j in range(3)]
 
 
 def _neox_qkv_to_hf(ts, cfg):
     rest = ts[0].shape[1:]
-    parts = [t.reshape(cfg.n_heads, cfg.hd, *rest) for t in ts]
-    return [torch.stack(parts, dim=1).reshape(3 * cfg.n_heads * cfg.hd, *rest).contiguous()]
+    parts = [t.reshape(cfg.n_heads, cfg.head_dim, *rest) for t in ts]
+    return [torch.stack(parts, dim=1).reshape(3 * cfg.n_heads * cfg.head_dim, *rest).contiguous()]
 
 
 def transposed(hf: str, forge: str) -> Transform:
@@ -86,9 +86,9 @@ def gpt2_from_hf(d):
 
 
 def gpt2_to_hf(cfg):
-    scale_weights = cfg.attn_scale is None or cfg.attn_scale == cfg.hd ** -0.5
+    scale_weights = cfg.attn_scale is None or cfg.attn_scale == cfg.head_dim ** -0.5
     return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-                n_positions=cfg.max_seq_len, n_inner=cfg.ff_dim, layer_norm_epsilon=cfg.norm_eps,
+                n_positions=cfg.max_seq_len, n_inner=cfg.d_ff, layer_norm_epsilon=cfg.norm_eps,
                 activation_function=_act_to_hf(cfg.activation, "gelu_new"),
                 scale_attn_weights=scale_weights, tie_word_embeddings=cfg.tie_embeddings,
                 initializer_range=cfg.init_std, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
@@ -125,7 +125,7 @@ def neox_from_hf(d):
 
 def neox_to_hf(cfg):
     d = _common_to_hf(cfg)
-    d.update(intermediate_size=cfg.ff_dim, hidden_act=_act_to_hf(cfg.activation, "gelu_new"),
+    d.update(intermediate_size=cfg.d_ff, hidden_act=_act_to_hf(cfg.activation, "gelu_new"),
              layer_norm_eps=cfg.norm_eps, attention_bias=cfg.qkv_bias, use_parallel_residual=cfg.block == "parallel",
              hidden_dropout=cfg.dropout, attention_dropout=cfg.attn_dropout, **_rope_to_hf(cfg, partial=True))
     return d
@@ -163,7 +163,7 @@ def gptj_from_hf(d):
 
 def gptj_to_hf(cfg):
     return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-                n_positions=cfg.max_seq_len, n_inner=cfg.ff_dim, rotary_dim=cfg.rotary_dim,
+                n_positions=cfg.max_seq_len, n_inner=cfg.d_ff, rotary_dim=cfg.rotary_dim,
                 layer_norm_epsilon=cfg.norm_eps, activation_function=_act_to_hf(cfg.activation, "gelu_new"),
                 tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
                 resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout)
@@ -195,7 +195,7 @@ def phi_from_hf(d):
 
 def phi_to_hf(cfg):
     d = _common_to_hf(cfg)
-    d.update(num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ff_dim,
+    d.update(num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.d_ff,
              hidden_act=_act_to_hf(cfg.activation, "gelu_new"), layer_norm_eps=cfg.norm_eps,
              qk_layernorm=cfg.qk_norm == "head", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
              attention_dropout=cfg.attn_dropout, **_rope_to_hf(cfg, partial=True))
@@ -219,7 +219,7 @@ def phi_map():
 
 # ---------------------------------------------------------------- Phi-3
 def _phi3_qkv_to_forge(ts, cfg):             # qkv_proj rows = [q (H*hd) | k (Hkv*hd) | v (Hkv*hd)]
-    q, kv = cfg.n_heads * cfg.hd, cfg.kv_heads * cfg.hd
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return [t.contiguous() for t in ts[0].split([q, kv, kv], dim=0)]
 
 
@@ -246,7 +246,7 @@ def phi3_from_hf(d):
 def phi3_to_hf(cfg):
     d = _common_to_hf(cfg)
     kinds = {cfg.layer_attention(i) for i in range(cfg.n_layers)}
-    d.update(num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ff_dim, rms_norm_eps=cfg.norm_eps,
+    d.update(num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.d_ff, rms_norm_eps=cfg.norm_eps,
              hidden_act=_act_to_hf(cfg.activation, "gelu_pytorch_tanh"), resid_pdrop=cfg.dropout,
              embd_pdrop=cfg.dropout, attention_dropout=cfg.attn_dropout,
              original_max_position_embeddings=cfg.max_seq_len,

@@ -53,7 +53,7 @@ def _llama_like_from_hf(c, *, act_key="hidden_act", eps_key="rms_norm_eps", qkv_
 def _llama_like_to_hf(cfg: ModelConfig, *, attention_bias=True, mlp_bias=False, act_key="hidden_act",
                       eps_key="rms_norm_eps", tanh_name="gelu_pytorch_tanh") -> dict:
     d = _common_to_hf(cfg)
-    d.update(num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.ff_dim,
+    d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
              attention_dropout=cfg.attn_dropout, **_rope_to_hf(cfg))
     d[act_key] = _act_to_hf(cfg.activation, tanh_name)
     if eps_key:
@@ -158,7 +158,7 @@ def granite_from_hf(d):
 def granite_to_hf(cfg):
     d = _llama_like_to_hf(cfg, mlp_bias=True)
     d.update(embedding_multiplier=cfg.embed_scale, residual_multiplier=cfg.residual_multiplier,
-             attention_multiplier=cfg.attn_scale if cfg.attn_scale is not None else cfg.hd ** -0.5,
+             attention_multiplier=cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5,
              logits_scaling=cfg.logit_divisor)
     return d
 

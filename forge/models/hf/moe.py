@@ -58,7 +58,7 @@ def _qwen_moe_layers_to_hf(cfg: ModelConfig) -> dict:
 
 def _moe_to_hf(cfg: ModelConfig, n_key: str, ff_key: str, renorm_key: str | None = "norm_topk_prob") -> dict:
     m = cfg.moe
-    d = {n_key: m.n_experts, "num_experts_per_tok": m.top_k, ff_key: m.d_ff or cfg.ff_dim,
+    d = {n_key: m.n_experts, "num_experts_per_tok": m.top_k, ff_key: m.d_ff,
          "router_aux_loss_coef": m.aux_loss_coef}
     if renorm_key:
         d[renorm_key] = m.renormalize
@@ -116,7 +116,7 @@ def qwen2_moe_to_hf(cfg):
     d = _qwen_layers_to_hf(cfg, _llama_like_to_hf(cfg, attention_bias=False))
     d.update(_moe_to_hf(cfg, "num_experts", "moe_intermediate_size"), **_qwen_moe_layers_to_hf(cfg),
              qkv_bias=cfg.qkv_bias,
-             shared_expert_intermediate_size=m.n_shared_experts * (m.shared_d_ff or m.d_ff or cfg.ff_dim))
+             shared_expert_intermediate_size=m.n_shared_experts * m.shared_d_ff)
     return d
 
 

@@ -98,7 +98,7 @@ def write_forge_folder(out: str, cfg: ModelConfig, sd: dict, tokenizer_dir: str 
 def hf_config_for(spec: FamilySpec, cfg: ModelConfig, dtype: torch.dtype, token_ids: dict | None = None):
     """The transformers config object for `cfg` written as `spec`."""
     from forge.models.hf.families import hf_config_object
-    d = spec.config_to_hf(cfg)
+    d = spec.config_to_hf(cfg.resolved())
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # unknown ids: none, not the class defaults
         d[k] = (token_ids or {}).get(k)
     conf = hf_config_object(d, spec.model_type)

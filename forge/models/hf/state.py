@@ -51,7 +51,9 @@ class Plan(NamedTuple):
 
 def plan(spec: FamilySpec, cfg: ModelConfig, dtypes: dict | None = None) -> Plan:
     """Active rules, Forge shapes, the HF shapes and dtypes they imply (from Forge tensors of the
-    dtypes in `dtypes`, by Forge name, default float32) and which Forge tensors each HF one feeds."""
+    dtypes in `dtypes`, by Forge name, default float32) and which Forge tensors each HF one feeds.
+    The transforms, here and below, read the resolved config (ModelConfig.resolved)."""
+    cfg = cfg.resolved()
     shapes = forge_shapes(cfg)
     dtypes = dtypes or {}
     rules, produced = [], set()
@@ -94,6 +96,7 @@ def _add_base_prefix(spec: FamilySpec, sd: dict, hf_shapes: dict) -> dict:
 def hf_to_forge_state_dict(spec: FamilySpec, cfg: ModelConfig, hf_sd: dict, dtype=torch.float32,
                            source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Forge state dict from an HF one; errors name every missing / unexpected / mis-shaped tensor."""
+    cfg = cfg.resolved()
     rules, _, hf, owner = plan(spec, cfg)
     hf_shapes = {k: shape for k, (shape, _) in hf.items()}
     hf_sd = _add_base_prefix(spec, hf_sd, hf_shapes)
@@ -184,6 +187,7 @@ def forge_to_hf_stream(spec: FamilySpec, cfg: ModelConfig, weights, dtype=None, 
     tensors the next rule needs, so it holds one rule's inputs and outputs at a time (less the
     outputs already handed out). dtype None keeps each tensor's own dtype. The tied head is
     omitted, as transformers saves it."""
+    cfg = cfg.resolved()
     dtype = None if dtype is None else to_dtype(dtype)
     names = weights.names()
     rules, shapes, hf, _ = plan(spec, cfg, {k: dtype or weights.dtype(k) for k in names})

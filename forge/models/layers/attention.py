@@ -252,13 +252,13 @@ REFUSED_ATTENTION = {
 
 
 def _qk_head(attn, cfg, tp_group):          # one (hd,) norm shared by heads that live on different ranks
-    attn.q_norm = build_norm(cfg, cfg.qk_hd, grad_group=tp_group)
-    attn.k_norm = build_norm(cfg, cfg.qk_hd, grad_group=tp_group)
+    attn.q_norm = build_norm(cfg, cfg.qk_head_dim, grad_group=tp_group)
+    attn.k_norm = build_norm(cfg, cfg.qk_head_dim, grad_group=tp_group)
 
 
 def _qk_full(attn, cfg, tp_group):          # a norm over all heads: weights and statistics split over tp
     attn.q_norm = attn._full_norm(cfg, attn.n_heads, tp_group)
-    attn.k_norm = (build_norm(cfg, cfg.kv_heads * cfg.qk_hd, grad_group=tp_group) if attn.kv_replicated
+    attn.k_norm = (build_norm(cfg, cfg.n_kv_heads * cfg.qk_head_dim, grad_group=tp_group) if attn.kv_replicated
                    else attn._full_norm(cfg, attn.n_kv, tp_group))
 
 
@@ -301,16 +301,13 @@ class Attention(nn.Module):
         self.layer_idx, self.kind = layer_idx, cfg.layer_attention(layer_idx)
         if self.kind == "identity":                # no weights: the path adds 0
             return
-        if cfg.n_heads % tp or (cfg.kv_heads % tp and tp % cfg.kv_heads):
-            raise ValueError(f"parallel.tp={tp} must divide model.n_heads={cfg.n_heads}, and divide or be a "
-                             f"multiple of model.n_kv_heads={cfg.kv_heads}")
-        hd, vd = cfg.qk_hd, cfg.v_hd
+        hd, vd = cfg.qk_head_dim, cfg.v_head_dim
         self.hd, self.vd = hd, vd
         # Fewer kv heads than ranks: every rank computes all kv heads (replicated weights, gradients
         # summed over tp) and keeps the one its query heads use: kv head rank // (tp / n_kv_heads).
-        self.kv_replicated = cfg.kv_heads < tp
-        self.kv_select = group_rank(tp_group) // (tp // cfg.kv_heads) if self.kv_replicated else None
-        self.n_heads, self.n_kv = cfg.n_heads // tp, max(1, cfg.kv_heads // tp)   # local head counts
+        self.kv_replicated = cfg.n_kv_heads < tp
+        self.kv_select = group_rank(tp_group) // (tp // cfg.n_kv_heads) if self.kv_replicated else None
+        self.n_heads, self.n_kv = cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp)   # local head counts
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
         if cfg.qk_norm == "l2_scale":              # g q^ . k^: the learned g is folded into q
             self.scale = 1.0
@@ -322,8 +319,8 @@ class Attention(nn.Module):
         qc = cfg.quant
         self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
         kv_cls = ReplicatedLinear if self.kv_replicated else ColumnParallelLinear
-        self.wk = kv_cls(cfg.d_model, cfg.kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
-        self.wv = kv_cls(cfg.d_model, cfg.kv_heads * vd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
+        self.wk = kv_cls(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
+        self.wv = kv_cls(cfg.d_model, cfg.n_kv_heads * vd, cfg.qkv_bias, **sp, input_ready=True, quant=qc)
         self.wo = RowParallelLinear(cfg.n_heads * vd, cfg.d_model, cfg.attn_out_bias, **sp, residual_output=True,
                                     quant=qc)
         self.in_quant, self.o_quant = act_quant(qc, "qkv_in"), act_quant(qc, "o_in", tp_group)
@@ -361,7 +358,7 @@ class Attention(nn.Module):
 
     @staticmethod
     def _full_norm(cfg, local_heads, tp_group):
-        return build_split_norm(cfg, local_heads * cfg.qk_hd, tp_group, what="model.qk_norm='full'")
+        return build_split_norm(cfg, local_heads * cfg.qk_head_dim, tp_group, what="model.qk_norm='full'")
 
     def forward(self, x, pos, cache: KVCache | None = None):
         """x (B, T, D), pos (T,) absolute positions -> (B, T, D)."""

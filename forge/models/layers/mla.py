@@ -53,10 +53,8 @@ class MLAttention(nn.Module):
         super().__init__()
         tp_group, sequence_parallel, tp = ctx.tp_group, ctx.sp, ctx.tp
         self.layer_idx, self.kind = layer_idx, "mla"
-        if cfg.n_heads % tp:
-            raise ValueError(f"parallel.tp={tp} must divide model.n_heads={cfg.n_heads}")
         self.n, self.r, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        self.vd, self.n_heads = cfg.v_hd, cfg.n_heads // tp                       # local heads
+        self.vd, self.n_heads = cfg.v_head_dim, cfg.n_heads // tp                 # local heads
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else (self.n + self.r) ** -0.5
         self.softcap, self.attn_dropout = cfg.attn_softcap, cfg.attn_dropout
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
@@ -76,7 +74,7 @@ class MLAttention(nn.Module):
                                     sequence_parallel=sequence_parallel, residual_output=True, quant=cfg.quant)
         self.in_quant, self.o_quant = act_quant(cfg.quant, "qkv_in"), act_quant(cfg.quant, "o_in", tp_group)
         # the rotary part alone: r channels, all rotated (model.rope_scaling applies, YaRN's on r dims)
-        rope_cfg = dataclasses.replace(cfg, head_dim=self.r, qk_head_dim=None, rotary_pct=1.0)
+        rope_cfg = dataclasses.replace(cfg, head_dim=self.r, qk_head_dim=self.r, rotary_pct=1.0)
         self.pos = Rotary(rope_cfg) if cfg.layer_position(layer_idx) == "rope" else None
 
     def forward(self, x, pos, cache: KVCache | None = None):

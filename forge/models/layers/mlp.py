@@ -140,7 +140,7 @@ class MLP(nn.Module):
     def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
         super().__init__()
         tp_group, sequence_parallel = ctx.tp_group, ctx.sp
-        d_ff = d_ff or cfg.ff_dim
+        d_ff = d_ff or cfg.d_ff
         self.act = build_activation(cfg, tp_group)
         self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sequence_parallel,
                                          quant=cfg.quant)
@@ -157,7 +157,7 @@ class GLU(nn.Module):
     def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
         super().__init__()
         tp_group, sequence_parallel = ctx.tp_group, ctx.sp
-        d_ff = d_ff or cfg.ff_dim
+        d_ff = d_ff or cfg.d_ff
         self.act = build_activation(cfg, tp_group)
         col = dict(group=tp_group, sequence_parallel=sequence_parallel, input_ready=True, quant=cfg.quant)
         self.w_gate = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, **col)
@@ -180,7 +180,7 @@ class DualPathMLP(nn.Module):
     def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
         super().__init__()
         tp_group, sp = ctx.tp_group, ctx.sp
-        d_ff = d_ff or cfg.ff_dim
+        d_ff = d_ff or cfg.d_ff
         self.act = build_activation(cfg, tp_group)
         self.w_in = ColumnParallelLinear(cfg.d_model, d_ff, cfg.up_bias, tp_group, sequence_parallel=sp,
                                          quant=cfg.quant)
@@ -208,7 +208,7 @@ class KAN(nn.Module):
     def __init__(self, cfg, ctx: ParallelContext = SINGLE, d_ff=None):
         super().__init__()
         tp_group, sp = ctx.tp_group, ctx.sp
-        d_ff, self.degree = d_ff or cfg.ff_dim, cfg.kan_degree
+        d_ff, self.degree = d_ff or cfg.d_ff, cfg.kan_degree
         n = cfg.kan_degree + 1
         self.w_in = ColumnParallelLinear(cfg.d_model * n, d_ff, cfg.up_bias, tp_group, sequence_parallel=sp,
                                          input_ready=True, quant=cfg.quant)   # c_{j,i,k} at [j, i n + k]

@@ -93,8 +93,6 @@ class Experts(nn.Module):
         super().__init__()
         tp_group = ctx.tp_group
         tp = group_size(tp_group)
-        if d_ff % tp:
-            raise ValueError(f"expert hidden size {d_ff} is not divisible by parallel.tp={tp}")
         f, d = d_ff // tp, cfg.d_model
         self.glu, self.act, self.tp_group = cfg.mlp == "glu", build_activation(cfg), tp_group
         self.limit, self.offset = cfg.glu_limit, cfg.glu_up_offset
@@ -134,10 +132,6 @@ class MoE(nn.Module):
         super().__init__()
         moe = cfg.moe
         tp_group, ep_group, ep = ctx.tp_group, ctx.ep_group, ctx.ep
-        if moe.n_experts % ep:
-            raise ValueError(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
-        if not 0 < moe.top_k <= moe.n_experts:
-            raise ValueError(f"model.moe.top_k={moe.top_k} must be in [1, model.moe.n_experts={moe.n_experts}]")
         self.n_experts, self.top_k, self.ep_group, self.tp_group = moe.n_experts, moe.top_k, ep_group, tp_group
         self.n_local, self.ep_rank = moe.n_experts // ep, ctx.ep_rank
         self.sp = ctx.sp
@@ -145,10 +139,10 @@ class MoE(nn.Module):
         self.aux_coef, self.z_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.aux_scale = 1.0                # gradient of the attached aux losses (set_aux_loss_scale)
         self.router = Router(cfg, ctx)
-        self.experts = Experts(cfg, ctx, self.n_local, moe.d_ff or cfg.ff_dim)
+        self.experts = Experts(cfg, ctx, self.n_local, moe.d_ff)
         self.shared = self.shared_gate = None
         if moe.n_shared_experts:
-            d_ff = moe.n_shared_experts * (moe.shared_d_ff or moe.d_ff or cfg.ff_dim)
+            d_ff = moe.n_shared_experts * moe.shared_d_ff
             self.shared = MLP_REGISTRY[cfg.mlp](cfg, ctx, d_ff=d_ff)
             if moe.shared_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)

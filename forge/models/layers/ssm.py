@@ -157,9 +157,6 @@ class Mamba2Mixer(nn.Module):
         tp, rank, group = ctx.tp, ctx.tp_rank, ctx.tp_group
         I, P, G, N, K = cfg.ssm_inner, cfg.ssm_head_dim, cfg.ssm_n_groups, cfg.ssm_state_size, cfg.ssm_conv_kernel
         H = I // P
-        if H % tp or (G % tp and tp % G):
-            raise ValueError(f"parallel.tp={tp} must divide the ssm heads (model.ssm_expand * model.d_model / "
-                             f"model.ssm_head_dim = {H}) and divide or be a multiple of model.ssm_n_groups={G}")
         self.layer_idx, self.kind = layer_idx, "ssm"
         self.H, self.P, self.N, self.K, self.chunk = H // tp, P, N, K, cfg.ssm_chunk_size
         self.n_heads_total, self.head_start = H, rank * (H // tp)
