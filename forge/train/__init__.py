@@ -3,9 +3,10 @@
     from forge.train import train
     result = train(cfg)          # TrainResult: losses, val_losses, metrics, checkpoint, ...
 
-Modules: trainer (the loop), engine (DeepSpeed config + initialize), schedule (lr), checkpoint
-(layout, save, resume), metrics (metrics.jsonl, progress bar, wandb, TensorBoard), distributed
-(single-process rendezvous). Imported lazily so `import forge.train` does not import DeepSpeed.
+Modules: trainer (`train`: checks, model, engine), loop (the run: resume, steps, eval, save),
+engine (DeepSpeed config + initialize), schedule (lr), checkpoint (layout, save, resume), metrics
+(metrics.jsonl, progress bar, wandb, TensorBoard), distributed (single-process rendezvous).
+Imported lazily so `import forge.train` does not import DeepSpeed.
 """
 from __future__ import annotations
 
