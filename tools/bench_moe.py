@@ -29,8 +29,10 @@ from forge.config import ModelConfig, MoEConfig  # noqa: E402
 
 
 def layer_cfg(a, **moe) -> ModelConfig:
-    return ModelConfig(d_model=a.d_model, n_heads=4, d_ff=a.top_k * a.expert_ff, mlp=a.mlp,
-                       moe=MoEConfig(n_experts=a.experts, top_k=a.top_k, d_ff=a.expert_ff, **moe)).validate()
+    """The MoE layer's config, resolved (the layer is built outside decoder_stages)."""
+    cfg = ModelConfig(d_model=a.d_model, n_heads=4, d_ff=a.top_k * a.expert_ff, mlp=a.mlp,
+                      moe=MoEConfig(n_experts=a.experts, top_k=a.top_k, d_ff=a.expert_ff, **moe))
+    return cfg.validate().resolved()
 
 
 def _init(module):
