@@ -1,4 +1,5 @@
 """Run a function on several CPU processes joined by a gloo process group (for tests)."""
+import datetime
 import os
 
 import torch.multiprocessing as mp
@@ -15,6 +16,10 @@ def _entry(rank, world, port, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # every rank done before any tears its connections down: a rank whose peer had already
+        # exited once aborted in gloo's teardown ("terminate called without an active exception")
+        if dist.is_initialized():
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
     finally:
         dist.destroy_process_group()
 
