@@ -215,7 +215,7 @@ def flops_per_token(model, cfg: ModelConfig, seq_len: int) -> float:
         n -= sum(p.numel() for p in model.embed.pos.parameters())
     if cfg.tie_embeddings:
         n += model.head.proj.weight.numel()
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.resolved().head_dim * seq_len
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * model.cfg.head_dim * seq_len      # model.cfg: resolved
 
 
 def peak_flops(device: torch.device, dtype: str) -> tuple[str, float | None]:
@@ -330,11 +330,13 @@ def run(args) -> dict:
         if peak:
             row["mfu"] = tokens / med * fpt / peak
         rows.append(row)
+    sizes = fmodel.cfg                                   # resolved: every size filled in
     out = {
         "device": dev_name, "dtype": args.dtype, "compile": args.compile, "threads": torch.get_num_threads(),
         "forge_linear": linear_backend if device.type == "cpu" and args.dtype == "fp32" else "aten",
-        "shape": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads, "kv_heads": fmodel.cfg.n_kv_heads,
-                  "d_ff": fmodel.cfg.d_ff, "vocab": cfg.vocab_size, "seq_len": args.seq_len, "batch": args.batch},
+        "shape": {"layers": sizes.n_layers, "d_model": sizes.d_model, "heads": sizes.n_heads,
+                  "kv_heads": sizes.n_kv_heads, "d_ff": sizes.d_ff, "vocab": sizes.vocab_size,
+                  "seq_len": args.seq_len, "batch": args.batch},
         "preset": args.preset, "steps": args.steps, "warmup": args.warmup, "tokens_per_step": tokens,
         "params": fmodel.num_params(), "flops_per_token": fpt, "peak_flops": peak, "results": rows,
     }

@@ -82,8 +82,9 @@ the head adds the fp32 logits, 4 s b V / t bytes (V = padded vocabulary).
 Build peak (a rank-local build: each rank holds its shard and draws each tensor's values in
 blocks of rows through one scratch buffer): fp32 bytes of the rank's parameters (its 1 / dp
 partition under ZeRO 3) plus build_transient_bytes (the scratch block, or a structured token table
-built whole; under ZeRO 3 also the largest tensor it holds, whole before it is partitioned). Total = weights + grads + optimizer +
-activations + module buffers; a rank fits when its total and its build peak are <= --gpu-mem.
+built whole; under ZeRO 3 also the largest tensor it holds, whole before it is partitioned).
+Total = weights + grads + optimizer + activations + module buffers; a rank fits when its total and
+its build peak are <= --gpu-mem.
 
 Not modelled: the activations of ssm (Mamba-2) layers, which the same per-layer formula stands in for
 (their parameters and shards are counted like any layer's); DeepSpeed's communication buckets (reduce_bucket_size, allgather_bucket_size), ZeRO
@@ -410,8 +411,8 @@ def plan(cfg: JobConfig, world: int, gpu_mem_gib: float = 80.0) -> dict:
         "formulas": {"states": _states_formula(cfg, dp, rates.persist),
                      "activations": f"Korthikanti et al. 2022, {act_formula}, x 1F1B micro batches "
                                     "in flight, + fp32 logits 4sbV/t on the head's stage",
-                     "build_peak": "fp32 shard (its 1/dp partition under ZeRO 3) + the init's 16 MiB scratch block (+ the "
-                                   "largest tensor held, whole, under ZeRO 3), fp32"},
+                     "build_peak": "fp32 shard (its 1/dp partition under ZeRO 3) + the init's 16 MiB scratch "
+                                   "block (+ the largest tensor held, whole, under ZeRO 3), fp32"},
         "max_total_bytes": max(r.total_bytes for r in rows),
         "fits": all(r.fits for r in rows),
         "ranks": [asdict(r) for r in rows],
@@ -474,7 +475,8 @@ def _rank_plan(cfg, layers, start, stop, owner, stage, tp_rank, ep_rank, ranks, 
     if stop == len(layers):                              # the head: fp32 logits (B, T, V/tp)
         act += 4 * cfg.data.seq_len * tr.micro_batch_size * padded_vocab(cfg.model, p.tp) / p.tp
     act = int(act)
-    build_peak = 4 * (math.ceil(params / dp) if p.zero_stage == 3 else params) + build_transient_bytes(held, p.zero_stage)
+    shard = math.ceil(params / dp) if p.zero_stage == 3 else params
+    build_peak = 4 * shard + build_transient_bytes(held, p.zero_stage)
     total = states[0] + states[1] + (0 if p.offload_optimizer else states[2]) + act + buffers
     return RankPlan(rank=min(ranks), tp_rank=tp_rank, pp_rank=stage, dp_rank=ep_rank, ep_rank=ep_rank,
                     ranks_covered=ranks, layers=_layer_names(layers, start, stop), in_flight=in_flight,

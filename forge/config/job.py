@@ -99,7 +99,8 @@ class JobConfig:
         heads, groups = m.ssm_inner // m.ssm_head_dim, m.ssm_n_groups
         if "ssm" in kinds and (heads % p.tp or (groups % p.tp and p.tp % groups)):
             raise ConfigError(f"parallel.tp={p.tp} must divide the ssm heads (model.ssm_expand * model.d_model / "
-                              f"model.ssm_head_dim = {heads}) and divide or be a multiple of model.ssm_n_groups={groups}")
+                              f"model.ssm_head_dim = {heads}) and divide or be a multiple of "
+                              f"model.ssm_n_groups={groups}")
         seq_len = self.data.seq_len or m.max_seq_len
         if p.sequence_parallel and seq_len % p.tp:
             raise ConfigError(f"parallel.sequence_parallel=true: parallel.tp={p.tp} does not divide "

@@ -439,8 +439,8 @@ class ModelConfig:
             raise ConfigError(f"model.attention='mla' expands its latent to one key/value per query head: "
                               f"model.n_kv_heads={self.n_kv_heads} must be null or model.n_heads={self.n_heads}")
         if self.qk_head_dim not in (None, self.qk_nope_head_dim + self.qk_rope_head_dim, sizes.head_dim):
-            raise ConfigError(f"model.qk_head_dim={self.qk_head_dim} must be null with model.attention='mla' (an mla layer's "
-                              f"query/key width is model.qk_nope_head_dim + model.qk_rope_head_dim)")
+            raise ConfigError(f"model.qk_head_dim={self.qk_head_dim} must be null with model.attention='mla' "
+                              f"(an mla layer's query/key width is model.qk_nope_head_dim + model.qk_rope_head_dim)")
         bad = [f"{k}={getattr(self, k)!r}" for k, off in (("qk_norm", "none"), ("attention_softmax", "softmax"),
                                                            ("attention_sinks", False), ("rotary_pct", 1.0))
                if getattr(self, k) != off]

@@ -189,7 +189,8 @@ class WeightInit:
             if direct:
                 out.narrow(0, b0, b1 - b0).normal_(mean, std, generator=gen)
                 continue
-            block = self._scratch(out.device, (b1 - b0) * row).view(b1 - b0, *full[1:]).normal_(mean, std, generator=gen)
+            block = self._scratch(out.device, (b1 - b0) * row).view(b1 - b0, *full[1:])
+            block.normal_(mean, std, generator=gen)
             if not split:
                 out.narrow(0, b0, b1 - b0).copy_(block)
             elif dim == 0:
@@ -250,6 +251,6 @@ def materialize(model: nn.Module, device, init: Optional[WeightInit] = None,
         if partition is not None:
             for p in fresh:
                 partition(p)
-    if init is not None and hasattr(init, "release"):
+    if init is not None:
         init.release()
     return model
